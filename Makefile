@@ -1,0 +1,57 @@
+# Everything runs from the repo-local virtualenv; `make run` and `make test` set it up first.
+PYTHON_BOOTSTRAP ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO := protos/orchestrator/v1/orchestrator.proto
+GEN_DIR := generated
+ORCHESTRATOR_PORT ?= 50051
+
+.PHONY: install run test test-fast generate check-generated lint buf-lint bench clean
+
+install: $(STAMP)
+
+# Re-install only when the packaging changes; an editable install picks up code changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	ORCHESTRATOR_PORT=$(ORCHESTRATOR_PORT) $(BIN)/orchestrator serve
+
+# protoc comes from grpcio-tools (pinned), so the generated code matches the protobuf runtime.
+# buf lints and checks breaking changes; it cannot drive grpc's python generator locally.
+generate: install
+	rm -rf $(GEN_DIR)/orchestrator
+	mkdir -p $(GEN_DIR)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+	  --python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
+	  --mypy_out=quiet:$(GEN_DIR) --mypy_grpc_out=quiet:$(GEN_DIR) $(PROTO)
+
+check-generated: install
+	@tmp=$$(mktemp -d) && \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+	  --python_out=$$tmp --grpc_python_out=$$tmp \
+	  --mypy_out=quiet:$$tmp --mypy_grpc_out=quiet:$$tmp $(PROTO) && \
+	if diff -r $$tmp/orchestrator $(GEN_DIR)/orchestrator; then rm -rf $$tmp; echo "generated code is up to date"; \
+	else rm -rf $$tmp; echo "generated/ differs from protos/: run 'make generate' and commit"; exit 1; fi
+
+buf-lint: install
+	$(BIN)/buf lint
+
+lint: install
+	$(BIN)/ruff check server clients tests
+	$(BIN)/ruff format --check server clients tests
+	$(BIN)/mypy --strict server clients tests
+
+test: install buf-lint check-generated
+	$(BIN)/pytest -q
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

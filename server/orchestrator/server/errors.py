@@ -1,0 +1,122 @@
+"""Domain exceptions. Each carries a gRPC status code name, an AIP-193 reason and details.
+
+Domain code raises these; the error interceptor turns them into a `google.rpc.Status`.
+Nothing here imports grpc: the code is the name of a `grpc.StatusCode` member.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+DOMAIN = "orchestrator.v1"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One problem with one field of a request, e.g. `executable_plan.flows[0].steps[2].tool`."""
+
+    field: str
+    description: str
+
+
+class OrchestratorError(Exception):
+    """Base of every error a caller may see: a code, a reason and structured details."""
+
+    code: str = "INTERNAL"
+    reason: str = "INTERNAL_ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        violations: Sequence[FieldViolation] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.violations: list[FieldViolation] = list(violations)
+
+
+class InvalidArgument(OrchestratorError):
+    """The request is malformed (INVALID_ARGUMENT)."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "INVALID_ARGUMENT"
+
+
+class ValidationFailed(InvalidArgument):
+    """The plan or request failed validation; one violation per problem."""
+
+    reason = "VALIDATION_FAILED"
+
+
+class Unauthenticated(OrchestratorError):
+    """The caller did not say who it is (UNAUTHENTICATED)."""
+
+    code = "UNAUTHENTICATED"
+    reason = "TENANT_REQUIRED"
+
+
+class PermissionDenied(OrchestratorError):
+    """The caller or the plan may not do this (PERMISSION_DENIED)."""
+
+    code = "PERMISSION_DENIED"
+    reason = "PERMISSION_DENIED"
+
+
+class NotFound(OrchestratorError):
+    """No such run for this tenant (NOT_FOUND)."""
+
+    code = "NOT_FOUND"
+    reason = "EXECUTION_NOT_FOUND"
+
+
+class AlreadyExists(OrchestratorError):
+    """A unique thing exists already, e.g. an idempotency key used for another request."""
+
+    code = "ALREADY_EXISTS"
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+class InvalidTransition(OrchestratorError):
+    """The run is not in a state that allows the requested transition (FAILED_PRECONDITION)."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "INVALID_TRANSITION"
+
+
+class FailedPrecondition(OrchestratorError):
+    """The request is valid but the system is not in a state to accept it."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "FAILED_PRECONDITION"
+
+
+class OutOfRange(OrchestratorError):
+    """A position beyond what exists, e.g. a watch after the last event (OUT_OF_RANGE)."""
+
+    code = "OUT_OF_RANGE"
+    reason = "SEQUENCE_OUT_OF_RANGE"
+
+
+class ResourceExhausted(OrchestratorError):
+    """A quota or limit was reached (RESOURCE_EXHAUSTED)."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "QUOTA_EXCEEDED"
+
+
+class Unavailable(OrchestratorError):
+    """The server is shutting down or cannot serve now (UNAVAILABLE)."""
+
+    code = "UNAVAILABLE"
+    reason = "SHUTTING_DOWN"
+
+
+class Conflict(Exception):
+    """A compare-and-set lost: the row changed since it was read. Retried by the store."""

@@ -1,0 +1,93 @@
+"""The tool registry: what each tool is called, what it needs and whether it is safe to retry."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import structlog
+
+ENTRY_POINT_GROUP = "orchestrator.tools"
+
+JSON = Any
+
+
+class ToolError(Exception):
+    """A tool attempt failed. `retryable=False` fails the step at once; `reason` is reported."""
+
+    def __init__(self, message: str, *, retryable: bool = True, reason: str = "TOOL_ERROR") -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool knows of the call it serves."""
+
+    run_id: str
+    step_id: str
+    attempt: int
+    tenant_id: str
+    idempotency_key: str
+    logger: structlog.typing.FilteringBoundLogger
+
+
+ToolFunction = Callable[[ToolContext, dict[str, JSON]], Awaitable[JSON]]
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A callable tool with its declared needs."""
+
+    name: str
+    call: ToolFunction
+    capabilities: frozenset[str] = field(default_factory=frozenset)
+    retryable: bool = True
+    description: str = ""
+
+
+class ToolRegistry:
+    """Tools by name."""
+
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for tool in tools:
+            self.register(tool)
+
+    def register(self, tool: Tool) -> None:
+        self._tools[tool.name] = tool
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def names(self) -> list[str]:
+        return sorted(self._tools)
+
+
+def load_entry_point_tools() -> list[Tool]:
+    """Third-party tools: each entry point of the group names a `Tool` or a callable making one."""
+    found: list[Tool] = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        obj = ep.load()
+        tool = obj() if callable(obj) and not isinstance(obj, Tool) else obj
+        if not isinstance(tool, Tool):
+            raise TypeError(f"entry point {ep.name!r} of {ENTRY_POINT_GROUP} is not a Tool")
+        found.append(tool)
+    return found
+
+
+def default_registry(*, load_entry_points: bool = True) -> ToolRegistry:
+    """The built-in tools plus every tool registered through the entry-point group."""
+    from orchestrator.server.tools.builtin import builtin_tools
+
+    registry = ToolRegistry(builtin_tools())
+    if load_entry_points:
+        for tool in load_entry_point_tools():
+            registry.register(tool)
+    return registry
