@@ -1,0 +1,1 @@
+"""The Orchestrator client library and CLI."""

@@ -1,0 +1,1 @@
+"""The gRPC surface: interceptors and the servicer."""

@@ -1,0 +1,269 @@
+"""Server interceptors, outermost first: call context (correlation id, access log), errors
+(domain exceptions -> google.rpc.Status), tenant (x-tenant-id).
+
+Written on grpc.aio.ServerInterceptor rather than grpc-interceptor's async base: that base
+hands a server stream back unwrapped, so errors raised mid-stream would escape the error
+interceptor.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from orchestrator.server.errors import (
+    DOMAIN,
+    InvalidArgument,
+    OrchestratorError,
+    Unauthenticated,
+)
+
+SERVICE_PREFIX = "/orchestrator.v1.OrchestratorService/"
+log = structlog.get_logger("orchestrator.rpc")
+
+
+@dataclass
+class Call:
+    """What the interceptors learned about the current call."""
+
+    method: str
+    correlation_id: str
+    tenant_id: str = ""
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+
+current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("current_call")
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+Wrapper = Callable[[Any, grpc.aio.ServicerContext, Callable[..., Any]], Any]
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return ""
+
+
+def _rewrap(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Callable[..., Any]], Callable[..., Any]],
+    stream: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped (our RPCs are unary-request only)."""
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kw)
+    return handler
+
+
+class CallContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Takes or makes the correlation id, binds it (and later the tenant) to every log line,
+    returns it in initial metadata, and writes one access-log line per call."""
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+
+        def begin(context: grpc.aio.ServicerContext) -> tuple[Call, float]:
+            correlation_id = _metadata(context, "x-correlation-id")[:128] or str(uuid.uuid4())
+            call = Call(method=method, correlation_id=correlation_id)
+            current_call.set(call)
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
+            return call, time.perf_counter()
+
+        def end(call: Call, started: float, context: grpc.aio.ServicerContext) -> None:
+            code = context.code() if context.code() is not None else call.code
+            if isinstance(code, int):
+                code = grpc.StatusCode.UNKNOWN
+            log.info(
+                "rpc",
+                method=method,
+                code=code.name,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                tenant_id=call.tenant_id,
+            )
+
+        def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call, started = begin(context)
+                await context.send_initial_metadata((("x-correlation-id", call.correlation_id),))
+                try:
+                    return await inner(request, context)
+                finally:
+                    end(call, started, context)
+
+            return behaviour
+
+        def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                call, started = begin(context)
+                await context.send_initial_metadata((("x-correlation-id", call.correlation_id),))
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                finally:
+                    end(call, started, context)
+
+            return behaviour
+
+        return _rewrap(handler, unary, stream)
+
+
+def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | None) -> bytes:
+    """A serialized google.rpc.Status with ErrorInfo (and BadRequest for violations)."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)
+    if call is not None:
+        info.metadata["correlation_id"] = call.correlation_id
+    for key, value in error.metadata.items():
+        info.metadata[key] = value
+    details = [info]
+    if error.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+    status = status_pb2.Status(code=code.value[0], message=error.message)
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return status.SerializeToString()
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns domain errors into precise statuses with google.rpc.Status details; anything
+    unexpected becomes INTERNAL with the traceback in the log and nothing of it on the wire."""
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+
+        async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+            call = current_call.get(None)
+            if isinstance(exc, OrchestratorError):
+                error = exc
+            else:
+                log.exception("rpc.internal_error")
+                error = OrchestratorError("internal error", reason="INTERNAL_ERROR")
+            code = getattr(grpc.StatusCode, error.code)
+            if call is not None:
+                call.code = code
+            await context.abort(
+                code,
+                error.message,
+                trailing_metadata=(("grpc-status-details-bin", rich_status(code, error, call)),),
+            )
+
+        def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(context, exc)
+
+            return behaviour
+
+        def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(context, exc)
+
+            return behaviour
+
+        return _rewrap(handler, unary, stream)
+
+
+def tenant_from(context: grpc.aio.ServicerContext) -> str:
+    """The caller's tenant: x-tenant-id, a UUID, required on every OrchestratorService call."""
+    raw = _metadata(context, "x-tenant-id").strip()
+    if not raw:
+        raise Unauthenticated("x-tenant-id metadata is required", reason="TENANT_REQUIRED")
+    try:
+        tenant = str(uuid.UUID(raw))
+    except ValueError:
+        raise InvalidArgument(
+            "x-tenant-id must be a UUID", reason="INVALID_TENANT_ID"
+        ) from None
+    return tenant
+
+
+class TenantInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Requires a valid x-tenant-id on OrchestratorService calls (health and reflection are
+    open) and binds it to the call and its log lines."""
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler
+
+        def bind(context: grpc.aio.ServicerContext) -> None:
+            tenant = tenant_from(context)
+            call = current_call.get(None)
+            if call is not None:
+                call.tenant_id = tenant
+            structlog.contextvars.bind_contextvars(tenant_id=tenant)
+
+        def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                bind(context)
+                return await inner(request, context)
+
+            return behaviour
+
+        def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                bind(context)
+                async for item in inner(request, context):
+                    yield item
+
+            return behaviour
+
+        return _rewrap(handler, unary, stream)
+
+
+def call_tenant() -> str:
+    """The tenant bound to the current call by TenantInterceptor."""
+    return current_call.get().tenant_id
+
+
+def call_correlation_id() -> str:
+    """The correlation id of the current call."""
+    return current_call.get().correlation_id

@@ -1,0 +1,171 @@
+"""`build_server(settings)`: the one factory used by `orchestrator serve`, the tests and benches."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+
+import grpc
+import sqlalchemy as sa
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from orchestrator.server.api.interceptors import (
+    CallContextInterceptor,
+    ErrorInterceptor,
+    TenantInterceptor,
+)
+from orchestrator.server.api.servicer import OrchestratorServicer
+from orchestrator.server.control import ControlPlane
+from orchestrator.server.settings import Settings
+from orchestrator.server.store.database import Database
+from orchestrator.server.store.runs import RunStore
+from orchestrator.server.store.schema import server_settings
+from orchestrator.server.store.writer import Tx, Writer
+from orchestrator.server.tokens import TokenCodec
+from orchestrator.server.tools import ToolRegistry, default_registry
+from orchestrator.server.watch import Hub
+from orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+log = structlog.get_logger("orchestrator.server")
+
+# Long-lived watch streams behind proxies: ping idle connections so NATs and load balancers
+# keep them, and accept clients that ping as often as every 10 s.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
+
+
+@dataclass
+class Server:
+    """A running orchestrator: the grpc.aio server and what stands behind it."""
+
+    settings: Settings
+    grpc_server: grpc.aio.Server
+    db: Database
+    writer: Writer
+    store: RunStore
+    hub: Hub
+    control: ControlPlane
+    health: health.aio.HealthServicer
+    port: int = 0
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server.started", address=self.address, database=self.db.url.render_as_string())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await self.writer.stop()
+        await self.db.close()
+        log.info("server.stopped")
+
+    async def wait(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def _signing_key(writer: Writer) -> bytes:
+    """The page-token key, made once and kept in the store so every replica and restart
+    accepts the tokens of the others."""
+
+    async def unit(tx: Tx) -> str:
+        row = (
+            await tx.conn.execute(
+                sa.select(server_settings.c.value).where(server_settings.c.name == "token_key")
+            )
+        ).first()
+        if row is not None:
+            return str(row.value)
+        value = secrets.token_hex(32)
+        await tx.conn.execute(sa.insert(server_settings).values(name="token_key", value=value))
+        return value
+
+    return bytes.fromhex(await writer.run(unit))
+
+
+def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Reflection v1alpha and v1. grpcio-reflection ships only v1alpha; v1 is the same protocol
+    under a new package name (same messages, same field numbers), so one servicer serves both
+    and grpcurl / buf curl, which ask for v1 first, need no fallback."""
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection.enable_server_reflection(names, server)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                REFLECTION_V1,
+                {
+                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                        servicer.ServerReflectionInfo,
+                        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
+
+
+async def build_server(settings: Settings, registry: ToolRegistry | None = None) -> Server:
+    """Open the store (migrating it), wire the service and bind the port (0 = any free one)."""
+    db = Database(settings.database_url)
+    await db.migrate()
+    writer = Writer(db.writer)
+    writer.start()
+    hub = Hub()
+    writer.add_listener(hub.on_commit)
+    store = RunStore(db, writer)
+    tokens = TokenCodec(await _signing_key(writer))
+    control = ControlPlane(settings, store, hub, tokens, registry or default_registry())
+
+    grpc_server = grpc.aio.server(
+        interceptors=[
+            aio_server_interceptor(),
+            CallContextInterceptor(),
+            ErrorInterceptor(),
+            TenantInterceptor(),
+        ],
+        options=SERVER_OPTIONS,
+    )
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+        OrchestratorServicer(control), grpc_server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    _enable_reflection(grpc_server, (SERVICE_NAME, health.SERVICE_NAME))
+    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+    return Server(
+        settings=settings,
+        grpc_server=grpc_server,
+        db=db,
+        writer=writer,
+        store=store,
+        hub=hub,
+        control=control,
+        health=health_servicer,
+        port=port,
+    )

@@ -1,0 +1,242 @@
+"""The control plane: what every RPC does, in domain terms (the servicer only translates)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+
+from orchestrator.server.errors import FailedPrecondition, InvalidArgument, ValidationFailed
+from orchestrator.server.errors import FieldViolation
+from orchestrator.server.lifecycle import Action, RunStatus
+from orchestrator.server.plan import check_capabilities, validate_request
+from orchestrator.server.settings import Settings
+from orchestrator.server.store.runs import (
+    RUN_STATUS_PB,
+    NewRun,
+    NewStep,
+    RunFilter,
+    RunStore,
+    Transitioned,
+    timestamp,
+)
+from orchestrator.server.tokens import TokenCodec
+from orchestrator.server.tools import ToolRegistry
+from orchestrator.server.watch import TERMINAL_PB, Hub, Watcher
+from orchestrator.v1 import orchestrator_pb2 as pb
+
+PB_RUN_STATUS = {v: k for k, v in RUN_STATUS_PB.items()}
+
+# Without history for a plan, a run is estimated at this many seconds per step.
+FALLBACK_SECONDS_PER_STEP = 1.0
+
+
+@dataclass
+class ControlPlane:
+    """Accepts, reads, lists, controls and streams runs."""
+
+    settings: Settings
+    store: RunStore
+    hub: Hub
+    tokens: TokenCodec
+    registry: ToolRegistry
+
+    def __post_init__(self) -> None:
+        self.watcher = Watcher(self.store, self.hub, self.tokens, self.settings.heartbeat_seconds)
+
+    async def execute(
+        self, tenant_id: str, correlation_id: str, request: pb.ExecuteRequest
+    ) -> pb.ExecuteResponse:
+        """Validate, then store a run (or find the one its idempotency key names)."""
+        validated = validate_request(request, self.registry)
+        if not request.HasField("validate_capabilities") or request.validate_capabilities:
+            check_capabilities(request.executable_plan, self.registry, None)
+        plan = request.executable_plan
+        estimate = await self.store.estimate_seconds(tenant_id, validated.plan_hash)
+        if estimate is None:
+            estimate = FALLBACK_SECONDS_PER_STEP * len(validated.steps)
+        variables = json_format.MessageToDict(plan.variables)
+        variables.update(json_format.MessageToDict(request.variables))
+        new = NewRun(
+            run_id=str(uuid.uuid4()),
+            tenant_id=tenant_id,
+            plan=plan,
+            plan_hash=validated.plan_hash,
+            parameters=json_format.MessageToDict(request.parameters),
+            variables=variables,
+            dry_run=request.dry_run,
+            triggered_by=request.triggered_by,
+            correlation_id=request.correlation_id or correlation_id,
+            timeout_seconds=validated.timeout_seconds,
+            estimated_seconds=estimate,
+            steps=[
+                NewStep(step_id=sid, flow_id=info.flow_id, position=info.position,
+                        tool=info.step.tool)
+                for sid, info in validated.steps.items()
+            ],
+            idempotency_key=request.idempotency_key,
+            request_digest=request_digest(request) if request.idempotency_key else "",
+            dry_run_order=validated.order if request.dry_run else None,
+        )
+        created = await self.store.create_run(new)
+        execution = created.execution
+        run_id = execution.run_id
+        if request.HasField("async_execution") and not request.async_execution \
+                and execution.status not in TERMINAL_PB:
+            execution = await self.wait_terminal(tenant_id, run_id, validated.timeout_seconds)
+        response = pb.ExecuteResponse(
+            success=True,
+            run_id=run_id,
+            status=execution.status,
+            created_at=execution.created_at,
+            correlation_id=execution.correlation_id,
+            execution=execution,
+        )
+        response.estimated_duration.FromNanoseconds(int(estimate * 1e9))
+        return response
+
+    async def wait_terminal(self, tenant_id: str, run_id: str, timeout: float) -> pb.Execution:
+        """The run's snapshot once it is terminal, or as it is when `timeout` runs out."""
+        with self.hub.run(run_id) as wake:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                wake.clear()
+                execution = await self.store.get_execution(tenant_id, run_id)
+                remaining = deadline - loop.time()
+                if execution.status in TERMINAL_PB or remaining <= 0:
+                    return execution
+                try:
+                    await asyncio.wait_for(wake.wait(), remaining)
+                except TimeoutError:
+                    pass
+
+    async def get(self, tenant_id: str, run_id: str) -> pb.Execution:
+        """One run's snapshot."""
+        _require_run_id(run_id)
+        return await self.store.get_execution(tenant_id, run_id)
+
+    async def list(
+        self, tenant_id: str, request: pb.ListExecutionsRequest
+    ) -> pb.ListExecutionsResponse:
+        """A page of the tenant's runs, newest first; keyset paging so inserts never shift it."""
+        if request.page_size < 0:
+            raise ValidationFailed(
+                "page_size must not be negative",
+                violations=[FieldViolation("page_size", "must be 0 (default 50) to 500")],
+            )
+        size = min(request.page_size or self.settings.default_page_size,
+                   self.settings.max_page_size)
+        flt = run_filter(request.filter, "filter")
+        digest = hashlib.sha256(request.filter.SerializeToString(deterministic=True)).hexdigest()
+        before_pk = None
+        if request.page_token:
+            token = self.tokens.decode("page", request.page_token, field="page_token")
+            if token.get("f") != digest[:16] or token.get("t") != tenant_id \
+                    or not isinstance(token.get("pk"), int):
+                raise InvalidArgument(
+                    "page_token belongs to a different query", reason="INVALID_PAGE_TOKEN"
+                )
+            before_pk = token["pk"]
+        page = await self.store.list_executions(tenant_id, flt, limit=size, before_pk=before_pk)
+        response = pb.ListExecutionsResponse(executions=page.executions)
+        if page.last_pk is not None:
+            response.next_page_token = self.tokens.encode(
+                "page", {"pk": page.last_pk, "f": digest[:16], "t": tenant_id}
+            )
+        return response
+
+    async def control(
+        self, tenant_id: str, run_id: str, action: Action, reason: str
+    ) -> Transitioned:
+        """Pause, Resume or Cancel."""
+        _require_run_id(run_id)
+        return await self.store.control(tenant_id, run_id, action, reason)
+
+    async def respond(
+        self, tenant_id: str, request: pb.RespondToClarificationRequest
+    ) -> pb.Execution:
+        """Answer a pending clarification."""
+        _require_run_id(request.run_id)
+        if not request.clarification_id:
+            raise ValidationFailed(
+                "clarification_id is required",
+                violations=[FieldViolation("clarification_id", "required")],
+            )
+        row = await self.store.clarification(tenant_id, request.run_id, request.clarification_id)
+        if row["status"] != "PENDING":
+            raise FailedPrecondition(
+                f"clarification {request.clarification_id!r} is {row['status'].lower()}",
+                reason="CLARIFICATION_NOT_PENDING",
+                metadata={"run_id": request.run_id, "clarification_id": request.clarification_id,
+                          "current_status": row["status"]},
+            )
+        raise FailedPrecondition(
+            "clarifications are answered by the engine, which is not running",
+            reason="CLARIFICATION_NOT_PENDING",
+            metadata={"run_id": request.run_id},
+        )
+
+    def watch(
+        self, tenant_id: str, request: pb.WatchExecutionRequest
+    ) -> AsyncIterator[pb.ExecutionEvent]:
+        _require_run_id(request.run_id)
+        return self.watcher.run_events(tenant_id, request.run_id, request.after_sequence)
+
+    def watch_all(
+        self, tenant_id: str, request: pb.WatchExecutionsRequest
+    ) -> AsyncIterator[tuple[str, pb.ExecutionEvent]]:
+        return self.watcher.tenant_changes(
+            tenant_id, run_filter(request.filter, "filter"), request.after_cursor
+        )
+
+
+def request_digest(request: pb.ExecuteRequest) -> str:
+    """What makes two Execute requests "the same" for an idempotency key: everything that
+    changes what runs. The correlation id and async flag only change how the call is made."""
+    copy = pb.ExecuteRequest()
+    copy.CopyFrom(request)
+    copy.ClearField("correlation_id")
+    copy.ClearField("async_execution")
+    return "sha256:" + hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def run_filter(flt: pb.ExecutionFilter, path: str) -> RunFilter:
+    """The store filter for a request filter; INVALID_ARGUMENT for statuses that do not exist."""
+    violations = []
+    statuses: list[RunStatus] = []
+    for i, status in enumerate(flt.statuses):
+        if status not in PB_RUN_STATUS:
+            violations.append(FieldViolation(f"{path}.statuses[{i}]", "not a run status"))
+        else:
+            statuses.append(PB_RUN_STATUS[status])
+    after = flt.created_after.ToNanoseconds() / 1e9 if flt.HasField("created_after") else None
+    before = flt.created_before.ToNanoseconds() / 1e9 if flt.HasField("created_before") else None
+    if after is not None and before is not None and after > before:
+        violations.append(FieldViolation(f"{path}.created_before", "is before created_after"))
+    if violations:
+        raise ValidationFailed("invalid filter", violations=violations)
+    return RunFilter(statuses=statuses, plan_hash=flt.plan_hash, triggered_by=flt.triggered_by,
+                     created_after=after, created_before=before)
+
+
+def _require_run_id(run_id: str) -> None:
+    if not run_id:
+        raise ValidationFailed("run_id is required",
+                               violations=[FieldViolation("run_id", "required")])
+
+
+def transition_response(result: Transitioned, verb: str) -> dict[str, Any]:
+    """The fields shared by PauseResponse, ResumeResponse and CancelResponse."""
+    return {
+        "success": True,
+        "run_id": result.run_id,
+        "status": RUN_STATUS_PB[result.status],
+        "message": f"Execution {verb} successfully",
+        "timestamp": timestamp(result.at),
+    }

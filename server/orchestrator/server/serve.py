@@ -1,0 +1,43 @@
+"""Run the server until SIGTERM/SIGINT: NOT_SERVING, drain within the grace period, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+
+from orchestrator.server.app import build_server
+from orchestrator.server.logs import configure_logging
+from orchestrator.server.settings import Settings
+
+log = structlog.get_logger("orchestrator.server")
+
+
+async def serve(settings: Settings) -> None:
+    """Start the server and stop it gracefully on the first signal, at once on the second."""
+    configure_logging(settings.log_format, settings.log_level)
+    server = await build_server(settings)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping: asyncio.Task[None] | None = None
+
+    def on_signal(signum: int) -> None:
+        nonlocal stopping
+        if stopping is None:
+            log.info("server.draining", signal=signal.Signals(signum).name,
+                     grace_seconds=settings.shutdown_grace)
+            stopping = asyncio.create_task(server.stop())
+        else:
+            log.warning("server.stopping_now", signal=signal.Signals(signum).name)
+            stopping = asyncio.create_task(server.stop(grace=0))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.wait()
+    if stopping is not None:
+        await stopping
+
+
+def run(settings: Settings) -> None:
+    asyncio.run(serve(settings))

@@ -1,0 +1,34 @@
+"""Server settings: flags and ORCHESTRATOR_* environment variables (README has the table)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"ORCHESTRATOR_{name}", default)
+
+
+@dataclass
+class Settings:
+    """Everything `build_server` needs. Defaults come from the environment, then constants."""
+
+    host: str = field(default_factory=lambda: _env("HOST", "127.0.0.1"))
+    port: int = field(default_factory=lambda: int(_env("PORT", "50051")))
+    database_url: str = field(
+        default_factory=lambda: _env("DATABASE_URL", "sqlite+aiosqlite:///orchestrator.db")
+    )
+    log_format: str = field(default_factory=lambda: _env("LOG_FORMAT", "json"))
+    log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "info"))
+    # Seconds SIGTERM waits for in-flight RPCs and steps before stopping hard.
+    shutdown_grace: float = field(default_factory=lambda: float(_env("SHUTDOWN_GRACE", "10")))
+    # Idle watch streams get a HEARTBEAT this often.
+    heartbeat_seconds: float = field(default_factory=lambda: float(_env("HEARTBEAT_SECONDS", "15")))
+    # Steps in flight across all runs of this process.
+    max_steps_in_flight: int = field(
+        default_factory=lambda: int(_env("MAX_STEPS_IN_FLIGHT", "256"))
+    )
+    max_page_size: int = 500
+    default_page_size: int = 50
+    default_run_timeout: float = 600.0

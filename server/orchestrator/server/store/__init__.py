@@ -1,0 +1,1 @@
+"""The durable store: schema, the group-commit writer and the run queries."""

@@ -1,0 +1,708 @@
+"""Runs in the store: creation, snapshots, listing, transitions and the event log.
+
+Reads use the reader engine; every write is a unit of work run by the group-commit writer, and
+every change of a run appends its event(s) in the same transaction (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from orchestrator.server.errors import AlreadyExists, Conflict, InvalidTransition, NotFound
+from orchestrator.server.lifecycle import (
+    REFUSAL_REASONS,
+    TERMINAL,
+    Action,
+    RunStatus,
+    StepStatus,
+    next_status,
+)
+from orchestrator.server.store.database import Database
+from orchestrator.server.store.schema import clarifications, events, idempotency_keys, runs, steps
+from orchestrator.server.store.writer import Change, Tx, Writer
+from orchestrator.v1 import orchestrator_pb2 as pb
+
+JSON = Any
+
+# Store strings -> proto enums, built once.
+RUN_STATUS_PB = {s: pb.ExecutionStatus.Value(f"EXECUTION_STATUS_{s.value}") for s in RunStatus}
+STEP_STATUS_PB = {s: pb.StepStatus.Value(f"STEP_STATUS_{s.value}") for s in StepStatus}
+CLARIFICATION_STATUS_PB = {
+    name: pb.ClarificationStatus.Value(f"CLARIFICATION_STATUS_{name}")
+    for name in ("PENDING", "RESOLVED", "WITHDRAWN")
+}
+
+
+def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    """Epoch seconds as a Timestamp (None stays unset)."""
+    if seconds is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def to_value(obj: JSON) -> struct_pb2.Value:
+    """Plain JSON as a protobuf Value."""
+    return json_format.ParseDict(obj, struct_pb2.Value())
+
+
+@dataclass(frozen=True)
+class NewStep:
+    """A step row to create with its run."""
+
+    step_id: str
+    flow_id: str
+    position: int
+    tool: str
+
+
+@dataclass
+class NewRun:
+    """Everything a run is created from, already validated."""
+
+    run_id: str
+    tenant_id: str
+    plan: pb.ExecutablePlan
+    plan_hash: str
+    parameters: dict[str, JSON]
+    variables: dict[str, JSON]
+    dry_run: bool
+    triggered_by: str
+    correlation_id: str
+    timeout_seconds: float
+    estimated_seconds: float
+    steps: list[NewStep]
+    idempotency_key: str = ""
+    request_digest: str = ""
+    dry_run_order: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Created:
+    """The outcome of `create_run`: the run and whether this call created it."""
+
+    execution: pb.Execution
+    created: bool
+
+
+@dataclass(frozen=True)
+class Transitioned:
+    """The outcome of a control transition."""
+
+    run_id: str
+    status: RunStatus
+    at: float
+    execution: pb.Execution
+
+
+@dataclass(frozen=True)
+class ListPage:
+    """One page of runs and the key to continue after."""
+
+    executions: list[pb.Execution]
+    last_pk: int | None
+
+
+@dataclass
+class RunFilter:
+    """ListExecutions / WatchExecutions filter in store terms."""
+
+    statuses: list[RunStatus] = field(default_factory=list)
+    plan_hash: str = ""
+    triggered_by: str = ""
+    created_after: float | None = None
+    created_before: float | None = None
+
+
+def _partial_execution(row: Mapping[str, Any], changed_steps: Iterable[Mapping[str, Any]] = ())\
+        -> pb.Execution:
+    """The run-level fields of a run row, plus only the steps given (an event's delta)."""
+    execution = pb.Execution(
+        run_id=row["run_id"],
+        tenant_id=row["tenant_id"],
+        status=RUN_STATUS_PB[RunStatus(row["status"])],
+        progress=row["steps_finished"] / row["steps_total"] if row["steps_total"] else 1.0,
+        current_step=row["current_step"],
+        error_message=row["error_message"],
+        plan_hash=row["plan_hash"],
+        triggered_by=row["triggered_by"],
+        correlation_id=row["correlation_id"],
+        dry_run=bool(row["dry_run"]),
+        last_sequence=row["last_sequence"],
+    )
+    for name in ("started_at", "completed_at", "created_at"):
+        ts = timestamp(row[name])
+        if ts is not None:
+            getattr(execution, name).CopyFrom(ts)
+    execution.last_updated.CopyFrom(timestamp(row["updated_at"]))
+    if row["completed_at"] is None and row["started_at"] is not None:
+        execution.estimated_completion.CopyFrom(
+            timestamp(row["started_at"] + row["estimated_seconds"])
+        )
+    elif row["completed_at"] is None:
+        execution.estimated_completion.CopyFrom(
+            timestamp(row["created_at"] + row["estimated_seconds"])
+        )
+    for step in changed_steps:
+        execution.steps.append(_step_message(step))
+    return execution
+
+
+def _step_message(row: Mapping[str, Any]) -> pb.StepExecution:
+    step = pb.StepExecution(
+        step_id=row["step_id"],
+        flow_id=row["flow_id"],
+        status=STEP_STATUS_PB[StepStatus(row["status"])],
+        attempts=row["attempts"],
+        error=row["error"],
+        tool=row["tool"],
+    )
+    for name in ("started_at", "completed_at"):
+        ts = timestamp(row[name])
+        if ts is not None:
+            getattr(step, name).CopyFrom(ts)
+    if row["output"] is not None:
+        step.output.CopyFrom(to_value(row["output"]))
+    return step
+
+
+def _clarification_message(row: Mapping[str, Any]) -> pb.Clarification:
+    msg = pb.Clarification(
+        clarification_id=row["clarification_id"],
+        step_id=row["step_id"],
+        category=pb.ClarificationCategory.Value(f"CLARIFICATION_CATEGORY_{row['category']}"),
+        prompt=row["prompt"],
+        options=[str(o) for o in row["options"]],
+        argument_name=row["argument_name"],
+        status=CLARIFICATION_STATUS_PB[row["status"]],
+        responded_by=row["responded_by"],
+    )
+    msg.created_at.CopyFrom(timestamp(row["created_at"]))
+    if row["resolved_at"] is not None:
+        msg.resolved_at.CopyFrom(timestamp(row["resolved_at"]))
+    if row["response"] is not None:
+        msg.response.CopyFrom(to_value(row["response"]))
+    return msg
+
+
+def build_execution(
+    run: Mapping[str, Any],
+    step_rows: Sequence[Mapping[str, Any]],
+    pending: Sequence[Mapping[str, Any]],
+) -> pb.Execution:
+    """The full snapshot of a run from its rows."""
+    execution = _partial_execution(run, step_rows)
+    if run["results"] is not None:
+        execution.results.update(run["results"])
+    else:
+        for step in step_rows:
+            if step["status"] == StepStatus.COMPLETED and step["output"] is not None:
+                execution.results[step["step_id"]] = step["output"]
+    for clar in pending:
+        execution.pending_clarifications.append(_clarification_message(clar))
+    return execution
+
+
+@dataclass
+class EventSpec:
+    """An event to append: its type, step, message and the steps its delta carries."""
+
+    type: int
+    message: str
+    step_id: str = ""
+    steps: list[Mapping[str, Any]] = field(default_factory=list)
+
+
+class RunStore:
+    """Every query and unit of work on runs."""
+
+    def __init__(self, db: Database, writer: Writer) -> None:
+        self.db = db
+        self.writer = writer
+
+    # ---------------------------------------------------------------- reads
+
+    async def get_execution(self, tenant_id: str, run_id: str) -> pb.Execution:
+        """The run's snapshot; NotFound for unknown runs and other tenants' runs alike."""
+        async with self.db.reader.connect() as conn:
+            async with conn.begin():
+                return await self._load_execution(conn, tenant_id, run_id)
+
+    async def _load_execution(
+        self, conn: AsyncConnection, tenant_id: str, run_id: str
+    ) -> pb.Execution:
+        row = (
+            await conn.execute(
+                sa.select(runs).where(runs.c.run_id == run_id, runs.c.tenant_id == tenant_id)
+            )
+        ).mappings().first()
+        if row is None:
+            raise not_found(run_id)
+        step_rows = (
+            await conn.execute(
+                sa.select(steps).where(steps.c.run_id == run_id).order_by(steps.c.position)
+            )
+        ).mappings().all()
+        pending = (
+            await conn.execute(
+                sa.select(clarifications)
+                .where(clarifications.c.run_id == run_id, clarifications.c.status == "PENDING")
+                .order_by(clarifications.c.created_at)
+            )
+        ).mappings().all()
+        return build_execution(row, step_rows, pending)
+
+    async def list_executions(
+        self, tenant_id: str, flt: RunFilter, *, limit: int, before_pk: int | None
+    ) -> ListPage:
+        """Up to `limit` runs, newest first, strictly older than `before_pk` when given."""
+        query = sa.select(runs).where(runs.c.tenant_id == tenant_id)
+        query = _apply_filter(query, flt)
+        if before_pk is not None:
+            query = query.where(runs.c.pk < before_pk)
+        query = query.order_by(runs.c.pk.desc()).limit(limit + 1)
+        async with self.db.reader.connect() as conn:
+            async with conn.begin():
+                rows = (await conn.execute(query)).mappings().all()
+                more = len(rows) > limit
+                rows = rows[:limit]
+                if not rows:
+                    return ListPage([], None)
+                ids = [r["run_id"] for r in rows]
+                by_run: dict[str, list[Mapping[str, Any]]] = {i: [] for i in ids}
+                for srow in (
+                    await conn.execute(
+                        sa.select(steps).where(steps.c.run_id.in_(ids)).order_by(steps.c.position)
+                    )
+                ).mappings():
+                    by_run[srow["run_id"]].append(srow)
+                clar_by_run: dict[str, list[Mapping[str, Any]]] = {i: [] for i in ids}
+                for crow in (
+                    await conn.execute(
+                        sa.select(clarifications)
+                        .where(
+                            clarifications.c.run_id.in_(ids),
+                            clarifications.c.status == "PENDING",
+                        )
+                        .order_by(clarifications.c.created_at)
+                    )
+                ).mappings():
+                    clar_by_run[crow["run_id"]].append(crow)
+        executions = [build_execution(r, by_run[r["run_id"]], clar_by_run[r["run_id"]])
+                      for r in rows]
+        return ListPage(executions, rows[-1]["pk"] if more else None)
+
+    async def estimate_seconds(self, tenant_id: str, plan_hash: str) -> float | None:
+        """Median wall time of the tenant's last completed runs of this plan, if any."""
+        query = (
+            sa.select(runs.c.started_at, runs.c.completed_at)
+            .where(
+                runs.c.tenant_id == tenant_id,
+                runs.c.plan_hash == plan_hash,
+                runs.c.status == RunStatus.COMPLETED.value,
+                runs.c.dry_run == sa.false(),
+                runs.c.started_at.is_not(None),
+            )
+            .order_by(runs.c.pk.desc())
+            .limit(20)
+        )
+        async with self.db.reader.connect() as conn:
+            durations = [
+                r.completed_at - r.started_at for r in (await conn.execute(query)).all()
+            ]
+        return statistics.median(durations) if durations else None
+
+    async def read_events(self, run_id: str, after: int, limit: int = 500) -> list[bytes]:
+        """Serialized events of a run with sequence > `after`, in order."""
+        query = (
+            sa.select(events.c.payload)
+            .where(events.c.run_id == run_id, events.c.sequence > after)
+            .order_by(events.c.sequence)
+            .limit(limit)
+        )
+        async with self.db.reader.connect() as conn:
+            return [r.payload for r in (await conn.execute(query)).all()]
+
+    async def read_status_events(
+        self, tenant_id: str, after_id: int, flt: RunFilter, limit: int = 500
+    ) -> list[tuple[int, bytes]]:
+        """The tenant's run status changes after global event id `after_id`, in commit order."""
+        query = sa.select(events.c.id, events.c.payload).where(
+            events.c.tenant_id == tenant_id,
+            events.c.status_changed == sa.true(),
+            events.c.id > after_id,
+        )
+        if flt.statuses or flt.plan_hash or flt.triggered_by or flt.created_after is not None \
+                or flt.created_before is not None:
+            query = query.join(runs, runs.c.run_id == events.c.run_id)
+            query = _apply_filter(query, flt, status_from_event=True)
+        query = query.order_by(events.c.id).limit(limit)
+        async with self.db.reader.connect() as conn:
+            return [(r.id, r.payload) for r in (await conn.execute(query)).all()]
+
+    async def last_event_id(self, tenant_id: str) -> int:
+        """The newest global event id of the tenant (a WatchExecutions start point)."""
+        async with self.db.reader.connect() as conn:
+            value = (
+                await conn.execute(
+                    sa.select(sa.func.max(events.c.id)).where(events.c.tenant_id == tenant_id)
+                )
+            ).scalar()
+        return int(value or 0)
+
+    async def run_status(self, tenant_id: str, run_id: str) -> tuple[RunStatus, int]:
+        """The run's status and last sequence; NotFound as for snapshots."""
+        async with self.db.reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(runs.c.status, runs.c.last_sequence).where(
+                        runs.c.run_id == run_id, runs.c.tenant_id == tenant_id
+                    )
+                )
+            ).first()
+        if row is None:
+            raise not_found(run_id)
+        return RunStatus(row.status), int(row.last_sequence)
+
+    # ---------------------------------------------------------------- writes
+
+    async def create_run(self, new: NewRun) -> Created:
+        """Store a new run (or return the one its idempotency key already names)."""
+
+        async def unit(tx: Tx) -> Created:
+            if new.idempotency_key:
+                existing = (
+                    await tx.conn.execute(
+                        sa.select(idempotency_keys.c.request_digest, idempotency_keys.c.run_id)
+                        .where(
+                            idempotency_keys.c.tenant_id == new.tenant_id,
+                            idempotency_keys.c.key == new.idempotency_key,
+                        )
+                    )
+                ).first()
+                if existing is not None:
+                    if existing.request_digest != new.request_digest:
+                        raise AlreadyExists(
+                            "idempotency key already used for a different request",
+                            metadata={"run_id": existing.run_id,
+                                      "idempotency_key": new.idempotency_key},
+                        )
+                    execution = await self._load_execution(tx.conn, new.tenant_id,
+                                                           existing.run_id)
+                    return Created(execution, created=False)
+            return Created(await self._insert_run(tx, new), created=True)
+
+        return await self.writer.run(unit)
+
+    async def _insert_run(self, tx: Tx, new: NewRun) -> pb.Execution:
+        now = tx.now
+        row: dict[str, Any] = {
+            "run_id": new.run_id,
+            "tenant_id": new.tenant_id,
+            "status": RunStatus.PENDING.value,
+            "version": 1,
+            "plan_hash": new.plan_hash,
+            "plan": new.plan.SerializeToString(deterministic=True),
+            "parameters": new.parameters,
+            "variables": new.variables,
+            "dry_run": new.dry_run,
+            "triggered_by": new.triggered_by,
+            "correlation_id": new.correlation_id,
+            "timeout_seconds": new.timeout_seconds,
+            "estimated_seconds": new.estimated_seconds,
+            "created_at": now,
+            "started_at": None,
+            "completed_at": None,
+            "updated_at": now,
+            "current_step": "",
+            "error_message": "",
+            "error_reason": "",
+            "steps_total": len(new.steps),
+            "steps_finished": 0,
+            "last_sequence": 0,
+            "results": None,
+        }
+        step_rows: list[dict[str, Any]] = [
+            {
+                "run_id": new.run_id,
+                "step_id": s.step_id,
+                "flow_id": s.flow_id,
+                "position": s.position,
+                "tool": s.tool,
+                "status": StepStatus.PENDING.value,
+                "attempts": 0,
+                "started_at": None,
+                "completed_at": None,
+                "output": None,
+                "error": "",
+                "wake_at": None,
+            }
+            for s in new.steps
+        ]
+        specs = [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run created", steps=step_rows)]
+        if new.dry_run:
+            # A dry run is validated and ordered, never executed: it is stored finished.
+            row.update(
+                status=RunStatus.COMPLETED.value,
+                completed_at=now,
+                steps_finished=len(new.steps),
+                results={"execution_order": list(new.dry_run_order or [])},
+            )
+            for s in step_rows:
+                s.update(status=StepStatus.SKIPPED.value, error="dry run: not executed")
+            specs = [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "dry run completed",
+                               steps=step_rows)]
+        row["last_sequence"] = len(specs)
+        result = await tx.conn.execute(sa.insert(runs).values(row))
+        row["pk"] = result.inserted_primary_key[0] if result.inserted_primary_key else None
+        if step_rows:
+            await tx.conn.execute(sa.insert(steps), step_rows)
+        if new.idempotency_key:
+            await tx.conn.execute(
+                sa.insert(idempotency_keys).values(
+                    tenant_id=new.tenant_id,
+                    key=new.idempotency_key,
+                    request_digest=new.request_digest,
+                    run_id=new.run_id,
+                    created_at=now,
+                )
+            )
+        await self._insert_events(tx, row, specs, first_sequence=1, status_changed=True)
+        return build_execution(row, step_rows, [])
+
+    async def _insert_events(
+        self,
+        tx: Tx,
+        row: Mapping[str, Any],
+        specs: Sequence[EventSpec],
+        *,
+        first_sequence: int,
+        status_changed: bool,
+    ) -> None:
+        values = []
+        for offset, spec in enumerate(specs):
+            sequence = first_sequence + offset
+            execution = _partial_execution(row, spec.steps)
+            execution.last_sequence = sequence
+            event = pb.ExecutionEvent(
+                sequence=sequence,
+                type=spec.type,  # type: ignore[arg-type]
+                step_id=spec.step_id,
+                message=spec.message,
+                execution=execution,
+                run_id=row["run_id"],
+            )
+            event.timestamp.CopyFrom(timestamp(tx.now))
+            values.append(
+                {
+                    "run_id": row["run_id"],
+                    "tenant_id": row["tenant_id"],
+                    "sequence": sequence,
+                    "type": pb.EventType.Name(spec.type),
+                    "status_changed": status_changed
+                    and spec.type == pb.EVENT_TYPE_RUN_STATUS_CHANGED,
+                    "status": row["status"],
+                    "created_at": tx.now,
+                    "payload": event.SerializeToString(),
+                }
+            )
+        await tx.conn.execute(sa.insert(events), values)
+        tx.changed(
+            Change(
+                tenant_id=row["tenant_id"],
+                run_id=row["run_id"],
+                last_sequence=first_sequence + len(specs) - 1,
+                status_changed=status_changed,
+            )
+        )
+
+    async def _locked_row(self, tx: Tx, tenant_id: str, run_id: str) -> dict[str, Any]:
+        query = sa.select(runs).where(runs.c.run_id == run_id, runs.c.tenant_id == tenant_id)
+        if not self.db.is_sqlite:
+            query = query.with_for_update()
+        row = (await tx.conn.execute(query)).mappings().first()
+        if row is None:
+            raise not_found(run_id)
+        return dict(row)
+
+    async def update_run(
+        self,
+        tx: Tx,
+        row: dict[str, Any],
+        changes: Mapping[str, Any],
+        specs: Sequence[EventSpec],
+    ) -> dict[str, Any]:
+        """Compare-and-set `changes` onto the run at the version `row` was read at, and append
+        `specs` as its next events. Raises Conflict when another writer got there first."""
+        status_changed = "status" in changes and changes["status"] != row["status"]
+        new = dict(row)
+        new.update(changes)
+        new["version"] = row["version"] + 1
+        new["updated_at"] = tx.now
+        new["last_sequence"] = row["last_sequence"] + len(specs)
+        result = await tx.conn.execute(
+            sa.update(runs)
+            .where(runs.c.run_id == row["run_id"], runs.c.version == row["version"])
+            .values(
+                {k: new[k] for k in (*changes.keys(), "version", "updated_at", "last_sequence")}
+            )
+        )
+        if result.rowcount != 1:
+            raise Conflict(row["run_id"])
+        if specs:
+            await self._insert_events(
+                tx, new, specs, first_sequence=row["last_sequence"] + 1,
+                status_changed=status_changed,
+            )
+        return new
+
+    async def control(
+        self, tenant_id: str, run_id: str, action: Action, reason: str
+    ) -> Transitioned:
+        """Pause, Resume or Cancel: one compare-and-set from the transition table."""
+
+        async def unit(tx: Tx) -> Transitioned:
+            row = await self._locked_row(tx, tenant_id, run_id)
+            current = RunStatus(row["status"])
+            target = next_status(current, action)
+            if target is None:
+                raise InvalidTransition(
+                    f"cannot {action.value} run {run_id!r}: it is {current.value.lower()}",
+                    reason=REFUSAL_REASONS.get(action, "INVALID_TRANSITION"),
+                    metadata={"run_id": run_id, "current_status": current.value},
+                )
+            changes: dict[str, Any] = {"status": target.value}
+            changed_steps: list[dict[str, Any]] = []
+            clar_specs: list[EventSpec] = []
+            if target in TERMINAL:
+                changes["completed_at"] = tx.now
+            if target is RunStatus.CANCELLED:
+                changed_steps, clar_specs = await self._cancel_open_work(tx, run_id, reason)
+                changes["steps_finished"] = row["steps_total"]
+                changes["error_message"] = f"cancelled: {reason}" if reason else "cancelled"
+                changes["error_reason"] = "CANCELLED"
+            message = f"{action.value}: {reason}" if reason else f"run {target.value.lower()}"
+            specs = [*clar_specs,
+                     EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=changed_steps)]
+            new = await self.update_run(tx, row, changes, specs)
+            return Transitioned(run_id, target, tx.now,
+                                _partial_execution(new, changed_steps))
+
+        return await self._with_retry(unit)
+
+    async def _cancel_open_work(
+        self, tx: Tx, run_id: str, reason: str
+    ) -> tuple[list[dict[str, Any]], list[EventSpec]]:
+        """Mark unfinished steps CANCELLED and withdraw pending clarifications."""
+        open_steps = [
+            dict(r)
+            for r in (
+                await tx.conn.execute(
+                    sa.select(steps)
+                    .where(
+                        steps.c.run_id == run_id,
+                        steps.c.status.in_(
+                            [StepStatus.PENDING.value, StepStatus.RUNNING.value,
+                             StepStatus.WAITING.value]
+                        ),
+                    )
+                    .order_by(steps.c.position)
+                )
+            ).mappings()
+        ]
+        if open_steps:
+            await tx.conn.execute(
+                sa.update(steps)
+                .where(steps.c.run_id == run_id,
+                       steps.c.step_id.in_([s["step_id"] for s in open_steps]))
+                .values(status=StepStatus.CANCELLED.value, completed_at=tx.now,
+                        error="cancelled with its run", wake_at=None)
+            )
+            for s in open_steps:
+                s.update(status=StepStatus.CANCELLED.value, completed_at=tx.now,
+                         error="cancelled with its run")
+        pending = (
+            await tx.conn.execute(
+                sa.select(clarifications.c.clarification_id, clarifications.c.step_id).where(
+                    clarifications.c.run_id == run_id, clarifications.c.status == "PENDING"
+                )
+            )
+        ).all()
+        specs: list[EventSpec] = []
+        if pending:
+            await tx.conn.execute(
+                sa.update(clarifications)
+                .where(clarifications.c.run_id == run_id, clarifications.c.status == "PENDING")
+                .values(status="WITHDRAWN", resolved_at=tx.now)
+            )
+            specs = [
+                EventSpec(pb.EVENT_TYPE_CLARIFICATION_RESOLVED,
+                          f"clarification {c.clarification_id} withdrawn: run cancelled",
+                          step_id=c.step_id)
+                for c in pending
+            ]
+        return open_steps, specs
+
+    async def clarification(
+        self, tenant_id: str, run_id: str, clarification_id: str
+    ) -> Mapping[str, Any]:
+        """A clarification of the tenant's run; NotFound for the run or the clarification."""
+        async with self.db.reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(clarifications, runs.c.status.label("run_status"))
+                    .join(runs, runs.c.run_id == clarifications.c.run_id)
+                    .where(
+                        runs.c.run_id == run_id,
+                        runs.c.tenant_id == tenant_id,
+                        clarifications.c.clarification_id == clarification_id,
+                    )
+                )
+            ).mappings().first()
+            if row is None:
+                await self.run_status(tenant_id, run_id)  # NotFound for the run first
+                raise NotFound(
+                    f"clarification {clarification_id!r} not found in run {run_id!r}",
+                    reason="CLARIFICATION_NOT_FOUND",
+                    metadata={"run_id": run_id, "clarification_id": clarification_id},
+                )
+        return row
+
+    async def _with_retry(self, unit: Any) -> Any:
+        # A Conflict means another replica changed the run between our read and our write:
+        # read again and decide again (the decision may now be a refusal).
+        for _ in range(5):
+            try:
+                return await self.writer.run(unit)
+            except Conflict:
+                continue
+        return await self.writer.run(unit)
+
+
+def not_found(run_id: str) -> NotFound:
+    """The one NotFound for runs, identical for unknown runs and other tenants' runs."""
+    return NotFound(f"execution {run_id!r} not found", metadata={"run_id": run_id})
+
+
+def _apply_filter(query: Any, flt: RunFilter, *, status_from_event: bool = False) -> Any:
+    if flt.statuses:
+        # WatchExecutions filters on the status each change led to, not on today's status.
+        column = events.c.status if status_from_event else runs.c.status
+        query = query.where(column.in_([s.value for s in flt.statuses]))
+    if flt.plan_hash:
+        query = query.where(runs.c.plan_hash == flt.plan_hash)
+    if flt.triggered_by:
+        query = query.where(runs.c.triggered_by == flt.triggered_by)
+    if flt.created_after is not None:
+        query = query.where(runs.c.created_at >= flt.created_after)
+    if flt.created_before is not None:
+        query = query.where(runs.c.created_at < flt.created_before)
+    return query

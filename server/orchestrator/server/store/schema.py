@@ -1,0 +1,122 @@
+"""Tables, as SQLAlchemy Core. Alembic migrations create them (store/migrations)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+# Times are epoch seconds (double precision): one representation on SQLite and PostgreSQL,
+# cheap to compare and to sort.
+runs = sa.Table(
+    "runs",
+    metadata,
+    # A monotonic key: the newest-first order of ListExecutions and its page tokens.
+    sa.Column("pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("run_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("tenant_id", sa.String(36), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    # Compare-and-set guard: every transition is UPDATE ... WHERE version = :seen.
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("plan_hash", sa.String(80), nullable=False),
+    sa.Column("plan", sa.LargeBinary, nullable=False),  # serialized ExecutablePlan
+    sa.Column("parameters", sa.JSON, nullable=False),
+    sa.Column("variables", sa.JSON, nullable=False),
+    sa.Column("dry_run", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("triggered_by", sa.String(256), nullable=False, server_default=""),
+    sa.Column("correlation_id", sa.String(256), nullable=False, server_default=""),
+    sa.Column("timeout_seconds", sa.Float, nullable=False),
+    sa.Column("estimated_seconds", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("current_step", sa.String(128), nullable=False, server_default=""),
+    sa.Column("error_message", sa.Text, nullable=False, server_default=""),
+    sa.Column("error_reason", sa.String(64), nullable=False, server_default=""),
+    sa.Column("steps_total", sa.Integer, nullable=False),
+    sa.Column("steps_finished", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_sequence", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("results", sa.JSON),  # dry run: the execution order
+)
+sa.Index("ix_runs_tenant_pk", runs.c.tenant_id, runs.c.pk)
+sa.Index("ix_runs_tenant_status", runs.c.tenant_id, runs.c.status, runs.c.pk)
+sa.Index("ix_runs_status", runs.c.status)
+
+steps = sa.Table(
+    "steps",
+    metadata,
+    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("step_id", sa.String(128), primary_key=True),
+    sa.Column("flow_id", sa.String(128), nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("tool", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("started_at", sa.Float),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("output", sa.JSON),
+    sa.Column("error", sa.Text, nullable=False, server_default=""),
+    # Durable timers (core.wait) and retry back-off keep their deadline across restarts.
+    sa.Column("wake_at", sa.Float),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    # Global commit order: the cursor of WatchExecutions.
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("tenant_id", sa.String(36), nullable=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("status_changed", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("status", sa.String(16), nullable=False),  # the run's status after the event
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),  # serialized ExecutionEvent
+    sa.UniqueConstraint("run_id", "sequence", name="uq_events_run_sequence"),
+)
+sa.Index("ix_events_tenant_status", events.c.tenant_id, events.c.status_changed, events.c.id)
+
+clarifications = sa.Table(
+    "clarifications",
+    metadata,
+    sa.Column("clarification_id", sa.String(36), primary_key=True),
+    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("step_id", sa.String(128), nullable=False),
+    sa.Column("category", sa.String(32), nullable=False),
+    sa.Column("prompt", sa.Text, nullable=False, server_default=""),
+    sa.Column("options", sa.JSON, nullable=False),
+    sa.Column("argument_name", sa.String(128), nullable=False, server_default=""),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("response", sa.JSON),
+    sa.Column("responded_by", sa.String(256), nullable=False, server_default=""),
+    sa.Column("resolved_at", sa.Float),
+)
+sa.Index("ix_clarifications_run", clarifications.c.run_id, clarifications.c.status)
+
+# The unique key is the guarantee: one run per tenant + key, whatever the race.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("tenant_id", sa.String(36), primary_key=True),
+    sa.Column("key", sa.String(256), primary_key=True),
+    sa.Column("request_digest", sa.String(80), nullable=False),
+    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# Server-wide settings kept in the store, e.g. the page-token signing key shared by replicas.
+server_settings = sa.Table(
+    "server_settings",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)

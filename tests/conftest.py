@@ -1,0 +1,100 @@
+"""Fixtures: a real server on a free port over a fresh SQLite file, and a real channel."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from orchestrator.server.app import Server, build_server
+from orchestrator.server.settings import Settings
+from orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "plans"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        database_url=sqlite_url(tmp_path / "orchestrator.db"),
+        shutdown_grace=0.5,
+        heartbeat_seconds=15.0,
+    )
+    for key, value in overrides.items():
+        setattr(settings, key, value)
+    return settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[Server]:
+    srv = await build_server(settings)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace=0.2)
+
+
+@pytest.fixture
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> pb_grpc.OrchestratorServiceStub:
+    return pb_grpc.OrchestratorServiceStub(channel)
+
+
+@pytest.fixture
+def tenant() -> str:
+    return str(uuid.uuid4())
+
+
+def md(tenant: str, **extra: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata for a tenant."""
+    return (("x-tenant-id", tenant), *((k.replace("_", "-"), v) for k, v in extra.items()))
+
+
+def load_plan(name: str) -> pb.ExecutablePlan:
+    """An example plan from examples/plans/."""
+    data = json.loads((EXAMPLES / name).read_text())
+    return json_format.ParseDict(data, pb.ExecutablePlan())
+
+
+def plan_of(*steps: dict[str, Any], parallel: bool = False, **flow: Any) -> pb.ExecutablePlan:
+    """A one-flow plan from step dicts in proto3 JSON form; its security context allows the
+    core tools it uses (capability validation is on by default)."""
+    tools = sorted({s["tool"] for s in steps if str(s.get("tool", "")).startswith("core.")})
+    return json_format.ParseDict(
+        {
+            "planId": "test",
+            "name": "test plan",
+            "flows": [{"flowId": "main", "steps": list(steps), "parallelExecution": parallel,
+                       **flow}],
+            "securityContext": {"allowedTools": tools},
+        },
+        pb.ExecutablePlan(),
+    )
+
+
+def echo_plan(n: int = 3) -> pb.ExecutablePlan:
+    return plan_of(*({"stepId": f"s{i}", "tool": "core.echo", "parameters": {"i": i}}
+                     for i in range(n)))
