@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import json_format
-
 from orchestrator.server.app import Server, build_server
 from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -87,8 +86,9 @@ def plan_of(*steps: dict[str, Any], parallel: bool = False, **flow: Any) -> pb.E
         {
             "planId": "test",
             "name": "test plan",
-            "flows": [{"flowId": "main", "steps": list(steps), "parallelExecution": parallel,
-                       **flow}],
+            "flows": [
+                {"flowId": "main", "steps": list(steps), "parallelExecution": parallel, **flow}
+            ],
             "securityContext": {"allowedTools": tools},
         },
         pb.ExecutablePlan(),
@@ -96,5 +96,57 @@ def plan_of(*steps: dict[str, Any], parallel: bool = False, **flow: Any) -> pb.E
 
 
 def echo_plan(n: int = 3) -> pb.ExecutablePlan:
-    return plan_of(*({"stepId": f"s{i}", "tool": "core.echo", "parameters": {"i": i}}
-                     for i in range(n)))
+    return plan_of(
+        *({"stepId": f"s{i}", "tool": "core.echo", "parameters": {"i": i}} for i in range(n))
+    )
+
+
+class ThreadedServer:
+    """A real server on its own event loop in a thread, for synchronous (hypothesis) tests."""
+
+    def __init__(self, settings: Settings) -> None:
+        import asyncio
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(settings,), daemon=True)
+        self.server: Server | None = None
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("server did not start")
+
+    def _run(self, settings: Settings) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self._loop)
+
+        async def start() -> None:
+            self.server = await build_server(settings)
+            await self.server.start()
+            self._ready.set()
+
+        self._loop.run_until_complete(start())
+        self._loop.run_forever()
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return self.server.address
+
+    def stop(self) -> None:
+        import asyncio
+
+        assert self.server is not None
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=0.2), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    srv = ThreadedServer(make_settings(tmp_path_factory.mktemp("threaded")))
+    try:
+        yield srv
+    finally:
+        srv.stop()

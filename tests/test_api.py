@@ -8,19 +8,20 @@ import uuid
 import grpc
 import pytest
 from google.protobuf import struct_pb2
-
 from orchestrator.server.app import Server
 from orchestrator.server.plan import plan_hash
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
 from tests.conftest import echo_plan, load_plan, md, plan_of
 from tests.errors import details_of
 
 Stub = pb_grpc.OrchestratorServiceStub
 
 
-async def execute(stub: Stub, tenant: str, plan: pb.ExecutablePlan | None = None,
-                  **fields: object) -> pb.ExecuteResponse:
+async def execute(
+    stub: Stub, tenant: str, plan: pb.ExecutablePlan | None = None, **fields: object
+) -> pb.ExecuteResponse:
     request = pb.ExecuteRequest(executable_plan=plan or echo_plan(), **fields)  # type: ignore[arg-type]
     response: pb.ExecuteResponse = await stub.Execute(request, metadata=md(tenant))
     return response
@@ -49,11 +50,10 @@ async def test_execute_stores_example_plans(stub: Stub, tenant: str, name: str) 
     assert execution.tenant_id == tenant
     assert execution.plan_hash == plan_hash(plan)
     assert execution.triggered_by == "alice"
-    assert [s.step_id for s in execution.steps] == [
-        s.step_id for f in plan.flows for s in f.steps
-    ]
-    got = await stub.GetExecution(pb.GetExecutionRequest(run_id=response.run_id),
-                                  metadata=md(tenant))
+    assert [s.step_id for s in execution.steps] == [s.step_id for f in plan.flows for s in f.steps]
+    got = await stub.GetExecution(
+        pb.GetExecutionRequest(run_id=response.run_id), metadata=md(tenant)
+    )
     assert got.execution.run_id == response.run_id
     assert got.execution.last_sequence >= 1
 
@@ -68,11 +68,11 @@ async def test_execute_returns_pending_run_with_seed_fields(stub: Stub, tenant: 
     assert response.execution.HasField("last_updated")
 
 
-async def test_call_correlation_id_is_stored_when_request_has_none(
-    stub: Stub, tenant: str
-) -> None:
-    call = stub.Execute(pb.ExecuteRequest(executable_plan=echo_plan()),
-                        metadata=md(tenant, x_correlation_id="from-metadata"))
+async def test_call_correlation_id_is_stored_when_request_has_none(stub: Stub, tenant: str) -> None:
+    call = stub.Execute(
+        pb.ExecuteRequest(executable_plan=echo_plan()),
+        metadata=md(tenant, x_correlation_id="from-metadata"),
+    )
     response = await call
     assert response.correlation_id == "from-metadata"
     initial = dict(await call.initial_metadata())
@@ -99,8 +99,9 @@ async def test_validation_reports_every_problem_with_field_paths(stub: Stub, ten
         {"stepId": "c", "tool": "core.echo"},
         parallel=True,
     )
-    err = await expect_error(stub.Execute(pb.ExecuteRequest(executable_plan=plan),
-                                          metadata=md(tenant)))
+    err = await expect_error(
+        stub.Execute(pb.ExecuteRequest(executable_plan=plan), metadata=md(tenant))
+    )
     d = details_of(err)
     assert d.code == grpc.StatusCode.INVALID_ARGUMENT
     assert d.domain == "orchestrator.v1"
@@ -122,15 +123,15 @@ async def test_empty_plan_is_invalid(stub: Stub, tenant: str) -> None:
     assert d.violations
 
 
-async def test_plan_hash_mismatch_is_invalid_and_match_is_accepted(
-    stub: Stub, tenant: str
-) -> None:
+async def test_plan_hash_mismatch_is_invalid_and_match_is_accepted(stub: Stub, tenant: str) -> None:
     plan = echo_plan()
     good = await execute(stub, tenant, plan, plan_hash=plan_hash(plan))
     assert good.execution.plan_hash == plan_hash(plan)
     err = await expect_error(
-        stub.Execute(pb.ExecuteRequest(executable_plan=plan, plan_hash="sha256:" + "0" * 64),
-                     metadata=md(tenant))
+        stub.Execute(
+            pb.ExecuteRequest(executable_plan=plan, plan_hash="sha256:" + "0" * 64),
+            metadata=md(tenant),
+        )
     )
     d = details_of(err)
     assert d.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -143,8 +144,9 @@ async def test_capability_validation_lists_every_violation(stub: Stub, tenant: s
         {"stepId": "b", "tool": "http.request", "parameters": {"url": "http://127.0.0.1/"}},
     )
     plan.security_context.allowed_tools.append("core.echo")
-    err = await expect_error(stub.Execute(pb.ExecuteRequest(executable_plan=plan),
-                                          metadata=md(tenant)))
+    err = await expect_error(
+        stub.Execute(pb.ExecuteRequest(executable_plan=plan), metadata=md(tenant))
+    )
     d = details_of(err)
     assert d.code == grpc.StatusCode.PERMISSION_DENIED
     fields = [f for f, _ in d.violations]
@@ -170,8 +172,10 @@ async def test_idempotency_key_with_other_request_is_already_exists(
 ) -> None:
     first = await execute(stub, tenant, idempotency_key="k-2")
     err = await expect_error(
-        stub.Execute(pb.ExecuteRequest(executable_plan=echo_plan(4), idempotency_key="k-2"),
-                     metadata=md(tenant))
+        stub.Execute(
+            pb.ExecuteRequest(executable_plan=echo_plan(4), idempotency_key="k-2"),
+            metadata=md(tenant),
+        )
     )
     d = details_of(err)
     assert d.code == grpc.StatusCode.ALREADY_EXISTS
@@ -191,10 +195,12 @@ async def test_concurrent_duplicate_submissions_make_one_run(stub: Stub, tenant:
 
 def all_calls(stub: Stub, run_id: str) -> dict[str, object]:
     return {
-        "Execute": lambda m: stub.Execute(pb.ExecuteRequest(executable_plan=echo_plan()),
-                                          metadata=m),
-        "GetExecution": lambda m: stub.GetExecution(pb.GetExecutionRequest(run_id=run_id),
-                                                    metadata=m),
+        "Execute": lambda m: stub.Execute(
+            pb.ExecuteRequest(executable_plan=echo_plan()), metadata=m
+        ),
+        "GetExecution": lambda m: stub.GetExecution(
+            pb.GetExecutionRequest(run_id=run_id), metadata=m
+        ),
         "ListExecutions": lambda m: stub.ListExecutions(pb.ListExecutionsRequest(), metadata=m),
         "Pause": lambda m: stub.Pause(pb.PauseRequest(run_id=run_id), metadata=m),
         "Resume": lambda m: stub.Resume(pb.ResumeRequest(run_id=run_id), metadata=m),
@@ -240,8 +246,14 @@ async def test_other_tenants_runs_are_not_found_on_every_run_scoped_rpc(
     run = await execute(stub, tenant)
     intruder = md(str(uuid.uuid4()))
     calls = all_calls(stub, run.run_id)
-    for name in ("GetExecution", "Pause", "Resume", "Cancel", "RespondToClarification",
-                 "WatchExecution"):
+    for name in (
+        "GetExecution",
+        "Pause",
+        "Resume",
+        "Cancel",
+        "RespondToClarification",
+        "WatchExecution",
+    ):
         err = await expect_error(calls[name](intruder))  # type: ignore[operator]
         d = details_of(err)
         assert d.code == grpc.StatusCode.NOT_FOUND, name
@@ -306,9 +318,9 @@ async def test_list_filters(stub: Stub, tenant: str) -> None:
 
     assert await ids(pb.ExecutionFilter(triggered_by="bob")) == [b.run_id]
     assert await ids(pb.ExecutionFilter(statuses=[pb.EXECUTION_STATUS_CANCELLED])) == [a.run_id]
-    assert await ids(pb.ExecutionFilter(statuses=[pb.EXECUTION_STATUS_COMPLETED,
-                                                  pb.EXECUTION_STATUS_CANCELLED])) == [
-        b.run_id, a.run_id]
+    assert await ids(
+        pb.ExecutionFilter(statuses=[pb.EXECUTION_STATUS_COMPLETED, pb.EXECUTION_STATUS_CANCELLED])
+    ) == [b.run_id, a.run_id]
     after = pb.ExecutionFilter()
     after.created_after.CopyFrom(b.created_at)
     assert await ids(after) == [b.run_id]
@@ -319,12 +331,15 @@ async def test_list_filters(stub: Stub, tenant: str) -> None:
     ("request_", "field"),
     [
         (pb.ListExecutionsRequest(page_size=-1), "page_size"),
-        (pb.ListExecutionsRequest(filter=pb.ExecutionFilter(statuses=[99])),  # type: ignore[list-item]
-         "filter.statuses[0]"),
+        (
+            pb.ListExecutionsRequest(filter=pb.ExecutionFilter(statuses=[99])),  # type: ignore[list-item]
+            "filter.statuses[0]",
+        ),
     ],
 )
-async def test_list_rejects_bad_requests(stub: Stub, tenant: str,
-                                         request_: pb.ListExecutionsRequest, field: str) -> None:
+async def test_list_rejects_bad_requests(
+    stub: Stub, tenant: str, request_: pb.ListExecutionsRequest, field: str
+) -> None:
     err = await expect_error(stub.ListExecutions(request_, metadata=md(tenant)))
     d = details_of(err)
     assert d.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -332,8 +347,9 @@ async def test_list_rejects_bad_requests(stub: Stub, tenant: str,
 
 
 async def test_list_page_size_is_capped(stub: Stub, tenant: str) -> None:
-    page = await stub.ListExecutions(pb.ListExecutionsRequest(page_size=100_000),
-                                     metadata=md(tenant))
+    page = await stub.ListExecutions(
+        pb.ListExecutionsRequest(page_size=100_000), metadata=md(tenant)
+    )
     assert list(page.executions) == []
 
 
@@ -346,14 +362,19 @@ async def test_forged_or_foreign_page_tokens_are_invalid(stub: Stub, tenant: str
     tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
     forged = [tampered, "garbage", token + "x"]
     for bad in forged:
-        err = await expect_error(stub.ListExecutions(
-            pb.ListExecutionsRequest(page_size=1, page_token=bad), metadata=md(tenant)))
+        err = await expect_error(
+            stub.ListExecutions(
+                pb.ListExecutionsRequest(page_size=1, page_token=bad), metadata=md(tenant)
+            )
+        )
         d = details_of(err)
         assert (d.code, d.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN"), bad
     # A real token used with another filter, or by another tenant, is refused too.
     for request_, who in (
-        (pb.ListExecutionsRequest(page_token=token, filter=pb.ExecutionFilter(triggered_by="x")),
-         tenant),
+        (
+            pb.ListExecutionsRequest(page_token=token, filter=pb.ExecutionFilter(triggered_by="x")),
+            tenant,
+        ),
         (pb.ListExecutionsRequest(page_token=token), str(uuid.uuid4())),
     ):
         err = await expect_error(stub.ListExecutions(request_, metadata=md(who)))
@@ -374,7 +395,7 @@ async def test_pause_resume_cancel_success_paths(stub: Stub, tenant: str) -> Non
     assert resumed.status == pb.EXECUTION_STATUS_RUNNING
     cancelled = await stub.Cancel(pb.CancelRequest(run_id=run.run_id, reason="done"), metadata=m)
     assert cancelled.status == pb.EXECUTION_STATUS_CANCELLED
-    got = (await stub.GetExecution(pb.GetExecutionRequest(run_id=run.run_id), metadata=m))
+    got = await stub.GetExecution(pb.GetExecutionRequest(run_id=run.run_id), metadata=m)
     execution = got.execution
     assert execution.status == pb.EXECUTION_STATUS_CANCELLED
     assert execution.HasField("completed_at")
@@ -441,10 +462,14 @@ async def test_concurrent_cancel_and_resume_exactly_one_wins_the_paused_run(
             return_exceptions=True,
         )
         events = [
-            r.event async for r in stub.WatchExecution(
-                pb.WatchExecutionRequest(run_id=run_id, after_sequence=2), metadata=m)
+            r.event
+            async for r in stub.WatchExecution(
+                pb.WatchExecutionRequest(run_id=run_id, after_sequence=2), metadata=m
+            )
         ]
-        statuses = [e.execution.status for e in events if e.type == pb.EVENT_TYPE_RUN_STATUS_CHANGED]
+        statuses = [
+            e.execution.status for e in events if e.type == pb.EVENT_TYPE_RUN_STATUS_CHANGED
+        ]
         # Exactly one transition leaves PAUSED (the one right after it in the log).
         leaving_paused = statuses[0]
         cancel, resume = results
@@ -467,18 +492,30 @@ async def test_concurrent_cancel_and_resume_exactly_one_wins_the_paused_run(
 
 async def test_respond_to_unknown_clarification_is_not_found(stub: Stub, tenant: str) -> None:
     run = await execute(stub, tenant)
-    err = await expect_error(stub.RespondToClarification(
-        pb.RespondToClarificationRequest(run_id=run.run_id, clarification_id="nope",
-                                         response=struct_pb2.Value(bool_value=True)),
-        metadata=md(tenant)))
+    err = await expect_error(
+        stub.RespondToClarification(
+            pb.RespondToClarificationRequest(
+                run_id=run.run_id,
+                clarification_id="nope",
+                response=struct_pb2.Value(bool_value=True),
+            ),
+            metadata=md(tenant),
+        )
+    )
     d = details_of(err)
     assert (d.code, d.reason) == (grpc.StatusCode.NOT_FOUND, "CLARIFICATION_NOT_FOUND")
-    err = await expect_error(stub.RespondToClarification(
-        pb.RespondToClarificationRequest(run_id=str(uuid.uuid4()), clarification_id="nope"),
-        metadata=md(tenant)))
+    err = await expect_error(
+        stub.RespondToClarification(
+            pb.RespondToClarificationRequest(run_id=str(uuid.uuid4()), clarification_id="nope"),
+            metadata=md(tenant),
+        )
+    )
     assert details_of(err).reason == "EXECUTION_NOT_FOUND"
-    err = await expect_error(stub.RespondToClarification(
-        pb.RespondToClarificationRequest(run_id=run.run_id), metadata=md(tenant)))
+    err = await expect_error(
+        stub.RespondToClarification(
+            pb.RespondToClarificationRequest(run_id=run.run_id), metadata=md(tenant)
+        )
+    )
     assert details_of(err).code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -499,23 +536,38 @@ async def test_watch_snapshot_then_events_until_terminal(stub: Stub, tenant: str
     while (item := await stream.read()) is not grpc.aio.EOF:
         rest.append(item.event)
     assert [e.sequence for e in rest] == [2, 3]
-    assert [e.execution.status for e in rest] == [pb.EXECUTION_STATUS_PAUSED,
-                                                  pb.EXECUTION_STATUS_CANCELLED]
+    assert [e.execution.status for e in rest] == [
+        pb.EXECUTION_STATUS_PAUSED,
+        pb.EXECUTION_STATUS_CANCELLED,
+    ]
     assert await stream.code() == grpc.StatusCode.OK
     # Replay from a sequence: no snapshot, exactly the later events.
-    replay = [r.event async for r in stub.WatchExecution(
-        pb.WatchExecutionRequest(run_id=run.run_id, after_sequence=1), metadata=m)]
+    replay = [
+        r.event
+        async for r in stub.WatchExecution(
+            pb.WatchExecutionRequest(run_id=run.run_id, after_sequence=1), metadata=m
+        )
+    ]
     assert [e.sequence for e in replay] == [2, 3]
     # A finished run watched from its end ends at once.
-    done = [r async for r in stub.WatchExecution(
-        pb.WatchExecutionRequest(run_id=run.run_id, after_sequence=3), metadata=m)]
+    done = [
+        r
+        async for r in stub.WatchExecution(
+            pb.WatchExecutionRequest(run_id=run.run_id, after_sequence=3), metadata=m
+        )
+    ]
     assert done == []
 
 
 async def test_watch_beyond_last_event_is_out_of_range(stub: Stub, tenant: str) -> None:
     run = await execute(stub, tenant)
-    err = await expect_error(_first(stub.WatchExecution(
-        pb.WatchExecutionRequest(run_id=run.run_id, after_sequence=5), metadata=md(tenant))))
+    err = await expect_error(
+        _first(
+            stub.WatchExecution(
+                pb.WatchExecutionRequest(run_id=run.run_id, after_sequence=5), metadata=md(tenant)
+            )
+        )
+    )
     d = details_of(err)
     assert d.code == grpc.StatusCode.OUT_OF_RANGE
     assert d.metadata["last_sequence"] == "1"
@@ -539,14 +591,21 @@ async def test_watch_executions_streams_status_changes_and_resumes_by_cursor(
     # Changes made while nobody watched are delivered from the cursor, in order.
     await stub.Resume(pb.ResumeRequest(run_id=run.run_id), metadata=m)
     await stub.Cancel(pb.CancelRequest(run_id=run.run_id), metadata=m)
-    resumed = stub.WatchExecutions(pb.WatchExecutionsRequest(after_cursor=second.cursor),
-                                   metadata=m)
+    resumed = stub.WatchExecutions(
+        pb.WatchExecutionsRequest(after_cursor=second.cursor), metadata=m
+    )
     got = [(await resumed.read()).event.execution.status for _ in range(2)]
     resumed.cancel()
     assert got == [pb.EXECUTION_STATUS_RUNNING, pb.EXECUTION_STATUS_CANCELLED]
     # Another tenant's cursor or a forged one is refused.
-    err = await expect_error(_first(stub.WatchExecutions(
-        pb.WatchExecutionsRequest(after_cursor=second.cursor), metadata=md(str(uuid.uuid4())))))
+    err = await expect_error(
+        _first(
+            stub.WatchExecutions(
+                pb.WatchExecutionsRequest(after_cursor=second.cursor),
+                metadata=md(str(uuid.uuid4())),
+            )
+        )
+    )
     assert details_of(err).reason == "INVALID_CURSOR"
 
 
@@ -586,10 +645,22 @@ async def test_reflection_lists_the_nine_rpcs(channel: grpc.aio.Channel, version
     names = {s.name for s in services}
     assert "orchestrator.v1.OrchestratorService" in names
     assert "grpc.health.v1.Health" in names
-    files = (await ask(file_containing_symbol="orchestrator.v1.OrchestratorService"))
-    protos = [descriptor_pb2.FileDescriptorProto.FromString(b)
-              for b in files.file_descriptor_response.file_descriptor_proto]
+    files = await ask(file_containing_symbol="orchestrator.v1.OrchestratorService")
+    protos = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in files.file_descriptor_response.file_descriptor_proto
+    ]
     service = next(s for p in protos for s in p.service if s.name == "OrchestratorService")
-    assert sorted(m.name for m in service.method) == sorted([
-        "Execute", "GetExecution", "ListExecutions", "Pause", "Resume", "Cancel",
-        "RespondToClarification", "WatchExecution", "WatchExecutions"])
+    assert sorted(m.name for m in service.method) == sorted(
+        [
+            "Execute",
+            "GetExecution",
+            "ListExecutions",
+            "Pause",
+            "Resume",
+            "Cancel",
+            "RespondToClarification",
+            "WatchExecution",
+            "WatchExecutions",
+        ]
+    )

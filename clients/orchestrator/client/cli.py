@@ -6,8 +6,11 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Orchestrator: run ExecutablePlans and watch them.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Orchestrator: run ExecutablePlans and watch them.",
+)
 
 
 @app.callback()
@@ -17,7 +20,9 @@ def _root() -> None:
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to bind [env ORCHESTRATOR_HOST].")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind [env ORCHESTRATOR_HOST].")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind [env ORCHESTRATOR_PORT].")] = None,
     database_url: Annotated[
         str | None,
@@ -28,7 +33,9 @@ def serve(
     ] = None,
     shutdown_grace: Annotated[
         float | None,
-        typer.Option(help="Seconds SIGTERM waits for in-flight work [env ORCHESTRATOR_SHUTDOWN_GRACE]."),
+        typer.Option(
+            help="Seconds SIGTERM waits for in-flight work [env ORCHESTRATOR_SHUTDOWN_GRACE]."
+        ),
     ] = None,
 ) -> None:
     """Run the gRPC server until SIGTERM."""

@@ -12,7 +12,6 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
 from orchestrator.server.api.interceptors import (
     CallContextInterceptor,
     ErrorInterceptor,
@@ -109,7 +108,9 @@ def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> No
     """Reflection v1alpha and v1. grpcio-reflection ships only v1alpha; v1 is the same protocol
     under a new package name (same messages, same field numbers), so one servicer serves both
     and grpcurl / buf curl, which ask for v1 first, need no fallback."""
-    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    # v1 is served but not listed: its descriptors are not in the pool, and a listed service
+    # that cannot be described breaks `buf curl --list-methods`.
+    names = (*services, reflection.SERVICE_NAME)
     servicer = reflection.aio.ReflectionServicer(names)
     reflection.enable_server_reflection(names, server)
     server.add_generic_rpc_handlers(
@@ -142,7 +143,7 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
 
     grpc_server = grpc.aio.server(
         interceptors=[
-            aio_server_interceptor(),
+            aio_server_interceptor(),  # type: ignore[no-untyped-call]
             CallContextInterceptor(),
             ErrorInterceptor(),
             TenantInterceptor(),

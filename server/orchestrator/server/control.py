@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
-
-from orchestrator.server.errors import FailedPrecondition, InvalidArgument, ValidationFailed
-from orchestrator.server.errors import FieldViolation
+from orchestrator.server.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    ValidationFailed,
+)
 from orchestrator.server.lifecycle import Action, RunStatus
 from orchestrator.server.plan import check_capabilities, validate_request
 from orchestrator.server.settings import Settings
@@ -75,8 +78,9 @@ class ControlPlane:
             timeout_seconds=validated.timeout_seconds,
             estimated_seconds=estimate,
             steps=[
-                NewStep(step_id=sid, flow_id=info.flow_id, position=info.position,
-                        tool=info.step.tool)
+                NewStep(
+                    step_id=sid, flow_id=info.flow_id, position=info.position, tool=info.step.tool
+                )
                 for sid, info in validated.steps.items()
             ],
             idempotency_key=request.idempotency_key,
@@ -86,8 +90,11 @@ class ControlPlane:
         created = await self.store.create_run(new)
         execution = created.execution
         run_id = execution.run_id
-        if request.HasField("async_execution") and not request.async_execution \
-                and execution.status not in TERMINAL_PB:
+        if (
+            request.HasField("async_execution")
+            and not request.async_execution
+            and execution.status not in TERMINAL_PB
+        ):
             execution = await self.wait_terminal(tenant_id, run_id, validated.timeout_seconds)
         response = pb.ExecuteResponse(
             success=True,
@@ -100,11 +107,11 @@ class ControlPlane:
         response.estimated_duration.FromNanoseconds(int(estimate * 1e9))
         return response
 
-    async def wait_terminal(self, tenant_id: str, run_id: str, timeout: float) -> pb.Execution:
-        """The run's snapshot once it is terminal, or as it is when `timeout` runs out."""
+    async def wait_terminal(self, tenant_id: str, run_id: str, limit: float) -> pb.Execution:
+        """The run's snapshot once it is terminal, or as it is after `limit` seconds."""
         with self.hub.run(run_id) as wake:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
+            deadline = loop.time() + limit
             while True:
                 wake.clear()
                 execution = await self.store.get_execution(tenant_id, run_id)
@@ -130,15 +137,19 @@ class ControlPlane:
                 "page_size must not be negative",
                 violations=[FieldViolation("page_size", "must be 0 (default 50) to 500")],
             )
-        size = min(request.page_size or self.settings.default_page_size,
-                   self.settings.max_page_size)
+        size = min(
+            request.page_size or self.settings.default_page_size, self.settings.max_page_size
+        )
         flt = run_filter(request.filter, "filter")
         digest = hashlib.sha256(request.filter.SerializeToString(deterministic=True)).hexdigest()
         before_pk = None
         if request.page_token:
             token = self.tokens.decode("page", request.page_token, field="page_token")
-            if token.get("f") != digest[:16] or token.get("t") != tenant_id \
-                    or not isinstance(token.get("pk"), int):
+            if (
+                token.get("f") != digest[:16]
+                or token.get("t") != tenant_id
+                or not isinstance(token.get("pk"), int)
+            ):
                 raise InvalidArgument(
                     "page_token belongs to a different query", reason="INVALID_PAGE_TOKEN"
                 )
@@ -173,8 +184,11 @@ class ControlPlane:
             raise FailedPrecondition(
                 f"clarification {request.clarification_id!r} is {row['status'].lower()}",
                 reason="CLARIFICATION_NOT_PENDING",
-                metadata={"run_id": request.run_id, "clarification_id": request.clarification_id,
-                          "current_status": row["status"]},
+                metadata={
+                    "run_id": request.run_id,
+                    "clarification_id": request.clarification_id,
+                    "current_status": row["status"],
+                },
             )
         raise FailedPrecondition(
             "clarifications are answered by the engine, which is not running",
@@ -221,14 +235,20 @@ def run_filter(flt: pb.ExecutionFilter, path: str) -> RunFilter:
         violations.append(FieldViolation(f"{path}.created_before", "is before created_after"))
     if violations:
         raise ValidationFailed("invalid filter", violations=violations)
-    return RunFilter(statuses=statuses, plan_hash=flt.plan_hash, triggered_by=flt.triggered_by,
-                     created_after=after, created_before=before)
+    return RunFilter(
+        statuses=statuses,
+        plan_hash=flt.plan_hash,
+        triggered_by=flt.triggered_by,
+        created_after=after,
+        created_before=before,
+    )
 
 
 def _require_run_id(run_id: str) -> None:
     if not run_id:
-        raise ValidationFailed("run_id is required",
-                               violations=[FieldViolation("run_id", "required")])
+        raise ValidationFailed(
+            "run_id is required", violations=[FieldViolation("run_id", "required")]
+        )
 
 
 def transition_response(result: Transitioned, verb: str) -> dict[str, Any]:

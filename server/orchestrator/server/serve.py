@@ -6,7 +6,6 @@ import asyncio
 import signal
 
 import structlog
-
 from orchestrator.server.app import build_server
 from orchestrator.server.logs import configure_logging
 from orchestrator.server.settings import Settings
@@ -25,8 +24,11 @@ async def serve(settings: Settings) -> None:
     def on_signal(signum: int) -> None:
         nonlocal stopping
         if stopping is None:
-            log.info("server.draining", signal=signal.Signals(signum).name,
-                     grace_seconds=settings.shutdown_grace)
+            log.info(
+                "server.draining",
+                signal=signal.Signals(signum).name,
+                grace_seconds=settings.shutdown_grace,
+            )
             stopping = asyncio.create_task(server.stop())
         else:
             log.warning("server.stopping_now", signal=signal.Signals(signum).name)

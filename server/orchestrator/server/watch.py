@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 from orchestrator.server.errors import InvalidArgument, OutOfRange
@@ -58,11 +58,11 @@ class Hub:
                 if not subscribers:
                     del table[key]
 
-    def run(self, run_id: str) -> Iterator[asyncio.Event]:
+    def run(self, run_id: str) -> AbstractContextManager[asyncio.Event]:
         """Subscribe to a run's commits (a context manager)."""
         return self._subscribe(self._runs, run_id)
 
-    def tenant(self, tenant_id: str) -> Iterator[asyncio.Event]:
+    def tenant(self, tenant_id: str) -> AbstractContextManager[asyncio.Event]:
         """Subscribe to a tenant's run status changes (a context manager)."""
         return self._subscribe(self._tenants, tenant_id)
 
@@ -81,8 +81,7 @@ class Watcher:
     ) -> AsyncIterator[pb.ExecutionEvent]:
         """WatchExecution: snapshot or replay, then live events until the terminal one."""
         if after_sequence < 0:
-            raise InvalidArgument("after_sequence must not be negative",
-                                  reason="INVALID_SEQUENCE")
+            raise InvalidArgument("after_sequence must not be negative", reason="INVALID_SEQUENCE")
         with self.hub.run(run_id) as wake:
             status, last = await self.store.run_status(tenant_id, run_id)
             if after_sequence > last:
@@ -114,8 +113,10 @@ class Watcher:
                         break
                     yield event
                     position = event.sequence
-                    if (event.type == pb.EVENT_TYPE_RUN_STATUS_CHANGED
-                            and event.execution.status in TERMINAL_PB):
+                    if (
+                        event.type == pb.EVENT_TYPE_RUN_STATUS_CHANGED
+                        and event.execution.status in TERMINAL_PB
+                    ):
                         return
                 if payloads:
                     continue
@@ -148,8 +149,9 @@ class Watcher:
                 payload = self.tokens.decode("cursor", after_cursor, field="after_cursor")
                 position = payload.get("id")
                 if not isinstance(position, int) or payload.get("t") != tenant_id:
-                    raise InvalidArgument("after_cursor is not a cursor of this tenant",
-                                          reason="INVALID_CURSOR")
+                    raise InvalidArgument(
+                        "after_cursor is not a cursor of this tenant", reason="INVALID_CURSOR"
+                    )
             else:
                 position = await self.store.last_event_id(tenant_id)
             while True:

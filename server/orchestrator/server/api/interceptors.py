@@ -13,13 +13,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import structlog
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
-
 from orchestrator.server.errors import (
     DOMAIN,
     InvalidArgument,
@@ -43,11 +42,12 @@ class Call:
 
 current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("current_call")
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-Wrapper = Callable[[Any, grpc.aio.ServicerContext, Callable[..., Any]], Any]
+Continuation: TypeAlias = (
+    "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
+)
 
 
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
     for k, v in context.invocation_metadata() or ():
         if k == key:
             return v if isinstance(v, str) else v.decode()
@@ -55,10 +55,10 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
 
 
 def _rewrap(
-    handler: grpc.RpcMethodHandler,
+    handler: grpc.RpcMethodHandler[Any, Any],
     unary: Callable[[Callable[..., Any]], Callable[..., Any]],
     stream: Callable[[Callable[..., Any]], Callable[..., Any]],
-) -> grpc.RpcMethodHandler:
+) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler with its behaviour wrapped (our RPCs are unary-request only)."""
     kw = {
         "request_deserializer": handler.request_deserializer,
@@ -71,19 +71,19 @@ def _rewrap(
     return handler
 
 
-class CallContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class CallContextInterceptor(grpc.aio.ServerInterceptor):
     """Takes or makes the correlation id, binds it (and later the tenant) to every log line,
     returns it in initial metadata, and writes one access-log line per call."""
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None:
             return None
         method: str = details.method
 
-        def begin(context: grpc.aio.ServicerContext) -> tuple[Call, float]:
+        def begin(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Call, float]:
             correlation_id = _metadata(context, "x-correlation-id")[:128] or str(uuid.uuid4())
             call = Call(method=method, correlation_id=correlation_id)
             current_call.set(call)
@@ -91,7 +91,7 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
             return call, time.perf_counter()
 
-        def end(call: Call, started: float, context: grpc.aio.ServicerContext) -> None:
+        def end(call: Call, started: float, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             code = context.code() if context.code() is not None else call.code
             if isinstance(code, int):
                 code = grpc.StatusCode.UNKNOWN
@@ -104,7 +104,7 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
 
         def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 call, started = begin(context)
                 await context.send_initial_metadata((("x-correlation-id", call.correlation_id),))
                 try:
@@ -115,7 +115,9 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return behaviour
 
         def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def behaviour(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
                 call, started = begin(context)
                 await context.send_initial_metadata((("x-correlation-id", call.correlation_id),))
                 try:
@@ -153,21 +155,22 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
         packed = any_pb2.Any()
         packed.Pack(detail)
         status.details.append(packed)
-    return status.SerializeToString()
+    serialized: bytes = status.SerializeToString()
+    return serialized
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns domain errors into precise statuses with google.rpc.Status details; anything
     unexpected becomes INTERNAL with the traceback in the log and nothing of it on the wire."""
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None:
             return None
 
-        async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
             call = current_call.get(None)
             if isinstance(exc, OrchestratorError):
                 error = exc
@@ -184,7 +187,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
 
         def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 try:
                     return await inner(request, context)
                 except grpc.aio.AbortError:
@@ -195,7 +198,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return behaviour
 
         def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def behaviour(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
                 try:
                     async for item in inner(request, context):
                         yield item
@@ -209,7 +214,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return _rewrap(handler, unary, stream)
 
 
-def tenant_from(context: grpc.aio.ServicerContext) -> str:
+def tenant_from(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The caller's tenant: x-tenant-id, a UUID, required on every OrchestratorService call."""
     raw = _metadata(context, "x-tenant-id").strip()
     if not raw:
@@ -217,24 +222,22 @@ def tenant_from(context: grpc.aio.ServicerContext) -> str:
     try:
         tenant = str(uuid.UUID(raw))
     except ValueError:
-        raise InvalidArgument(
-            "x-tenant-id must be a UUID", reason="INVALID_TENANT_ID"
-        ) from None
+        raise InvalidArgument("x-tenant-id must be a UUID", reason="INVALID_TENANT_ID") from None
     return tenant
 
 
-class TenantInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TenantInterceptor(grpc.aio.ServerInterceptor):
     """Requires a valid x-tenant-id on OrchestratorService calls (health and reflection are
     open) and binds it to the call and its log lines."""
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
 
-        def bind(context: grpc.aio.ServicerContext) -> None:
+        def bind(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             tenant = tenant_from(context)
             call = current_call.get(None)
             if call is not None:
@@ -242,14 +245,16 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             structlog.contextvars.bind_contextvars(tenant_id=tenant)
 
         def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 bind(context)
                 return await inner(request, context)
 
             return behaviour
 
         def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def behaviour(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
                 bind(context)
                 async for item in inner(request, context):
                     yield item

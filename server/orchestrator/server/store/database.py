@@ -47,10 +47,12 @@ class Database:
             self.reader: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=8)
             _sqlite_pragmas(self.reader, "BEGIN")
         else:
-            self.writer = create_async_engine(self.url, pool_size=4, max_overflow=4,
-                                              pool_pre_ping=True)
-            self.reader = create_async_engine(self.url, pool_size=8, max_overflow=8,
-                                              pool_pre_ping=True)
+            self.writer = create_async_engine(
+                self.url, pool_size=4, max_overflow=4, pool_pre_ping=True
+            )
+            self.reader = create_async_engine(
+                self.url, pool_size=8, max_overflow=8, pool_pre_ping=True
+            )
 
     @property
     def is_sqlite(self) -> bool:

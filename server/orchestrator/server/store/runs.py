@@ -13,8 +13,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from orchestrator.server.errors import AlreadyExists, Conflict, InvalidTransition, NotFound
 from orchestrator.server.lifecycle import (
     REFUSAL_REASONS,
@@ -26,10 +24,14 @@ from orchestrator.server.lifecycle import (
 )
 from orchestrator.server.store.database import Database
 from orchestrator.server.store.schema import clarifications, events, idempotency_keys, runs, steps
-from orchestrator.server.store.writer import Change, Tx, Writer
+from orchestrator.server.store.writer import Change, T, Tx, Unit, Writer
 from orchestrator.v1 import orchestrator_pb2 as pb
+from sqlalchemy import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 JSON = Any
+# A row as a mapping: SQLAlchemy's RowMapping or a plain dict built for an insert.
+Row = Mapping[str, Any] | RowMapping
 
 # Store strings -> proto enums, built once.
 RUN_STATUS_PB = {s: pb.ExecutionStatus.Value(f"EXECUTION_STATUS_{s.value}") for s in RunStatus}
@@ -40,10 +42,8 @@ CLARIFICATION_STATUS_PB = {
 }
 
 
-def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    """Epoch seconds as a Timestamp (None stays unset)."""
-    if seconds is None:
-        return None
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    """Epoch seconds as a Timestamp."""
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
@@ -122,8 +122,7 @@ class RunFilter:
     created_before: float | None = None
 
 
-def _partial_execution(row: Mapping[str, Any], changed_steps: Iterable[Mapping[str, Any]] = ())\
-        -> pb.Execution:
+def _partial_execution(row: Row, changed_steps: Iterable[Row] = ()) -> pb.Execution:
     """The run-level fields of a run row, plus only the steps given (an event's delta)."""
     execution = pb.Execution(
         run_id=row["run_id"],
@@ -139,9 +138,8 @@ def _partial_execution(row: Mapping[str, Any], changed_steps: Iterable[Mapping[s
         last_sequence=row["last_sequence"],
     )
     for name in ("started_at", "completed_at", "created_at"):
-        ts = timestamp(row[name])
-        if ts is not None:
-            getattr(execution, name).CopyFrom(ts)
+        if row[name] is not None:
+            getattr(execution, name).CopyFrom(timestamp(row[name]))
     execution.last_updated.CopyFrom(timestamp(row["updated_at"]))
     if row["completed_at"] is None and row["started_at"] is not None:
         execution.estimated_completion.CopyFrom(
@@ -156,7 +154,7 @@ def _partial_execution(row: Mapping[str, Any], changed_steps: Iterable[Mapping[s
     return execution
 
 
-def _step_message(row: Mapping[str, Any]) -> pb.StepExecution:
+def _step_message(row: Row) -> pb.StepExecution:
     step = pb.StepExecution(
         step_id=row["step_id"],
         flow_id=row["flow_id"],
@@ -166,15 +164,14 @@ def _step_message(row: Mapping[str, Any]) -> pb.StepExecution:
         tool=row["tool"],
     )
     for name in ("started_at", "completed_at"):
-        ts = timestamp(row[name])
-        if ts is not None:
-            getattr(step, name).CopyFrom(ts)
+        if row[name] is not None:
+            getattr(step, name).CopyFrom(timestamp(row[name]))
     if row["output"] is not None:
         step.output.CopyFrom(to_value(row["output"]))
     return step
 
 
-def _clarification_message(row: Mapping[str, Any]) -> pb.Clarification:
+def _clarification_message(row: Row) -> pb.Clarification:
     msg = pb.Clarification(
         clarification_id=row["clarification_id"],
         step_id=row["step_id"],
@@ -194,9 +191,9 @@ def _clarification_message(row: Mapping[str, Any]) -> pb.Clarification:
 
 
 def build_execution(
-    run: Mapping[str, Any],
-    step_rows: Sequence[Mapping[str, Any]],
-    pending: Sequence[Mapping[str, Any]],
+    run: Row,
+    step_rows: Sequence[Row],
+    pending: Sequence[Row],
 ) -> pb.Execution:
     """The full snapshot of a run from its rows."""
     execution = _partial_execution(run, step_rows)
@@ -215,10 +212,10 @@ def build_execution(
 class EventSpec:
     """An event to append: its type, step, message and the steps its delta carries."""
 
-    type: int
+    type: pb.EventType.ValueType
     message: str
     step_id: str = ""
-    steps: list[Mapping[str, Any]] = field(default_factory=list)
+    steps: Sequence[Row] = field(default_factory=list)
 
 
 class RunStore:
@@ -240,24 +237,36 @@ class RunStore:
         self, conn: AsyncConnection, tenant_id: str, run_id: str
     ) -> pb.Execution:
         row = (
-            await conn.execute(
-                sa.select(runs).where(runs.c.run_id == run_id, runs.c.tenant_id == tenant_id)
+            (
+                await conn.execute(
+                    sa.select(runs).where(runs.c.run_id == run_id, runs.c.tenant_id == tenant_id)
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         if row is None:
             raise not_found(run_id)
         step_rows = (
-            await conn.execute(
-                sa.select(steps).where(steps.c.run_id == run_id).order_by(steps.c.position)
+            (
+                await conn.execute(
+                    sa.select(steps).where(steps.c.run_id == run_id).order_by(steps.c.position)
+                )
             )
-        ).mappings().all()
+            .mappings()
+            .all()
+        )
         pending = (
-            await conn.execute(
-                sa.select(clarifications)
-                .where(clarifications.c.run_id == run_id, clarifications.c.status == "PENDING")
-                .order_by(clarifications.c.created_at)
+            (
+                await conn.execute(
+                    sa.select(clarifications)
+                    .where(clarifications.c.run_id == run_id, clarifications.c.status == "PENDING")
+                    .order_by(clarifications.c.created_at)
+                )
             )
-        ).mappings().all()
+            .mappings()
+            .all()
+        )
         return build_execution(row, step_rows, pending)
 
     async def list_executions(
@@ -277,14 +286,14 @@ class RunStore:
                 if not rows:
                     return ListPage([], None)
                 ids = [r["run_id"] for r in rows]
-                by_run: dict[str, list[Mapping[str, Any]]] = {i: [] for i in ids}
+                by_run: dict[str, list[Row]] = {i: [] for i in ids}
                 for srow in (
                     await conn.execute(
                         sa.select(steps).where(steps.c.run_id.in_(ids)).order_by(steps.c.position)
                     )
                 ).mappings():
                     by_run[srow["run_id"]].append(srow)
-                clar_by_run: dict[str, list[Mapping[str, Any]]] = {i: [] for i in ids}
+                clar_by_run: dict[str, list[Row]] = {i: [] for i in ids}
                 for crow in (
                     await conn.execute(
                         sa.select(clarifications)
@@ -296,8 +305,9 @@ class RunStore:
                     )
                 ).mappings():
                     clar_by_run[crow["run_id"]].append(crow)
-        executions = [build_execution(r, by_run[r["run_id"]], clar_by_run[r["run_id"]])
-                      for r in rows]
+        executions = [
+            build_execution(r, by_run[r["run_id"]], clar_by_run[r["run_id"]]) for r in rows
+        ]
         return ListPage(executions, rows[-1]["pk"] if more else None)
 
     async def estimate_seconds(self, tenant_id: str, plan_hash: str) -> float | None:
@@ -315,9 +325,7 @@ class RunStore:
             .limit(20)
         )
         async with self.db.reader.connect() as conn:
-            durations = [
-                r.completed_at - r.started_at for r in (await conn.execute(query)).all()
-            ]
+            durations = [r.completed_at - r.started_at for r in (await conn.execute(query)).all()]
         return statistics.median(durations) if durations else None
 
     async def read_events(self, run_id: str, after: int, limit: int = 500) -> list[bytes]:
@@ -340,8 +348,13 @@ class RunStore:
             events.c.status_changed == sa.true(),
             events.c.id > after_id,
         )
-        if flt.statuses or flt.plan_hash or flt.triggered_by or flt.created_after is not None \
-                or flt.created_before is not None:
+        if (
+            flt.statuses
+            or flt.plan_hash
+            or flt.triggered_by
+            or flt.created_after is not None
+            or flt.created_before is not None
+        ):
             query = query.join(runs, runs.c.run_id == events.c.run_id)
             query = _apply_filter(query, flt, status_from_event=True)
         query = query.order_by(events.c.id).limit(limit)
@@ -381,8 +394,9 @@ class RunStore:
             if new.idempotency_key:
                 existing = (
                     await tx.conn.execute(
-                        sa.select(idempotency_keys.c.request_digest, idempotency_keys.c.run_id)
-                        .where(
+                        sa.select(
+                            idempotency_keys.c.request_digest, idempotency_keys.c.run_id
+                        ).where(
                             idempotency_keys.c.tenant_id == new.tenant_id,
                             idempotency_keys.c.key == new.idempotency_key,
                         )
@@ -392,11 +406,12 @@ class RunStore:
                     if existing.request_digest != new.request_digest:
                         raise AlreadyExists(
                             "idempotency key already used for a different request",
-                            metadata={"run_id": existing.run_id,
-                                      "idempotency_key": new.idempotency_key},
+                            metadata={
+                                "run_id": existing.run_id,
+                                "idempotency_key": new.idempotency_key,
+                            },
                         )
-                    execution = await self._load_execution(tx.conn, new.tenant_id,
-                                                           existing.run_id)
+                    execution = await self._load_execution(tx.conn, new.tenant_id, existing.run_id)
                     return Created(execution, created=False)
             return Created(await self._insert_run(tx, new), created=True)
 
@@ -458,8 +473,9 @@ class RunStore:
             )
             for s in step_rows:
                 s.update(status=StepStatus.SKIPPED.value, error="dry run: not executed")
-            specs = [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "dry run completed",
-                               steps=step_rows)]
+            specs = [
+                EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "dry run completed", steps=step_rows)
+            ]
         row["last_sequence"] = len(specs)
         result = await tx.conn.execute(sa.insert(runs).values(row))
         row["pk"] = result.inserted_primary_key[0] if result.inserted_primary_key else None
@@ -481,7 +497,7 @@ class RunStore:
     async def _insert_events(
         self,
         tx: Tx,
-        row: Mapping[str, Any],
+        row: Row,
         specs: Sequence[EventSpec],
         *,
         first_sequence: int,
@@ -494,7 +510,7 @@ class RunStore:
             execution.last_sequence = sequence
             event = pb.ExecutionEvent(
                 sequence=sequence,
-                type=spec.type,  # type: ignore[arg-type]
+                type=spec.type,
                 step_id=spec.step_id,
                 message=spec.message,
                 execution=execution,
@@ -537,7 +553,7 @@ class RunStore:
         self,
         tx: Tx,
         row: dict[str, Any],
-        changes: Mapping[str, Any],
+        changes: Row,
         specs: Sequence[EventSpec],
     ) -> dict[str, Any]:
         """Compare-and-set `changes` onto the run at the version `row` was read at, and append
@@ -559,7 +575,10 @@ class RunStore:
             raise Conflict(row["run_id"])
         if specs:
             await self._insert_events(
-                tx, new, specs, first_sequence=row["last_sequence"] + 1,
+                tx,
+                new,
+                specs,
+                first_sequence=row["last_sequence"] + 1,
                 status_changed=status_changed,
             )
         return new
@@ -590,11 +609,12 @@ class RunStore:
                 changes["error_message"] = f"cancelled: {reason}" if reason else "cancelled"
                 changes["error_reason"] = "CANCELLED"
             message = f"{action.value}: {reason}" if reason else f"run {target.value.lower()}"
-            specs = [*clar_specs,
-                     EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=changed_steps)]
+            specs = [
+                *clar_specs,
+                EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=changed_steps),
+            ]
             new = await self.update_run(tx, row, changes, specs)
-            return Transitioned(run_id, target, tx.now,
-                                _partial_execution(new, changed_steps))
+            return Transitioned(run_id, target, tx.now, _partial_execution(new, changed_steps))
 
         return await self._with_retry(unit)
 
@@ -610,8 +630,11 @@ class RunStore:
                     .where(
                         steps.c.run_id == run_id,
                         steps.c.status.in_(
-                            [StepStatus.PENDING.value, StepStatus.RUNNING.value,
-                             StepStatus.WAITING.value]
+                            [
+                                StepStatus.PENDING.value,
+                                StepStatus.RUNNING.value,
+                                StepStatus.WAITING.value,
+                            ]
                         ),
                     )
                     .order_by(steps.c.position)
@@ -621,14 +644,23 @@ class RunStore:
         if open_steps:
             await tx.conn.execute(
                 sa.update(steps)
-                .where(steps.c.run_id == run_id,
-                       steps.c.step_id.in_([s["step_id"] for s in open_steps]))
-                .values(status=StepStatus.CANCELLED.value, completed_at=tx.now,
-                        error="cancelled with its run", wake_at=None)
+                .where(
+                    steps.c.run_id == run_id,
+                    steps.c.step_id.in_([s["step_id"] for s in open_steps]),
+                )
+                .values(
+                    status=StepStatus.CANCELLED.value,
+                    completed_at=tx.now,
+                    error="cancelled with its run",
+                    wake_at=None,
+                )
             )
             for s in open_steps:
-                s.update(status=StepStatus.CANCELLED.value, completed_at=tx.now,
-                         error="cancelled with its run")
+                s.update(
+                    status=StepStatus.CANCELLED.value,
+                    completed_at=tx.now,
+                    error="cancelled with its run",
+                )
         pending = (
             await tx.conn.execute(
                 sa.select(clarifications.c.clarification_id, clarifications.c.step_id).where(
@@ -644,29 +676,33 @@ class RunStore:
                 .values(status="WITHDRAWN", resolved_at=tx.now)
             )
             specs = [
-                EventSpec(pb.EVENT_TYPE_CLARIFICATION_RESOLVED,
-                          f"clarification {c.clarification_id} withdrawn: run cancelled",
-                          step_id=c.step_id)
+                EventSpec(
+                    pb.EVENT_TYPE_CLARIFICATION_RESOLVED,
+                    f"clarification {c.clarification_id} withdrawn: run cancelled",
+                    step_id=c.step_id,
+                )
                 for c in pending
             ]
         return open_steps, specs
 
-    async def clarification(
-        self, tenant_id: str, run_id: str, clarification_id: str
-    ) -> Mapping[str, Any]:
+    async def clarification(self, tenant_id: str, run_id: str, clarification_id: str) -> RowMapping:
         """A clarification of the tenant's run; NotFound for the run or the clarification."""
         async with self.db.reader.connect() as conn:
             row = (
-                await conn.execute(
-                    sa.select(clarifications, runs.c.status.label("run_status"))
-                    .join(runs, runs.c.run_id == clarifications.c.run_id)
-                    .where(
-                        runs.c.run_id == run_id,
-                        runs.c.tenant_id == tenant_id,
-                        clarifications.c.clarification_id == clarification_id,
+                (
+                    await conn.execute(
+                        sa.select(clarifications, runs.c.status.label("run_status"))
+                        .join(runs, runs.c.run_id == clarifications.c.run_id)
+                        .where(
+                            runs.c.run_id == run_id,
+                            runs.c.tenant_id == tenant_id,
+                            clarifications.c.clarification_id == clarification_id,
+                        )
                     )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
             if row is None:
                 await self.run_status(tenant_id, run_id)  # NotFound for the run first
                 raise NotFound(
@@ -676,7 +712,7 @@ class RunStore:
                 )
         return row
 
-    async def _with_retry(self, unit: Any) -> Any:
+    async def _with_retry(self, unit: Unit[T]) -> T:
         # A Conflict means another replica changed the run between our read and our write:
         # read again and decide again (the decision may now be a refusal).
         for _ in range(5):

@@ -12,8 +12,12 @@ runs = sa.Table(
     "runs",
     metadata,
     # A monotonic key: the newest-first order of ListExecutions and its page tokens.
-    sa.Column("pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
-              autoincrement=True),
+    sa.Column(
+        "pk",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("run_id", sa.String(36), nullable=False, unique=True),
     sa.Column("tenant_id", sa.String(36), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
@@ -47,8 +51,9 @@ sa.Index("ix_runs_status", runs.c.status)
 steps = sa.Table(
     "steps",
     metadata,
-    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
-              primary_key=True),
+    sa.Column(
+        "run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    ),
     sa.Column("step_id", sa.String(128), primary_key=True),
     sa.Column("flow_id", sa.String(128), nullable=False),
     sa.Column("position", sa.Integer, nullable=False),
@@ -67,10 +72,15 @@ events = sa.Table(
     "events",
     metadata,
     # Global commit order: the cursor of WatchExecutions.
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
-              autoincrement=True),
-    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
-              nullable=False),
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column(
+        "run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False
+    ),
     sa.Column("tenant_id", sa.String(36), nullable=False),
     sa.Column("sequence", sa.BigInteger, nullable=False),
     sa.Column("type", sa.String(32), nullable=False),
@@ -86,8 +96,9 @@ clarifications = sa.Table(
     "clarifications",
     metadata,
     sa.Column("clarification_id", sa.String(36), primary_key=True),
-    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
-              nullable=False),
+    sa.Column(
+        "run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False
+    ),
     sa.Column("step_id", sa.String(128), nullable=False),
     sa.Column("category", sa.String(32), nullable=False),
     sa.Column("prompt", sa.Text, nullable=False, server_default=""),
@@ -108,8 +119,9 @@ idempotency_keys = sa.Table(
     sa.Column("tenant_id", sa.String(36), primary_key=True),
     sa.Column("key", sa.String(256), primary_key=True),
     sa.Column("request_digest", sa.String(80), nullable=False),
-    sa.Column("run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
-              nullable=False),
+    sa.Column(
+        "run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False
+    ),
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
