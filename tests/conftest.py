@@ -145,7 +145,7 @@ class ThreadedServer:
 
 @pytest.fixture(scope="module")
 def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    srv = ThreadedServer(make_settings(tmp_path_factory.mktemp("threaded")))
+    srv = ThreadedServer(make_settings(tmp_path_factory.mktemp("threaded"), execute=False))
     try:
         yield srv
     finally:

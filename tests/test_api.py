@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import struct_pb2
 from orchestrator.server.app import Server
 from orchestrator.server.plan import plan_hash
+from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
-from tests.conftest import echo_plan, load_plan, md, plan_of
+from tests.conftest import echo_plan, load_plan, make_settings, md, plan_of
 from tests.errors import details_of
 
 Stub = pb_grpc.OrchestratorServiceStub
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """The contract tests hold runs in chosen states, so this server executes nothing
+    (API-only); the engine has its own tests."""
+    return make_settings(tmp_path, execute=False)
 
 
 async def execute(

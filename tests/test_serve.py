@@ -13,7 +13,7 @@ import pytest
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
-from tests.conftest import echo_plan, sqlite_url
+from tests.conftest import echo_plan, plan_of, sqlite_url
 from tests.process import ServeProcess
 
 pytestmark = pytest.mark.subprocess
@@ -28,7 +28,8 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(tmp_path: Path) -> None:
         metadata = (("x-tenant-id", str(uuid.uuid4())),)
         with grpc.insecure_channel(server.address) as ch:
             stub = pb_grpc.OrchestratorServiceStub(ch)
-            run = stub.Execute(pb.ExecuteRequest(executable_plan=echo_plan()), metadata=metadata)
+            waiting = plan_of({"stepId": "w", "tool": "core.wait", "parameters": {"seconds": 60}})
+            run = stub.Execute(pb.ExecuteRequest(executable_plan=waiting), metadata=metadata)
             stream = stub.WatchExecution(
                 pb.WatchExecutionRequest(run_id=run.run_id), metadata=metadata
             )
@@ -54,7 +55,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(tmp_path: Path) -> None:
         assert code == 0
         # A stream still open at the grace deadline is ended UNAVAILABLE: the client reconnects.
         assert ended == [grpc.StatusCode.UNAVAILABLE]
-        # The open watch stream held the drain until the grace period ran out, not forever.
+        # The step in flight and the open watch held the drain until the grace period ran out.
         assert 4 <= elapsed < 20
         log = server.log_path.read_text()
         assert "server.draining" in log and "server.stopped" in log

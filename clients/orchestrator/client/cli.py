@@ -37,6 +37,13 @@ def serve(
             help="Seconds SIGTERM waits for in-flight work [env ORCHESTRATOR_SHUTDOWN_GRACE]."
         ),
     ] = None,
+    execute: Annotated[
+        bool | None,
+        typer.Option(
+            "--execute/--no-execute",
+            help="Execute runs, or serve the API only [env ORCHESTRATOR_EXECUTE].",
+        ),
+    ] = None,
 ) -> None:
     """Run the gRPC server until SIGTERM."""
     from orchestrator.server.serve import run
@@ -55,6 +62,8 @@ def serve(
         settings.log_format = log_format
     if shutdown_grace is not None:
         settings.shutdown_grace = shutdown_grace
+    if execute is not None:
+        settings.execute = execute
     run(settings)
 
 

@@ -19,6 +19,7 @@ from orchestrator.server.api.interceptors import (
 )
 from orchestrator.server.api.servicer import OrchestratorServicer
 from orchestrator.server.control import ControlPlane
+from orchestrator.server.engine import Engine, Journal
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.database import Database
 from orchestrator.server.store.runs import RunStore
@@ -56,6 +57,7 @@ class Server:
     store: RunStore
     hub: Hub
     control: ControlPlane
+    engine: Engine
     health: health.aio.HealthServicer
     port: int = 0
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -66,17 +68,20 @@ class Server:
 
     async def start(self) -> None:
         await self.grpc_server.start()
+        recovered = await self.engine.recover()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("server.started", address=self.address, database=self.db.url.render_as_string())
+        log.info("server.started", address=self.address, database=self.db.url.render_as_string(),
+                 recovered_runs=recovered)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await asyncio.gather(self.grpc_server.stop(grace), self.engine.stop(grace))
         await self.writer.stop()
         await self.db.close()
         log.info("server.stopped")
@@ -139,7 +144,11 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
     writer.add_listener(hub.on_commit)
     store = RunStore(db, writer)
     tokens = TokenCodec(await _signing_key(writer))
-    control = ControlPlane(settings, store, hub, tokens, registry or default_registry())
+    registry = registry or default_registry()
+    journal = Journal(store)
+    engine = Engine(journal, registry, max_steps_in_flight=settings.max_steps_in_flight,
+                    enabled=settings.execute)
+    control = ControlPlane(settings, store, hub, tokens, registry, engine, journal)
 
     grpc_server = grpc.aio.server(
         interceptors=[
@@ -167,6 +176,7 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
         store=store,
         hub=hub,
         control=control,
+        engine=engine,
         health=health_servicer,
         port=port,
     )

@@ -48,12 +48,18 @@ class ControlPlane:
     hub: Hub
     tokens: TokenCodec
     registry: ToolRegistry
+    engine: Engine
+    journal: Journal
 
     def __post_init__(self) -> None:
         self.watcher = Watcher(self.store, self.hub, self.tokens, self.settings.heartbeat_seconds)
 
     async def execute(
-        self, tenant_id: str, correlation_id: str, request: pb.ExecuteRequest
+        self,
+        tenant_id: str,
+        correlation_id: str,
+        request: pb.ExecuteRequest,
+        call_deadline: float | None = None,
     ) -> pb.ExecuteResponse:
         """Validate, then store a run (or find the one its idempotency key names)."""
         validated = validate_request(request, self.registry)
@@ -167,7 +173,9 @@ class ControlPlane:
     ) -> Transitioned:
         """Pause, Resume or Cancel."""
         _require_run_id(run_id)
-        return await self.store.control(tenant_id, run_id, action, reason)
+        result = await self.store.control(tenant_id, run_id, action, reason)
+        self.engine.control(run_id, result.status)
+        return result
 
     async def respond(
         self, tenant_id: str, request: pb.RespondToClarificationRequest
@@ -190,11 +198,14 @@ class ControlPlane:
                     "current_status": row["status"],
                 },
             )
-        raise FailedPrecondition(
-            "clarifications are answered by the engine, which is not running",
-            reason="CLARIFICATION_NOT_PENDING",
-            metadata={"run_id": request.run_id},
+        response = json_format.MessageToDict(request.response) if request.HasField(
+            "response") else None
+        check_answer(row["category"], [str(o) for o in row["options"]], response)
+        answer = await self.journal.answer(
+            tenant_id, request.run_id, request.clarification_id, response, request.responded_by
         )
+        self.engine.answered(request.run_id, request.clarification_id, answer)
+        return await self.store.get_execution(tenant_id, request.run_id)
 
     def watch(
         self, tenant_id: str, request: pb.WatchExecutionRequest
@@ -207,6 +218,24 @@ class ControlPlane:
     ) -> AsyncIterator[tuple[str, pb.ExecutionEvent]]:
         return self.watcher.tenant_changes(
             tenant_id, run_filter(request.filter, "filter"), request.after_cursor
+        )
+
+
+def check_answer(category: str, options: list[str], response: Any) -> None:
+    """A multiple-choice answer is one of the options; a verification is true or false."""
+    if category == "MULTIPLE_CHOICE" and options and response not in options:
+        raise ValidationFailed(
+            "the response is not one of the options",
+            violations=[FieldViolation("response", "must be one of: " + ", ".join(options))],
+        )
+    if category == "USER_VERIFICATION" and not isinstance(response, bool):
+        raise ValidationFailed(
+            "a user verification is answered true or false",
+            violations=[FieldViolation("response", "must be a bool")],
+        )
+    if response is None:
+        raise ValidationFailed(
+            "response is required", violations=[FieldViolation("response", "required")]
         )
 
 

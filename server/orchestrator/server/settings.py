@@ -29,6 +29,11 @@ class Settings:
     max_steps_in_flight: int = field(
         default_factory=lambda: int(_env("MAX_STEPS_IN_FLIGHT", "256"))
     )
+    # False: serve the API and store runs but execute none (an API-only replica; runs wait
+    # PENDING for a replica that executes).
+    execute: bool = field(
+        default_factory=lambda: _env("EXECUTE", "true").lower() not in ("0", "false", "no")
+    )
     max_page_size: int = 500
     default_page_size: int = 50
     default_run_timeout: float = 600.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +25,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         """Validate and store a run."""
-        response = await self._control.execute(call_tenant(), call_correlation_id(), request)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        response = await self._control.execute(
+            call_tenant(), call_correlation_id(), request, call_deadline=deadline
+        )
         structlog.contextvars.bind_contextvars(run_id=response.run_id)
         return response
 

@@ -454,6 +454,7 @@ class RunStore:
                 "tool": s.tool,
                 "status": StepStatus.PENDING.value,
                 "attempts": 0,
+                "first_started_at": None,
                 "started_at": None,
                 "completed_at": None,
                 "output": None,

@@ -2,29 +2,155 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from datetime import datetime
+from typing import Any
+
+import httpx
+
 from orchestrator.server.tools.registry import JSON, Tool, ToolContext, ToolError
 
+# http.request reads at most this much of a response body.
+MAX_RESPONSE_BYTES = 1024 * 1024
+DEFAULT_HTTP_TIMEOUT = 30.0
+MAX_HTTP_TIMEOUT = 300.0
 
-async def _echo(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
+
+async def echo(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
+    """core.echo: the parameters, as given."""
     return params
 
 
+async def set_variables(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
+    """core.set: the parameters; the engine makes each key a run variable."""
+    return params
+
+
+def _number(params: dict[str, JSON], name: str) -> float:
+    value = params.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ToolError(f"{name} must be a number", retryable=False, reason="INVALID_PARAMETERS")
+    return float(value)
+
+
+async def wait(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
+    """core.wait: sleeps until `seconds` after the first attempt started, or `until` (RFC 3339).
+    The deadline counts from the first attempt, so a restart keeps it."""
+    if "until" in params:
+        raw = params["until"]
+        if not isinstance(raw, str):
+            raise ToolError("until must be an RFC 3339 string", retryable=False,
+                            reason="INVALID_PARAMETERS")
+        try:
+            deadline = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise ToolError(f"until is not an RFC 3339 time: {raw!r}", retryable=False,
+                            reason="INVALID_PARAMETERS") from None
+    else:
+        seconds = _number(params, "seconds")
+        if seconds < 0:
+            raise ToolError("seconds must not be negative", retryable=False,
+                            reason="INVALID_PARAMETERS")
+        deadline = (ctx.first_started_at or time.time()) + seconds
+    remaining = deadline - time.time()
+    if remaining > 0:
+        await asyncio.sleep(remaining)
+    started = ctx.first_started_at or deadline
+    return {"waited_seconds": round(max(0.0, time.time() - started), 6)}
+
+
+async def fail(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
+    """core.fail: fails the first `fail_times` attempts (always, when unset), then succeeds."""
+    fail_times = params.get("fail_times")
+    retryable = params.get("retryable", True)
+    message = str(params.get("message", "core.fail failed as asked"))
+    if fail_times is None or ctx.attempt <= _number(params, "fail_times"):
+        raise ToolError(message, retryable=bool(retryable), reason="TOOL_FAILED")
+    return {"attempts": ctx.attempt}
+
+
+async def clarify(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
+    """core.clarify is answered by a person; the engine never calls this."""
+    raise ToolError("core.clarify is handled by the engine", retryable=False)
+
+
+class HttpRequest:
+    """http.request with one shared connection pool, timeouts and a response size cap."""
+
+    def __init__(self) -> None:
+        self._client: httpx.AsyncClient | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def __call__(self, ctx: ToolContext, params: dict[str, JSON]) -> JSON:
+        url = params.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ToolError("url must be an http(s) URL", retryable=False,
+                            reason="INVALID_PARAMETERS")
+        method = str(params.get("method", "GET")).upper()
+        headers = {str(k): str(v) for k, v in dict(params.get("headers") or {}).items()}
+        headers["Idempotency-Key"] = ctx.idempotency_key
+        timeout = min(float(params.get("timeout_seconds") or DEFAULT_HTTP_TIMEOUT),
+                      MAX_HTTP_TIMEOUT)
+        kwargs: dict[str, Any] = {}
+        if "json" in params:
+            kwargs["json"] = params["json"]
+        elif "body" in params:
+            kwargs["content"] = str(params["body"]).encode()
+        try:
+            async with self.client().stream(method, url, headers=headers, timeout=timeout,
+                                            **kwargs) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body.extend(chunk)
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise ToolError(f"response larger than {MAX_RESPONSE_BYTES} bytes",
+                                        retryable=False, reason="RESPONSE_TOO_LARGE")
+        except httpx.TimeoutException:
+            raise ToolError(f"{method} {url} timed out after {timeout}s",
+                            reason="HTTP_TIMEOUT") from None
+        except httpx.HTTPError as exc:
+            raise ToolError(f"{method} {url} failed: {exc}", reason="HTTP_ERROR") from None
+        status = response.status_code
+        expected = params.get("expected_status")
+        ok = status == expected if isinstance(expected, int | float) else 200 <= status < 300
+        if not ok:
+            raise ToolError(
+                f"{method} {url} answered {status}",
+                retryable=status >= 500 or status == 429,
+                reason="HTTP_STATUS",
+            )
+        output: dict[str, JSON] = {"status": status, "headers": dict(response.headers)}
+        text = body.decode(response.encoding or "utf-8", errors="replace")
+        if "json" in response.headers.get("content-type", ""):
+            try:
+                output["json"] = response.json() if body else None
+            except ValueError:
+                output["text"] = text
+        else:
+            output["text"] = text
+        return output
+
+
 def builtin_tools() -> list[Tool]:
-    """Every built-in tool. Until the engine lands, only their declarations matter."""
-
-    async def _not_yet(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
-        raise ToolError("tool not implemented yet", retryable=False)
-
+    """Every built-in tool."""
     return [
-        Tool("core.echo", _echo, description="returns its parameters"),
-        Tool("core.set", _not_yet, description="sets run variables"),
-        Tool("core.wait", _not_yet, description="waits, durably"),
-        Tool("core.fail", _not_yet, description="fails, for tests"),
-        Tool("core.clarify", _not_yet, description="asks a person"),
-        Tool(
-            "http.request",
-            _not_yet,
-            capabilities=frozenset({"network.http"}),
-            description="calls an HTTP endpoint",
-        ),
+        Tool("core.echo", echo, description="returns its parameters"),
+        Tool("core.set", set_variables, sets_variables=True,
+             description="returns its parameters and makes each key a run variable"),
+        Tool("core.wait", wait, description="waits `seconds` or `until`, durably"),
+        Tool("core.fail", fail, description="fails the first `fail_times` attempts"),
+        Tool("core.clarify", clarify, asks_person=True, retryable=False,
+             description="asks a person and returns the answer"),
+        Tool("http.request", HttpRequest(), capabilities=frozenset({"network.http"}),
+             description="calls an HTTP endpoint with an Idempotency-Key header"),
     ]

@@ -33,6 +33,8 @@ class ToolContext:
     tenant_id: str
     idempotency_key: str
     logger: structlog.typing.FilteringBoundLogger
+    # When the step's first attempt started, kept across restarts: durable timers count from it.
+    first_started_at: float = 0.0
 
 
 ToolFunction = Callable[[ToolContext, dict[str, JSON]], Awaitable[JSON]]
@@ -47,6 +49,10 @@ class Tool:
     capabilities: frozenset[str] = field(default_factory=frozenset)
     retryable: bool = True
     description: str = ""
+    # core.set: the output's keys become run variables (`vars.<key>`) for later steps.
+    sets_variables: bool = False
+    # core.clarify: the engine asks a person instead of calling `call`.
+    asks_person: bool = False
 
 
 class ToolRegistry:

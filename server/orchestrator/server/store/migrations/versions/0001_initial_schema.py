@@ -110,6 +110,7 @@ def upgrade() -> None:
     sa.Column('tool', sa.String(length=128), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('first_started_at', sa.Float(), nullable=True),
     sa.Column('started_at', sa.Float(), nullable=True),
     sa.Column('completed_at', sa.Float(), nullable=True),
     sa.Column('output', sa.JSON(), nullable=True),

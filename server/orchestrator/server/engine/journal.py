@@ -1,0 +1,522 @@
+"""The engine's durable record: every step transition is one unit of work that checks the run,
+updates the step and the run (compare-and-set) and appends the event, in one transaction.
+
+A unit that finds the run no longer accepts the change (cancelled, paused before a start)
+writes nothing and says so; the engine then follows the store, never the other way round.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from orchestrator.server.errors import FailedPrecondition, InvalidTransition
+from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
+from orchestrator.server.store.runs import EventSpec, RunStore, not_found
+from orchestrator.server.store.schema import clarifications, runs, steps
+from orchestrator.server.store.writer import Tx
+from orchestrator.v1 import orchestrator_pb2 as pb
+
+JSON = Any
+
+STEP_EVENT = {
+    StepStatus.COMPLETED: pb.EVENT_TYPE_STEP_COMPLETED,
+    StepStatus.FAILED: pb.EVENT_TYPE_STEP_FAILED,
+    StepStatus.SKIPPED: pb.EVENT_TYPE_STEP_SKIPPED,
+    StepStatus.CANCELLED: pb.EVENT_TYPE_STEP_FAILED,
+}
+OPEN_STEPS = (StepStatus.PENDING.value, StepStatus.RUNNING.value, StepStatus.WAITING.value)
+
+
+@dataclass(frozen=True)
+class Started:
+    """A step attempt was recorded as started."""
+
+    attempt: int
+    first_started_at: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What answering a clarification did to its step (or, for a run approval, to the run)."""
+
+    step_id: str
+    step_status: StepStatus | None
+    output: JSON = None
+    error: str = ""
+    run_failed: bool = False
+
+
+class Journal:
+    """Units of work for the engine's progress."""
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+        self.writer = store.writer
+
+    async def _run_row(self, tx: Tx, run_id: str) -> dict[str, Any] | None:
+        query = sa.select(runs).where(runs.c.run_id == run_id)
+        if not self.store.db.is_sqlite:
+            query = query.with_for_update()
+        row = (await tx.conn.execute(query)).mappings().first()
+        return dict(row) if row is not None else None
+
+    async def _step_row(self, tx: Tx, run_id: str, step_id: str) -> dict[str, Any]:
+        row = (
+            (
+                await tx.conn.execute(
+                    sa.select(steps).where(steps.c.run_id == run_id, steps.c.step_id == step_id)
+                )
+            )
+            .mappings()
+            .one()
+        )
+        return dict(row)
+
+    async def _set_step(
+        self, tx: Tx, run_id: str, step: dict[str, Any], changes: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        await tx.conn.execute(
+            sa.update(steps)
+            .where(steps.c.run_id == run_id, steps.c.step_id == step["step_id"])
+            .values(dict(changes))
+        )
+        step.update(changes)
+        return step
+
+    async def start_run(self, run_id: str) -> RunStatus:
+        """PENDING -> RUNNING; returns the status the run has afterwards."""
+
+        async def unit(tx: Tx) -> RunStatus:
+            row = await self._run_row(tx, run_id)
+            if row is None:
+                raise not_found(run_id)
+            current = RunStatus(row["status"])
+            target = next_status(current, Action.START)
+            if target is None:
+                return current
+            await self.store.update_run(
+                tx,
+                row,
+                {"status": target.value, "started_at": row["started_at"] or tx.now},
+                [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")],
+            )
+            return target
+
+        return await self.writer.run(unit)
+
+    async def step_started(self, run_id: str, step_id: str) -> Started | None:
+        """Record a new attempt of a step; None when the run does not take new steps now."""
+
+        async def unit(tx: Tx) -> Started | None:
+            row = await self._run_row(tx, run_id)
+            if row is None or row["status"] != RunStatus.RUNNING.value:
+                return None
+            step = await self._step_row(tx, run_id, step_id)
+            if step["status"] not in (StepStatus.PENDING.value, StepStatus.RUNNING.value):
+                return None
+            attempt = step["attempts"] + 1
+            first = step["first_started_at"] or tx.now
+            await self._set_step(
+                tx,
+                run_id,
+                step,
+                {
+                    "status": StepStatus.RUNNING.value,
+                    "attempts": attempt,
+                    "started_at": tx.now,
+                    "first_started_at": first,
+                    "wake_at": None,
+                },
+            )
+            await self.store.update_run(
+                tx,
+                row,
+                {"current_step": step_id, "started_at": row["started_at"] or tx.now},
+                [
+                    EventSpec(
+                        pb.EVENT_TYPE_STEP_STARTED,
+                        f"step {step_id} attempt {attempt} started",
+                        step_id,
+                        [step],
+                    )
+                ],
+            )
+            return Started(attempt, first)
+
+        return await self.writer.run(unit)
+
+    async def step_retrying(self, run_id: str, step_id: str, error: str, wake_at: float) -> bool:
+        """An attempt failed and another follows at `wake_at` (kept across restarts)."""
+
+        async def unit(tx: Tx) -> bool:
+            row = await self._run_row(tx, run_id)
+            if row is None or RunStatus(row["status"]) in TERMINAL:
+                return False
+            step = await self._step_row(tx, run_id, step_id)
+            await self._set_step(
+                tx,
+                run_id,
+                step,
+                {"status": StepStatus.PENDING.value, "error": error, "wake_at": wake_at},
+            )
+            await self.store.update_run(
+                tx,
+                row,
+                {},
+                [
+                    EventSpec(
+                        pb.EVENT_TYPE_STEP_RETRYING,
+                        f"step {step_id} attempt {step['attempts']} failed, retrying: {error}",
+                        step_id,
+                        [step],
+                    )
+                ],
+            )
+            return True
+
+        return await self.writer.run(unit)
+
+    async def steps_finished(
+        self,
+        run_id: str,
+        outcomes: Sequence[tuple[str, StepStatus, JSON, str]],
+        *,
+        variables: Mapping[str, JSON] | None = None,
+    ) -> bool:
+        """Finish steps: (step_id, COMPLETED|FAILED|SKIPPED|CANCELLED, output, error). With
+        `variables`, they are merged into the run's variables in the same transaction."""
+
+        async def unit(tx: Tx) -> bool:
+            row = await self._run_row(tx, run_id)
+            if row is None or RunStatus(row["status"]) in TERMINAL:
+                return False
+            specs: list[EventSpec] = []
+            finished = 0
+            for step_id, status, output, error in outcomes:
+                step = await self._step_row(tx, run_id, step_id)
+                if step["status"] not in OPEN_STEPS:
+                    continue
+                await self._set_step(
+                    tx,
+                    run_id,
+                    step,
+                    {
+                        "status": status.value,
+                        "completed_at": tx.now,
+                        "output": output,
+                        "error": error,
+                        "wake_at": None,
+                    },
+                )
+                finished += 1
+                verb = status.value.lower()
+                message = f"step {step_id} {verb}" + (f": {error}" if error else "")
+                specs.append(EventSpec(STEP_EVENT[status], message, step_id, [step]))
+            if not specs:
+                return True
+            changes: dict[str, Any] = {"steps_finished": row["steps_finished"] + finished}
+            if variables:
+                changes["variables"] = {**(row["variables"] or {}), **variables}
+            await self.store.update_run(tx, row, changes, specs)
+            return True
+
+        return await self.writer.run(unit)
+
+    async def finish_run(
+        self, run_id: str, action: Action, *, error_message: str = "", error_reason: str = ""
+    ) -> bool:
+        """COMPLETE or FAIL the run; steps never reached are SKIPPED (or CANCELLED when the run
+        failed while they ran). False when the run was already finished (e.g. cancelled)."""
+
+        async def unit(tx: Tx) -> bool:
+            row = await self._run_row(tx, run_id)
+            if row is None:
+                return False
+            target = next_status(RunStatus(row["status"]), action)
+            if target is None:
+                return False
+            open_steps = [
+                dict(r)
+                for r in (
+                    await tx.conn.execute(
+                        sa.select(steps)
+                        .where(steps.c.run_id == run_id, steps.c.status.in_(OPEN_STEPS))
+                        .order_by(steps.c.position)
+                    )
+                ).mappings()
+            ]
+            for step in open_steps:
+                running = step["status"] != StepStatus.PENDING.value
+                await self._set_step(
+                    tx,
+                    run_id,
+                    step,
+                    {
+                        "status": (StepStatus.CANCELLED if running else StepStatus.SKIPPED).value,
+                        "completed_at": tx.now,
+                        "error": step["error"]
+                        or ("cancelled: the run failed" if running else "not reached"),
+                        "wake_at": None,
+                    },
+                )
+            await tx.conn.execute(
+                sa.update(clarifications)
+                .where(clarifications.c.run_id == run_id, clarifications.c.status == "PENDING")
+                .values(status="WITHDRAWN", resolved_at=tx.now)
+            )
+            message = f"run {target.value.lower()}" + (f": {error_message}" if error_message else "")
+            await self.store.update_run(
+                tx,
+                row,
+                {
+                    "status": target.value,
+                    "completed_at": tx.now,
+                    "steps_finished": row["steps_total"],
+                    "error_message": error_message,
+                    "error_reason": error_reason,
+                    "started_at": row["started_at"] or tx.now,
+                },
+                [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=open_steps)],
+            )
+            return True
+
+        return await self.writer.run(unit)
+
+    async def request_clarification(
+        self,
+        run_id: str,
+        step_id: str,
+        *,
+        category: str,
+        prompt: str,
+        options: list[str],
+        argument_name: str,
+    ) -> str | None:
+        """Ask a person on behalf of a step ("" for the run's own approval); the step WAITs.
+        Reuses a clarification still pending for that step (after a restart)."""
+
+        async def unit(tx: Tx) -> str | None:
+            row = await self._run_row(tx, run_id)
+            if row is None or RunStatus(row["status"]) in TERMINAL:
+                return None
+            existing = (
+                await tx.conn.execute(
+                    sa.select(clarifications.c.clarification_id).where(
+                        clarifications.c.run_id == run_id,
+                        clarifications.c.step_id == step_id,
+                        clarifications.c.status == "PENDING",
+                    )
+                )
+            ).first()
+            if existing is not None:
+                return str(existing.clarification_id)
+            clarification_id = str(uuid.uuid4())
+            await tx.conn.execute(
+                sa.insert(clarifications).values(
+                    clarification_id=clarification_id,
+                    run_id=run_id,
+                    step_id=step_id,
+                    category=category,
+                    prompt=prompt,
+                    options=options,
+                    argument_name=argument_name,
+                    status="PENDING",
+                    created_at=tx.now,
+                )
+            )
+            changed: list[dict[str, Any]] = []
+            if step_id:
+                step = await self._step_row(tx, run_id, step_id)
+                changed = [
+                    await self._set_step(
+                        tx,
+                        run_id,
+                        step,
+                        {
+                            "status": StepStatus.WAITING.value,
+                            "started_at": step["started_at"] or tx.now,
+                            "first_started_at": step["first_started_at"] or tx.now,
+                        },
+                    )
+                ]
+            await self.store.update_run(
+                tx,
+                row,
+                {"current_step": step_id or row["current_step"]},
+                [
+                    EventSpec(
+                        pb.EVENT_TYPE_CLARIFICATION_REQUESTED,
+                        f"clarification {clarification_id} requested: {prompt}",
+                        step_id,
+                        changed,
+                    )
+                ],
+            )
+            return clarification_id
+
+        return await self.writer.run(unit)
+
+    async def answer(
+        self,
+        tenant_id: str,
+        run_id: str,
+        clarification_id: str,
+        response: JSON,
+        responded_by: str,
+    ) -> Answer:
+        """Resolve a pending clarification and apply it in the same transaction: a core.clarify
+        step completes with the answer; an approval answered false fails its step (or the run)
+        with APPROVAL_REJECTED; one answered true lets the step call its tool."""
+
+        async def unit(tx: Tx) -> Answer:
+            row = await self._run_row(tx, run_id)
+            if row is None or row["tenant_id"] != tenant_id:
+                raise not_found(run_id)
+            clar = (
+                (
+                    await tx.conn.execute(
+                        sa.select(clarifications).where(
+                            clarifications.c.clarification_id == clarification_id,
+                            clarifications.c.run_id == run_id,
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if clar is None or clar["status"] != "PENDING":
+                raise FailedPrecondition(
+                    f"clarification {clarification_id!r} is not pending",
+                    reason="CLARIFICATION_NOT_PENDING",
+                    metadata={"run_id": run_id, "clarification_id": clarification_id},
+                )
+            if RunStatus(row["status"]) in TERMINAL:
+                raise InvalidTransition(
+                    f"run {run_id!r} is {row['status'].lower()}",
+                    reason="CLARIFICATION_NOT_PENDING",
+                    metadata={"run_id": run_id, "current_status": row["status"]},
+                )
+            await tx.conn.execute(
+                sa.update(clarifications)
+                .where(clarifications.c.clarification_id == clarification_id)
+                .values(
+                    status="RESOLVED",
+                    response=response,
+                    responded_by=responded_by,
+                    resolved_at=tx.now,
+                )
+            )
+            step_id = clar["step_id"]
+            rejected = clar["category"] == "USER_VERIFICATION" and response is not True
+            specs = [
+                EventSpec(
+                    pb.EVENT_TYPE_CLARIFICATION_RESOLVED,
+                    f"clarification {clarification_id} answered"
+                    + (f" by {responded_by}" if responded_by else ""),
+                    step_id,
+                )
+            ]
+            changes: dict[str, Any] = {}
+            answer = Answer(step_id, None)
+            if not step_id:
+                # A rejected run approval: the engine fails the run (it owns what runs).
+                if rejected:
+                    answer = Answer("", None, error="run approval rejected", run_failed=True)
+                await self.store.update_run(tx, row, changes, specs)
+                return answer
+            step = await self._step_row(tx, run_id, step_id)
+            if rejected:
+                error = "approval rejected" + (f" by {responded_by}" if responded_by else "")
+                await self._set_step(
+                    tx,
+                    run_id,
+                    step,
+                    {"status": StepStatus.FAILED.value, "completed_at": tx.now, "error": error},
+                )
+                specs.append(
+                    EventSpec(pb.EVENT_TYPE_STEP_FAILED, f"step {step_id} failed: {error}",
+                              step_id, [step])
+                )
+                changes["steps_finished"] = row["steps_finished"] + 1
+                answer = Answer(step_id, StepStatus.FAILED, error=error)
+            elif step["tool"] == "core.clarify":
+                await self._set_step(
+                    tx,
+                    run_id,
+                    step,
+                    {"status": StepStatus.COMPLETED.value, "completed_at": tx.now,
+                     "output": response, "error": ""},
+                )
+                specs.append(
+                    EventSpec(pb.EVENT_TYPE_STEP_COMPLETED, f"step {step_id} completed",
+                              step_id, [step])
+                )
+                changes["steps_finished"] = row["steps_finished"] + 1
+                answer = Answer(step_id, StepStatus.COMPLETED, output=response)
+            else:
+                # Approved: the step goes back to PENDING and the engine calls its tool.
+                await self._set_step(tx, run_id, step, {"status": StepStatus.PENDING.value})
+                specs[0].steps = [step]
+                answer = Answer(step_id, StepStatus.PENDING)
+            await self.store.update_run(tx, row, changes, specs)
+            return answer
+
+        return await self.writer.run(unit)
+
+    async def approvals_given(self, run_id: str) -> set[str]:
+        """Steps (and "" for the run) whose approval was answered yes."""
+        async with self.store.db.reader.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(clarifications.c.step_id, clarifications.c.response).where(
+                        clarifications.c.run_id == run_id,
+                        clarifications.c.status == "RESOLVED",
+                        clarifications.c.category == "USER_VERIFICATION",
+                    )
+                )
+            ).all()
+        return {r.step_id for r in rows if r.response is True}
+
+    async def load(self, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The run row and its step rows, for (re)starting the run's task."""
+        async with self.store.db.reader.connect() as conn:
+            async with conn.begin():
+                row = (
+                    (await conn.execute(sa.select(runs).where(runs.c.run_id == run_id)))
+                    .mappings()
+                    .one()
+                )
+                step_rows = (
+                    (
+                        await conn.execute(
+                            sa.select(steps)
+                            .where(steps.c.run_id == run_id)
+                            .order_by(steps.c.position)
+                        )
+                    )
+                    .mappings()
+                    .all()
+                )
+        return dict(row), [dict(s) for s in step_rows]
+
+    async def unfinished_runs(self) -> list[str]:
+        """Runs that are not terminal, oldest first (what a restart picks up)."""
+        async with self.store.db.reader.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(runs.c.run_id)
+                    .where(
+                        runs.c.status.in_(
+                            [RunStatus.PENDING.value, RunStatus.RUNNING.value,
+                             RunStatus.PAUSED.value]
+                        )
+                    )
+                    .order_by(runs.c.pk)
+                )
+            ).all()
+        return [r.run_id for r in rows]

@@ -1,0 +1,547 @@
+"""The engine: one asyncio task per active run, scheduling its steps (DESIGN §3-4).
+
+The store is the truth. A run's task keeps a copy of its steps' states, changes them only
+through the journal, and follows control calls (pause, resume, cancel, answers) that the
+control plane commits and then tells it about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from orchestrator.server.engine.journal import Answer, Journal
+from orchestrator.server.errors import OrchestratorError
+from orchestrator.server.expressions import ExpressionError, scope
+from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
+from orchestrator.server.plan import StepInfo, ValidatedPlan, validate_request
+from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
+from orchestrator.v1 import orchestrator_pb2 as pb
+
+JSON = Any
+log = structlog.get_logger("orchestrator.engine")
+
+FINISHED = frozenset(
+    {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED}
+)
+CATEGORIES = {
+    "input": "INPUT",
+    "multiple_choice": "MULTIPLE_CHOICE",
+    "value_confirmation": "VALUE_CONFIRMATION",
+    "user_verification": "USER_VERIFICATION",
+    "action": "ACTION",
+    "custom": "CUSTOM",
+}
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A step's retry policy with defaults filled in."""
+
+    max_attempts: int = 1
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+    base: float = 2.0
+    jitter: bool = False
+
+    def delay(self, attempt: int) -> float:
+        """Delay before the attempt after `attempt` (1-based), capped, with full jitter."""
+        delay = min(self.max_delay, self.initial_delay * self.base ** (attempt - 1))
+        return random.uniform(0, delay) if self.jitter else delay
+
+    @classmethod
+    def of(cls, policy: pb.RetryPolicy | None, default: pb.RetryPolicy | None) -> Retry:
+        chosen = policy if policy is not None and policy.ByteSize() else default
+        if chosen is None or not chosen.ByteSize():
+            return cls()
+        initial = chosen.initial_delay.ToNanoseconds() / 1e9 if chosen.HasField(
+            "initial_delay") else 1.0
+        ceiling = chosen.max_delay.ToNanoseconds() / 1e9 if chosen.HasField("max_delay") else 60.0
+        return cls(
+            max_attempts=max(1, chosen.max_attempts or 1),
+            initial_delay=initial,
+            max_delay=max(ceiling, 0.0),
+            base=chosen.exponential_base or 2.0,
+            jitter=chosen.jitter,
+        )
+
+
+class StepFailed(Exception):
+    """A step ended FAILED (already recorded)."""
+
+
+@dataclass
+class Engine:
+    """Runs every active run of this process."""
+
+    journal: Journal
+    registry: ToolRegistry
+    max_steps_in_flight: int = 256
+    enabled: bool = True
+    runs: dict[str, RunTask] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.max_steps_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+
+    def submit(self, run_id: str) -> None:
+        """Start the run's task unless it already has one."""
+        if self.closing or not self.enabled or run_id in self.runs:
+            return
+        task = RunTask(self, run_id)
+        self.runs[run_id] = task
+        handle = asyncio.create_task(task.main(), name=f"run-{run_id}")
+        self._tasks.add(handle)
+        handle.add_done_callback(self._tasks.discard)
+
+    async def recover(self) -> int:
+        """Pick up every unfinished run (after a restart)."""
+        if not self.enabled:
+            return 0
+        run_ids = await self.journal.unfinished_runs()
+        for run_id in run_ids:
+            log.info("engine.recovering_run", run_id=run_id)
+            self.submit(run_id)
+        return len(run_ids)
+
+    def control(self, run_id: str, status: RunStatus) -> None:
+        """A control call changed the run's status (already committed)."""
+        task = self.runs.get(run_id)
+        if task is not None:
+            task.on_status(status)
+        elif status is RunStatus.RUNNING:
+            self.submit(run_id)
+
+    def answered(self, run_id: str, clarification_id: str, answer: Answer) -> None:
+        """A clarification was answered (already committed)."""
+        task = self.runs.get(run_id)
+        if task is not None:
+            task.on_answer(clarification_id, answer)
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Let steps in flight finish within `grace`, then cancel the rest (recovery resumes
+        them at the next start)."""
+        self.closing = True
+        if self._tasks and grace > 0:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for handle in list(self._tasks):
+            handle.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class RunTask:
+    """Schedules one run's steps until the run is finished."""
+
+    def __init__(self, engine: Engine, run_id: str) -> None:
+        self.engine = engine
+        self.journal = engine.journal
+        self.run_id = run_id
+        self.log = log.bind(run_id=run_id)
+        self.wake = asyncio.Event()
+        self.paused = False
+        self.cancelled = False
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.status: dict[str, StepStatus] = {}
+        self.outputs: dict[str, JSON] = {}
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.failed_flows: list[str] = []
+        self.failures: list[str] = []
+        self.fatal: tuple[str, str] | None = None
+        self.answers: dict[str, asyncio.Future[Answer]] = {}
+        self.approved: set[str] = set()
+
+    # ------------------------------------------------------------ notifications
+
+    def on_status(self, status: RunStatus) -> None:
+        if status is RunStatus.PAUSED:
+            self.paused = True
+        elif status is RunStatus.RUNNING:
+            self.paused = False
+        elif status is RunStatus.CANCELLED:
+            self.cancelled = True
+            for task in self.inflight.values():
+                task.cancel()
+        self.wake.set()
+
+    def on_answer(self, clarification_id: str, answer: Answer) -> None:
+        future = self.answers.get(clarification_id)
+        if future is not None and not future.done():
+            future.set_result(answer)
+        self.wake.set()
+
+    # ------------------------------------------------------------ main loop
+
+    async def main(self) -> None:
+        try:
+            await self._main()
+        except asyncio.CancelledError:
+            for task in self.inflight.values():
+                task.cancel()
+            raise
+        except Exception:
+            self.log.exception("engine.run_crashed")
+            await self.journal.finish_run(
+                self.run_id, Action.FAIL, error_message="internal error in the engine",
+                error_reason="INTERNAL_ERROR",
+            )
+        finally:
+            self.engine.runs.pop(self.run_id, None)
+
+    async def _main(self) -> None:
+        row, step_rows = await self.journal.load(self.run_id)
+        self.tenant_id: str = row["tenant_id"]
+        self.log = self.log.bind(tenant_id=self.tenant_id)
+        plan = pb.ExecutablePlan.FromString(row["plan"])
+        self.plan: ValidatedPlan = validate_request(
+            pb.ExecuteRequest(executable_plan=plan), self.engine.registry
+        )
+        self.params: dict[str, JSON] = row["parameters"] or {}
+        self.vars: dict[str, JSON] = row["variables"] or {}
+        for s in step_rows:
+            self.rows[s["step_id"]] = s
+            self.status[s["step_id"]] = StepStatus(s["status"])
+            if s["status"] == StepStatus.COMPLETED.value:
+                self.outputs[s["step_id"]] = s["output"]
+        self.approved = await self.journal.approvals_given(self.run_id)
+        status = RunStatus(row["status"])
+        if status is RunStatus.PENDING:
+            status = await self.journal.start_run(self.run_id)
+            row["started_at"] = row["started_at"] or time.time()
+        if status.terminal:
+            return
+        self.paused = status is RunStatus.PAUSED
+        self.timeout: float = row["timeout_seconds"]
+        self.deadline = (row["started_at"] or time.time()) + self.timeout
+        if self.plan.plan.security_context.requires_approval and "" not in self.approved:
+            asking = asyncio.create_task(self._approve_run())
+            self.inflight[""] = asking
+            asking.add_done_callback(lambda _t: self._done(""))
+        await self._schedule()
+
+    async def _approve_run(self) -> None:
+        answer = await self._ask("", "USER_VERIFICATION",
+                                 "Approve running this plan?", [], "")
+        if answer.run_failed:
+            self.fatal = ("", "run approval rejected")
+            self.fatal_reason = "APPROVAL_REJECTED"
+        else:
+            self.approved.add("")
+
+    def _done(self, step_id: str) -> None:
+        self.inflight.pop(step_id, None)
+        self.wake.set()
+
+    async def _schedule(self) -> None:
+        self.fatal_reason = "STEP_FAILED"
+        timed_out = False
+        while True:
+            self.wake.clear()
+            if self.cancelled:
+                return
+            if self.fatal is None and not self.paused and "" not in self.inflight and (
+                not self.plan.plan.security_context.requires_approval or "" in self.approved
+            ):
+                await self._skip_unreachable()
+                for step_id in self._ready():
+                    task = asyncio.create_task(self._step(step_id), name=f"step-{step_id}")
+                    self.inflight[step_id] = task
+                    task.add_done_callback(lambda _t, sid=step_id: self._done(sid))
+            if not self.inflight and (self.fatal is not None or not self._pending_normal()):
+                break
+            remaining = self.deadline - time.time()
+            if remaining <= 0:
+                timed_out = True
+                break
+            try:
+                await asyncio.wait_for(self.wake.wait(), remaining)
+            except TimeoutError:
+                pass
+        if self.cancelled:
+            return
+        if timed_out:
+            await self._cancel_inflight()
+            await self.journal.finish_run(
+                self.run_id, Action.FAIL,
+                error_message=f"run timed out after {self.timeout:g}s",
+                error_reason="DEADLINE_EXCEEDED",
+            )
+            return
+        await self._rollback()
+        if self.fatal is not None:
+            step_id, error = self.fatal
+            message = f"step {step_id} failed: {error}" if step_id else error
+            await self.journal.finish_run(self.run_id, Action.FAIL, error_message=message,
+                                          error_reason=self.fatal_reason)
+        else:
+            message = ""
+            if self.failures:
+                message = "completed with failed steps: " + ", ".join(self.failures)
+            await self.journal.finish_run(self.run_id, Action.COMPLETE, error_message=message)
+
+    async def _cancel_inflight(self) -> None:
+        tasks = list(self.inflight.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _normal(self) -> list[str]:
+        return [sid for sid in self.plan.steps if sid not in self.plan.rollback]
+
+    def _pending_normal(self) -> bool:
+        return any(self.status[sid] not in FINISHED for sid in self._normal())
+
+    async def _skip_unreachable(self) -> None:
+        """A step that needs a step which did not complete is SKIPPED, and so on down."""
+        while True:
+            skipped: list[tuple[str, StepStatus, JSON, str]] = []
+            for sid in self._normal():
+                if self.status[sid] is not StepStatus.PENDING or sid in self.inflight:
+                    continue
+                info = self.plan.steps[sid]
+                blocker = next(
+                    (d for d in info.depends_on
+                     if self.status[d] in FINISHED and self.status[d] is not StepStatus.COMPLETED),
+                    None,
+                )
+                if blocker is not None:
+                    reason = f"needs {blocker}, which was {self.status[blocker].value.lower()}"
+                    skipped.append((sid, StepStatus.SKIPPED, None, reason))
+            if not skipped:
+                return
+            await self._record(skipped)
+
+    def _ready(self) -> list[str]:
+        ready: list[str] = []
+        running: dict[str, int] = {}
+        for sid in self.inflight:
+            if sid:
+                flow = self.plan.steps[sid].flow_id
+                running[flow] = running.get(flow, 0) + 1
+        for sid in self._normal():
+            # RUNNING and WAITING steps found at start were in flight before a restart.
+            if self.status[sid] not in (StepStatus.PENDING, StepStatus.RUNNING,
+                                        StepStatus.WAITING):
+                continue
+            if sid in self.inflight:
+                continue
+            info = self.plan.steps[sid]
+            if any(self.status[d] is not StepStatus.COMPLETED for d in info.depends_on):
+                continue
+            if info.runs_after is not None and self.status[info.runs_after] not in FINISHED:
+                continue
+            flow = self.plan.flows[info.flow_id]
+            limit = flow.max_concurrency if flow.parallel_execution else 1
+            if limit and running.get(info.flow_id, 0) >= limit:
+                continue
+            running[info.flow_id] = running.get(info.flow_id, 0) + 1
+            ready.append(sid)
+        return ready
+
+    # ------------------------------------------------------------ steps
+
+    async def _record(
+        self,
+        outcomes: list[tuple[str, StepStatus, JSON, str]],
+        variables: Mapping[str, JSON] | None = None,
+    ) -> None:
+        await self.journal.steps_finished(self.run_id, outcomes, variables=variables)
+        for sid, status, output, _error in outcomes:
+            self.status[sid] = status
+            if status is StepStatus.COMPLETED:
+                self.outputs[sid] = output
+
+    def _scope(self) -> dict[str, Any]:
+        return scope(self.params, self.vars, self.outputs)
+
+    async def _step(self, step_id: str) -> None:
+        info = self.plan.steps[step_id]
+        try:
+            await self._run_step(step_id, info)
+        except StepFailed as failed:
+            self._failed(step_id, info, str(failed))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in a tool or in us: fail the step, not the process
+            self.log.exception("engine.step_crashed", step_id=step_id)
+            await self._record([(step_id, StepStatus.FAILED, None, f"internal error: {exc}")])
+            self._failed(step_id, info, f"internal error: {exc}")
+
+    def _failed(self, step_id: str, info: StepInfo, error: str) -> None:
+        flow = self.plan.flows[info.flow_id]
+        if info.flow_id not in self.failed_flows:
+            self.failed_flows.append(info.flow_id)
+        if flow.on_failure == "continue" or step_id in self.plan.rollback:
+            self.failures.append(step_id)
+            return
+        if self.fatal is None:
+            self.fatal = (step_id, error)
+            for sid, task in self.inflight.items():
+                if sid != step_id:
+                    task.cancel()
+
+    async def _fail(self, step_id: str, error: str) -> None:
+        await self._record([(step_id, StepStatus.FAILED, None, error)])
+        raise StepFailed(error)
+
+    async def _run_step(self, step_id: str, info: StepInfo) -> None:
+        conditions_checked = self.status[step_id] is not StepStatus.PENDING
+        if info.conditions and not conditions_checked:
+            try:
+                holds = all(c.evaluate(self._scope()) for c in info.conditions)
+            except ExpressionError as exc:
+                await self._fail(step_id, f"condition could not be evaluated: {exc}")
+                return
+            if not holds:
+                await self._record([(step_id, StepStatus.SKIPPED, None, "condition not met")])
+                return
+        tool = self.engine.registry.get(info.step.tool)
+        if tool is None:
+            await self._fail(step_id, f"unknown tool {info.step.tool!r}")
+            return
+        if info.step.requires_approval and step_id not in self.approved:
+            answer = await self._ask(
+                step_id, "USER_VERIFICATION",
+                f"Approve step {step_id} ({info.step.tool})?", [], "")
+            if answer.step_status is StepStatus.FAILED:
+                self.status[step_id] = StepStatus.FAILED
+                raise StepFailed(answer.error)
+            self.approved.add(step_id)
+            self.status[step_id] = StepStatus.PENDING
+        if tool.asks_person:
+            await self._clarify(step_id, info)
+            return
+        await self._call(step_id, info, tool)
+
+    async def _clarify(self, step_id: str, info: StepInfo) -> None:
+        try:
+            params = info.parameters.render(self._scope())
+        except ExpressionError as exc:
+            await self._fail(step_id, f"parameters could not be resolved: {exc}")
+            return
+        params = params if isinstance(params, dict) else {}
+        category = CATEGORIES.get(str(params.get("category", "input")).lower(), "CUSTOM")
+        options = [str(o) for o in params.get("options") or []]
+        answer = await self._ask(step_id, category, str(params.get("prompt", "")), options,
+                                 str(params.get("argument_name", "")))
+        if answer.step_status is StepStatus.FAILED:
+            self.status[step_id] = StepStatus.FAILED
+            raise StepFailed(answer.error)
+        self.status[step_id] = StepStatus.COMPLETED
+        self.outputs[step_id] = answer.output
+
+    async def _ask(self, step_id: str, category: str, prompt: str, options: list[str],
+                   argument_name: str) -> Answer:
+        clarification_id = await self.journal.request_clarification(
+            self.run_id, step_id, category=category, prompt=prompt, options=options,
+            argument_name=argument_name,
+        )
+        if clarification_id is None:
+            raise asyncio.CancelledError
+        if step_id:
+            self.status[step_id] = StepStatus.WAITING
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self.answers[clarification_id] = future
+        try:
+            return await future
+        finally:
+            self.answers.pop(clarification_id, None)
+
+    async def _wait_resumed(self) -> None:
+        while self.paused and not self.cancelled:
+            self.wake.clear()
+            await self.wake.wait()
+
+    async def _call(self, step_id: str, info: StepInfo, tool: Tool) -> None:
+        retry = Retry.of(info.step.retry_policy if info.step.HasField("retry_policy") else None,
+                         self.plan.default_retry_policy)
+        timeout = (info.step.timeout.ToNanoseconds() / 1e9
+                   if info.step.HasField("timeout") else None)
+        row = self.rows[step_id]
+        wake_at = row.get("wake_at")
+        if wake_at and wake_at > time.time():
+            # A back-off that was under way before a restart keeps its deadline.
+            await asyncio.sleep(wake_at - time.time())
+        while True:
+            await self._wait_resumed()
+            try:
+                params = info.parameters.render(self._scope())
+            except ExpressionError as exc:
+                await self._fail(step_id, f"parameters could not be resolved: {exc}")
+                return
+            started = await self.journal.step_started(self.run_id, step_id)
+            if started is None:
+                # Paused (or cancelled) between our check and the commit: wait and retry.
+                if self.cancelled:
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            self.status[step_id] = StepStatus.RUNNING
+            problem = self._capability_problem(tool)
+            if problem:
+                await self._fail(step_id, problem)
+                return
+            ctx = ToolContext(
+                run_id=self.run_id, step_id=step_id, attempt=started.attempt,
+                tenant_id=self.tenant_id, idempotency_key=f"{self.run_id}/{step_id}",
+                logger=self.log.bind(step_id=step_id, attempt=started.attempt),
+                first_started_at=started.first_started_at,
+            )
+            try:
+                async with self.engine.slots:
+                    call = tool.call(ctx, params if isinstance(params, dict) else {})
+                    output = await (asyncio.wait_for(call, timeout) if timeout else call)
+            except ToolError as exc:
+                error, retryable = str(exc), exc.retryable and tool.retryable
+            except TimeoutError:
+                error, retryable = f"timed out after {timeout:g}s", tool.retryable
+            except OrchestratorError as exc:
+                error, retryable = exc.message, False
+            else:
+                variables = output if tool.sets_variables and isinstance(output, dict) else None
+                if variables:
+                    self.vars = {**self.vars, **variables}
+                await self._record([(step_id, StepStatus.COMPLETED, output, "")], variables)
+                return
+            if retryable and started.attempt < retry.max_attempts:
+                delay = retry.delay(started.attempt)
+                await self.journal.step_retrying(self.run_id, step_id, error, time.time() + delay)
+                self.status[step_id] = StepStatus.PENDING
+                await asyncio.sleep(delay)
+                continue
+            attempts = f" after {started.attempt} attempts" if started.attempt > 1 else ""
+            await self._fail(step_id, f"{error}{attempts}")
+            return
+
+    def _capability_problem(self, tool: Tool) -> str:
+        """The engine checks again before each call (the plan was checked at submit)."""
+        ctx = self.plan.plan.security_context
+        if not ctx.allowed_tools and not ctx.required_capabilities:
+            return ""
+        if ctx.allowed_tools and tool.name not in ctx.allowed_tools:
+            return f"tool {tool.name!r} is not in the plan's allowed_tools"
+        missing = sorted(tool.capabilities - set(ctx.required_capabilities))
+        return f"capabilities not declared: {', '.join(missing)}" if missing else ""
+
+    async def _rollback(self) -> None:
+        """Compensation: each failed flow's rollback steps, in order."""
+        for flow_id in self.failed_flows:
+            for sid in self.plan.flows[flow_id].rollback_steps:
+                if self.status.get(sid) is not StepStatus.PENDING or self.cancelled:
+                    continue
+                tool = self.engine.registry.get(self.plan.steps[sid].step.tool)
+                if tool is None:
+                    continue
+                try:
+                    await self._call(sid, self.plan.steps[sid], tool)
+                except StepFailed:
+                    self.failures.append(sid)
