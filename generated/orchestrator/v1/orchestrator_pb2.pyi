@@ -528,6 +528,7 @@ class Execution(_message.Message):
     DRY_RUN_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Server-assigned run id (a UUID)."""
     tenant_id: _builtins.str
@@ -550,6 +551,10 @@ class Execution(_message.Message):
     """Whether this was a dry run (no tool called)."""
     last_sequence: _builtins.int
     """Sequence of the run's latest event."""
+    error_reason: _builtins.str
+    """Machine-readable cause of a failure or cancellation: STEP_FAILED, DEADLINE_EXCEEDED,
+    APPROVAL_REJECTED, CANCELLED, INTERNAL_ERROR.
+    """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the first step started."""
@@ -604,10 +609,11 @@ class Execution(_message.Message):
         dry_run: _builtins.bool = ...,
         steps: _abc.Iterable[Global___StepExecution] | None = ...,
         last_sequence: _builtins.int = ...,
+        error_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "estimated_completion", b"estimated_completion", "last_updated", b"last_updated", "results", b"results", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "correlation_id", b"correlation_id", "created_at", b"created_at", "current_step", b"current_step", "dry_run", b"dry_run", "error_message", b"error_message", "estimated_completion", b"estimated_completion", "last_sequence", b"last_sequence", "last_updated", b"last_updated", "pending_clarifications", b"pending_clarifications", "plan_hash", b"plan_hash", "progress", b"progress", "results", b"results", "run_id", b"run_id", "started_at", b"started_at", "status", b"status", "steps", b"steps", "tenant_id", b"tenant_id", "triggered_by", b"triggered_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "correlation_id", b"correlation_id", "created_at", b"created_at", "current_step", b"current_step", "dry_run", b"dry_run", "error_message", b"error_message", "error_reason", b"error_reason", "estimated_completion", b"estimated_completion", "last_sequence", b"last_sequence", "last_updated", b"last_updated", "pending_clarifications", b"pending_clarifications", "plan_hash", b"plan_hash", "progress", b"progress", "results", b"results", "run_id", b"run_id", "started_at", b"started_at", "status", b"status", "steps", b"steps", "tenant_id", b"tenant_id", "triggered_by", b"triggered_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -628,6 +634,7 @@ class StepExecution(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """The step's id."""
     flow_id: _builtins.str
@@ -640,6 +647,10 @@ class StepExecution(_message.Message):
     """Why the step failed or was skipped."""
     tool: _builtins.str
     """The tool the step calls."""
+    error_reason: _builtins.str
+    """Machine-readable cause of a failure or skip: TOOL_ERROR, TIMEOUT, APPROVAL_REJECTED,
+    CONDITION_FALSE, DEPENDENCY_NOT_COMPLETED, RETRIES_EXHAUSTED, CANCELLED, ...
+    """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the latest attempt started."""
@@ -664,10 +675,11 @@ class StepExecution(_message.Message):
         output: _struct_pb2.Value | None = ...,
         error: _builtins.str = ...,
         tool: _builtins.str = ...,
+        error_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "output", b"output", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "completed_at", b"completed_at", "error", b"error", "flow_id", b"flow_id", "output", b"output", "started_at", b"started_at", "status", b"status", "step_id", b"step_id", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "completed_at", b"completed_at", "error", b"error", "error_reason", b"error_reason", "flow_id", b"flow_id", "output", b"output", "started_at", b"started_at", "status", b"status", "step_id", b"step_id", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

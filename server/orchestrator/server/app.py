@@ -71,8 +71,12 @@ class Server:
         recovered = await self.engine.recover()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("server.started", address=self.address, database=self.db.url.render_as_string(),
-                 recovered_runs=recovered)
+        log.info(
+            "server.started",
+            address=self.address,
+            database=self.db.url.render_as_string(),
+            recovered_runs=recovered,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`."""
@@ -146,8 +150,12 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
     tokens = TokenCodec(await _signing_key(writer))
     registry = registry or default_registry()
     journal = Journal(store)
-    engine = Engine(journal, registry, max_steps_in_flight=settings.max_steps_in_flight,
-                    enabled=settings.execute)
+    engine = Engine(
+        journal,
+        registry,
+        max_steps_in_flight=settings.max_steps_in_flight,
+        enabled=settings.execute,
+    )
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal)
 
     grpc_server = grpc.aio.server(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -96,12 +97,18 @@ class ControlPlane:
         created = await self.store.create_run(new)
         execution = created.execution
         run_id = execution.run_id
+        if created.created and not request.dry_run:
+            self.engine.submit(run_id)
         if (
             request.HasField("async_execution")
             and not request.async_execution
             and execution.status not in TERMINAL_PB
         ):
-            execution = await self.wait_terminal(tenant_id, run_id, validated.timeout_seconds)
+            # Bounded by the run's timeout and by the caller's own deadline.
+            limit = validated.timeout_seconds + 5
+            if call_deadline is not None:
+                limit = min(limit, max(call_deadline - time.monotonic() - 0.2, 0.0))
+            execution = await self.wait_terminal(tenant_id, run_id, limit)
         response = pb.ExecuteResponse(
             success=True,
             run_id=run_id,
@@ -198,8 +205,9 @@ class ControlPlane:
                     "current_status": row["status"],
                 },
             )
-        response = json_format.MessageToDict(request.response) if request.HasField(
-            "response") else None
+        response = (
+            json_format.MessageToDict(request.response) if request.HasField("response") else None
+        )
         check_answer(row["category"], [str(o) for o in row["options"]], response)
         answer = await self.journal.answer(
             tenant_id, request.run_id, request.clarification_id, response, request.responded_by

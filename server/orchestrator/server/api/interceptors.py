@@ -27,6 +27,10 @@ from orchestrator.server.errors import (
 )
 
 SERVICE_PREFIX = "/orchestrator.v1.OrchestratorService/"
+# Status details travel in trailing metadata, which gRPC caps (8-16 KiB by default): a plan
+# with thousands of problems reports the first ones and how many there were.
+MAX_VIOLATIONS = 50
+MAX_DESCRIPTION = 200
 log = structlog.get_logger("orchestrator.rpc")
 
 
@@ -140,16 +144,22 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
         info.metadata[key] = value
     details = [info]
     if error.violations:
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
-                    )
-                    for v in error.violations
-                ]
-            )
+        shown = error.violations[:MAX_VIOLATIONS]
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description[:MAX_DESCRIPTION]
+                )
+                for v in shown
+            ]
         )
+        if len(error.violations) > len(shown):
+            info.metadata["violations_total"] = str(len(error.violations))
+            bad.field_violations.add(
+                field="",
+                description=f"... and {len(error.violations) - len(shown)} more problems",
+            )
+        details.append(bad)
     status = status_pb2.Status(code=code.value[0], message=error.message)
     for detail in details:
         packed = any_pb2.Any()

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-
 from orchestrator.server.errors import FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
 from orchestrator.server.store.runs import EventSpec, RunStore, not_found
@@ -38,6 +37,17 @@ class Started:
 
     attempt: int
     first_started_at: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a step finished: COMPLETED with an output, or FAILED/SKIPPED/CANCELLED with why."""
+
+    step_id: str
+    status: StepStatus
+    output: JSON = None
+    error: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -162,7 +172,12 @@ class Journal:
                 tx,
                 run_id,
                 step,
-                {"status": StepStatus.PENDING.value, "error": error, "wake_at": wake_at},
+                {
+                    "status": StepStatus.PENDING.value,
+                    "error": error,
+                    "error_reason": "RETRYING",
+                    "wake_at": wake_at,
+                },
             )
             await self.store.update_run(
                 tx,
@@ -184,12 +199,12 @@ class Journal:
     async def steps_finished(
         self,
         run_id: str,
-        outcomes: Sequence[tuple[str, StepStatus, JSON, str]],
+        outcomes: Sequence[Outcome],
         *,
         variables: Mapping[str, JSON] | None = None,
     ) -> bool:
-        """Finish steps: (step_id, COMPLETED|FAILED|SKIPPED|CANCELLED, output, error). With
-        `variables`, they are merged into the run's variables in the same transaction."""
+        """Finish steps. With `variables`, they are merged into the run's variables in the
+        same transaction."""
 
         async def unit(tx: Tx) -> bool:
             row = await self._run_row(tx, run_id)
@@ -197,8 +212,8 @@ class Journal:
                 return False
             specs: list[EventSpec] = []
             finished = 0
-            for step_id, status, output, error in outcomes:
-                step = await self._step_row(tx, run_id, step_id)
+            for outcome in outcomes:
+                step = await self._step_row(tx, run_id, outcome.step_id)
                 if step["status"] not in OPEN_STEPS:
                     continue
                 await self._set_step(
@@ -206,17 +221,21 @@ class Journal:
                     run_id,
                     step,
                     {
-                        "status": status.value,
+                        "status": outcome.status.value,
                         "completed_at": tx.now,
-                        "output": output,
-                        "error": error,
+                        "output": outcome.output,
+                        "error": outcome.error,
+                        "error_reason": outcome.reason,
                         "wake_at": None,
                     },
                 )
                 finished += 1
-                verb = status.value.lower()
-                message = f"step {step_id} {verb}" + (f": {error}" if error else "")
-                specs.append(EventSpec(STEP_EVENT[status], message, step_id, [step]))
+                message = f"step {outcome.step_id} {outcome.status.value.lower()}" + (
+                    f": {outcome.error}" if outcome.error else ""
+                )
+                specs.append(
+                    EventSpec(STEP_EVENT[outcome.status], message, outcome.step_id, [step])
+                )
             if not specs:
                 return True
             changes: dict[str, Any] = {"steps_finished": row["steps_finished"] + finished}
@@ -261,6 +280,7 @@ class Journal:
                         "completed_at": tx.now,
                         "error": step["error"]
                         or ("cancelled: the run failed" if running else "not reached"),
+                        "error_reason": "CANCELLED" if running else "NOT_REACHED",
                         "wake_at": None,
                     },
                 )
@@ -269,7 +289,9 @@ class Journal:
                 .where(clarifications.c.run_id == run_id, clarifications.c.status == "PENDING")
                 .values(status="WITHDRAWN", resolved_at=tx.now)
             )
-            message = f"run {target.value.lower()}" + (f": {error_message}" if error_message else "")
+            message = f"run {target.value.lower()}" + (
+                f": {error_message}" if error_message else ""
+            )
             await self.store.update_run(
                 tx,
                 row,
@@ -436,11 +458,20 @@ class Journal:
                     tx,
                     run_id,
                     step,
-                    {"status": StepStatus.FAILED.value, "completed_at": tx.now, "error": error},
+                    {
+                        "status": StepStatus.FAILED.value,
+                        "completed_at": tx.now,
+                        "error": error,
+                        "error_reason": "APPROVAL_REJECTED",
+                    },
                 )
                 specs.append(
-                    EventSpec(pb.EVENT_TYPE_STEP_FAILED, f"step {step_id} failed: {error}",
-                              step_id, [step])
+                    EventSpec(
+                        pb.EVENT_TYPE_STEP_FAILED,
+                        f"step {step_id} failed: {error}",
+                        step_id,
+                        [step],
+                    )
                 )
                 changes["steps_finished"] = row["steps_finished"] + 1
                 answer = Answer(step_id, StepStatus.FAILED, error=error)
@@ -449,12 +480,17 @@ class Journal:
                     tx,
                     run_id,
                     step,
-                    {"status": StepStatus.COMPLETED.value, "completed_at": tx.now,
-                     "output": response, "error": ""},
+                    {
+                        "status": StepStatus.COMPLETED.value,
+                        "completed_at": tx.now,
+                        "output": response,
+                        "error": "",
+                    },
                 )
                 specs.append(
-                    EventSpec(pb.EVENT_TYPE_STEP_COMPLETED, f"step {step_id} completed",
-                              step_id, [step])
+                    EventSpec(
+                        pb.EVENT_TYPE_STEP_COMPLETED, f"step {step_id} completed", step_id, [step]
+                    )
                 )
                 changes["steps_finished"] = row["steps_finished"] + 1
                 answer = Answer(step_id, StepStatus.COMPLETED, output=response)
@@ -512,8 +548,11 @@ class Journal:
                     sa.select(runs.c.run_id)
                     .where(
                         runs.c.status.in_(
-                            [RunStatus.PENDING.value, RunStatus.RUNNING.value,
-                             RunStatus.PAUSED.value]
+                            [
+                                RunStatus.PENDING.value,
+                                RunStatus.RUNNING.value,
+                                RunStatus.PAUSED.value,
+                            ]
                         )
                     )
                     .order_by(runs.c.pk)

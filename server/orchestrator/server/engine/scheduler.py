@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-
-from orchestrator.server.engine.journal import Answer, Journal
+from orchestrator.server.engine.journal import Answer, Journal, Outcome
 from orchestrator.server.errors import OrchestratorError
 from orchestrator.server.expressions import ExpressionError, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
@@ -60,8 +59,9 @@ class Retry:
         chosen = policy if policy is not None and policy.ByteSize() else default
         if chosen is None or not chosen.ByteSize():
             return cls()
-        initial = chosen.initial_delay.ToNanoseconds() / 1e9 if chosen.HasField(
-            "initial_delay") else 1.0
+        initial = (
+            chosen.initial_delay.ToNanoseconds() / 1e9 if chosen.HasField("initial_delay") else 1.0
+        )
         ceiling = chosen.max_delay.ToNanoseconds() / 1e9 if chosen.HasField("max_delay") else 60.0
         return cls(
             max_attempts=max(1, chosen.max_attempts or 1),
@@ -74,6 +74,10 @@ class Retry:
 
 class StepFailed(Exception):
     """A step ended FAILED (already recorded)."""
+
+    def __init__(self, error: str, reason: str) -> None:
+        super().__init__(error)
+        self.reason = reason
 
 
 @dataclass
@@ -189,7 +193,9 @@ class RunTask:
         except Exception:
             self.log.exception("engine.run_crashed")
             await self.journal.finish_run(
-                self.run_id, Action.FAIL, error_message="internal error in the engine",
+                self.run_id,
+                Action.FAIL,
+                error_message="internal error in the engine",
                 error_reason="INTERNAL_ERROR",
             )
         finally:
@@ -227,8 +233,7 @@ class RunTask:
         await self._schedule()
 
     async def _approve_run(self) -> None:
-        answer = await self._ask("", "USER_VERIFICATION",
-                                 "Approve running this plan?", [], "")
+        answer = await self._ask("", "USER_VERIFICATION", "Approve running this plan?", [], "")
         if answer.run_failed:
             self.fatal = ("", "run approval rejected")
             self.fatal_reason = "APPROVAL_REJECTED"
@@ -246,8 +251,11 @@ class RunTask:
             self.wake.clear()
             if self.cancelled:
                 return
-            if self.fatal is None and not self.paused and "" not in self.inflight and (
-                not self.plan.plan.security_context.requires_approval or "" in self.approved
+            if (
+                self.fatal is None
+                and not self.paused
+                and "" not in self.inflight
+                and (not self.plan.plan.security_context.requires_approval or "" in self.approved)
             ):
                 await self._skip_unreachable()
                 for step_id in self._ready():
@@ -269,7 +277,8 @@ class RunTask:
         if timed_out:
             await self._cancel_inflight()
             await self.journal.finish_run(
-                self.run_id, Action.FAIL,
+                self.run_id,
+                Action.FAIL,
                 error_message=f"run timed out after {self.timeout:g}s",
                 error_reason="DEADLINE_EXCEEDED",
             )
@@ -278,8 +287,9 @@ class RunTask:
         if self.fatal is not None:
             step_id, error = self.fatal
             message = f"step {step_id} failed: {error}" if step_id else error
-            await self.journal.finish_run(self.run_id, Action.FAIL, error_message=message,
-                                          error_reason=self.fatal_reason)
+            await self.journal.finish_run(
+                self.run_id, Action.FAIL, error_message=message, error_reason=self.fatal_reason
+            )
         else:
             message = ""
             if self.failures:
@@ -302,19 +312,26 @@ class RunTask:
     async def _skip_unreachable(self) -> None:
         """A step that needs a step which did not complete is SKIPPED, and so on down."""
         while True:
-            skipped: list[tuple[str, StepStatus, JSON, str]] = []
+            skipped: list[Outcome] = []
             for sid in self._normal():
                 if self.status[sid] is not StepStatus.PENDING or sid in self.inflight:
                     continue
                 info = self.plan.steps[sid]
                 blocker = next(
-                    (d for d in info.depends_on
-                     if self.status[d] in FINISHED and self.status[d] is not StepStatus.COMPLETED),
+                    (
+                        d
+                        for d in info.depends_on
+                        if self.status[d] in FINISHED and self.status[d] is not StepStatus.COMPLETED
+                    ),
                     None,
                 )
                 if blocker is not None:
                     reason = f"needs {blocker}, which was {self.status[blocker].value.lower()}"
-                    skipped.append((sid, StepStatus.SKIPPED, None, reason))
+                    skipped.append(
+                        Outcome(
+                            sid, StepStatus.SKIPPED, error=reason, reason="DEPENDENCY_NOT_COMPLETED"
+                        )
+                    )
             if not skipped:
                 return
             await self._record(skipped)
@@ -328,8 +345,7 @@ class RunTask:
                 running[flow] = running.get(flow, 0) + 1
         for sid in self._normal():
             # RUNNING and WAITING steps found at start were in flight before a restart.
-            if self.status[sid] not in (StepStatus.PENDING, StepStatus.RUNNING,
-                                        StepStatus.WAITING):
+            if self.status[sid] not in (StepStatus.PENDING, StepStatus.RUNNING, StepStatus.WAITING):
                 continue
             if sid in self.inflight:
                 continue
@@ -349,15 +365,13 @@ class RunTask:
     # ------------------------------------------------------------ steps
 
     async def _record(
-        self,
-        outcomes: list[tuple[str, StepStatus, JSON, str]],
-        variables: Mapping[str, JSON] | None = None,
+        self, outcomes: list[Outcome], variables: Mapping[str, JSON] | None = None
     ) -> None:
         await self.journal.steps_finished(self.run_id, outcomes, variables=variables)
-        for sid, status, output, _error in outcomes:
-            self.status[sid] = status
-            if status is StepStatus.COMPLETED:
-                self.outputs[sid] = output
+        for outcome in outcomes:
+            self.status[outcome.step_id] = outcome.status
+            if outcome.status is StepStatus.COMPLETED:
+                self.outputs[outcome.step_id] = outcome.output
 
     def _scope(self) -> dict[str, Any]:
         return scope(self.params, self.vars, self.outputs)
@@ -367,15 +381,18 @@ class RunTask:
         try:
             await self._run_step(step_id, info)
         except StepFailed as failed:
-            self._failed(step_id, info, str(failed))
+            self._failed(step_id, info, str(failed), failed.reason)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug in a tool or in us: fail the step, not the process
             self.log.exception("engine.step_crashed", step_id=step_id)
-            await self._record([(step_id, StepStatus.FAILED, None, f"internal error: {exc}")])
-            self._failed(step_id, info, f"internal error: {exc}")
+            error = f"internal error: {exc}"
+            await self._record(
+                [Outcome(step_id, StepStatus.FAILED, error=error, reason="INTERNAL_ERROR")]
+            )
+            self._failed(step_id, info, error, "INTERNAL_ERROR")
 
-    def _failed(self, step_id: str, info: StepInfo, error: str) -> None:
+    def _failed(self, step_id: str, info: StepInfo, error: str, reason: str) -> None:
         flow = self.plan.flows[info.flow_id]
         if info.flow_id not in self.failed_flows:
             self.failed_flows.append(info.flow_id)
@@ -384,13 +401,16 @@ class RunTask:
             return
         if self.fatal is None:
             self.fatal = (step_id, error)
+            self.fatal_reason = (
+                "APPROVAL_REJECTED" if reason == "APPROVAL_REJECTED" else ("STEP_FAILED")
+            )
             for sid, task in self.inflight.items():
                 if sid != step_id:
                     task.cancel()
 
-    async def _fail(self, step_id: str, error: str) -> None:
-        await self._record([(step_id, StepStatus.FAILED, None, error)])
-        raise StepFailed(error)
+    async def _fail(self, step_id: str, error: str, reason: str) -> None:
+        await self._record([Outcome(step_id, StepStatus.FAILED, error=error, reason=reason)])
+        raise StepFailed(error, reason)
 
     async def _run_step(self, step_id: str, info: StepInfo) -> None:
         conditions_checked = self.status[step_id] is not StepStatus.PENDING
@@ -398,22 +418,33 @@ class RunTask:
             try:
                 holds = all(c.evaluate(self._scope()) for c in info.conditions)
             except ExpressionError as exc:
-                await self._fail(step_id, f"condition could not be evaluated: {exc}")
+                await self._fail(
+                    step_id, f"condition could not be evaluated: {exc}", "CONDITION_ERROR"
+                )
                 return
             if not holds:
-                await self._record([(step_id, StepStatus.SKIPPED, None, "condition not met")])
+                await self._record(
+                    [
+                        Outcome(
+                            step_id,
+                            StepStatus.SKIPPED,
+                            error="condition not met",
+                            reason="CONDITION_FALSE",
+                        )
+                    ]
+                )
                 return
         tool = self.engine.registry.get(info.step.tool)
         if tool is None:
-            await self._fail(step_id, f"unknown tool {info.step.tool!r}")
+            await self._fail(step_id, f"unknown tool {info.step.tool!r}", "UNKNOWN_TOOL")
             return
         if info.step.requires_approval and step_id not in self.approved:
             answer = await self._ask(
-                step_id, "USER_VERIFICATION",
-                f"Approve step {step_id} ({info.step.tool})?", [], "")
+                step_id, "USER_VERIFICATION", f"Approve step {step_id} ({info.step.tool})?", [], ""
+            )
             if answer.step_status is StepStatus.FAILED:
                 self.status[step_id] = StepStatus.FAILED
-                raise StepFailed(answer.error)
+                raise StepFailed(answer.error, "APPROVAL_REJECTED")
             self.approved.add(step_id)
             self.status[step_id] = StepStatus.PENDING
         if tool.asks_person:
@@ -425,23 +456,33 @@ class RunTask:
         try:
             params = info.parameters.render(self._scope())
         except ExpressionError as exc:
-            await self._fail(step_id, f"parameters could not be resolved: {exc}")
+            await self._fail(step_id, f"parameters could not be resolved: {exc}", "TEMPLATE_ERROR")
             return
         params = params if isinstance(params, dict) else {}
         category = CATEGORIES.get(str(params.get("category", "input")).lower(), "CUSTOM")
         options = [str(o) for o in params.get("options") or []]
-        answer = await self._ask(step_id, category, str(params.get("prompt", "")), options,
-                                 str(params.get("argument_name", "")))
+        answer = await self._ask(
+            step_id,
+            category,
+            str(params.get("prompt", "")),
+            options,
+            str(params.get("argument_name", "")),
+        )
         if answer.step_status is StepStatus.FAILED:
             self.status[step_id] = StepStatus.FAILED
-            raise StepFailed(answer.error)
+            raise StepFailed(answer.error, "APPROVAL_REJECTED")
         self.status[step_id] = StepStatus.COMPLETED
         self.outputs[step_id] = answer.output
 
-    async def _ask(self, step_id: str, category: str, prompt: str, options: list[str],
-                   argument_name: str) -> Answer:
+    async def _ask(
+        self, step_id: str, category: str, prompt: str, options: list[str], argument_name: str
+    ) -> Answer:
         clarification_id = await self.journal.request_clarification(
-            self.run_id, step_id, category=category, prompt=prompt, options=options,
+            self.run_id,
+            step_id,
+            category=category,
+            prompt=prompt,
+            options=options,
             argument_name=argument_name,
         )
         if clarification_id is None:
@@ -461,10 +502,11 @@ class RunTask:
             await self.wake.wait()
 
     async def _call(self, step_id: str, info: StepInfo, tool: Tool) -> None:
-        retry = Retry.of(info.step.retry_policy if info.step.HasField("retry_policy") else None,
-                         self.plan.default_retry_policy)
-        timeout = (info.step.timeout.ToNanoseconds() / 1e9
-                   if info.step.HasField("timeout") else None)
+        retry = Retry.of(
+            info.step.retry_policy if info.step.HasField("retry_policy") else None,
+            self.plan.default_retry_policy,
+        )
+        timeout = info.step.timeout.ToNanoseconds() / 1e9 if info.step.HasField("timeout") else None
         row = self.rows[step_id]
         wake_at = row.get("wake_at")
         if wake_at and wake_at > time.time():
@@ -475,7 +517,9 @@ class RunTask:
             try:
                 params = info.parameters.render(self._scope())
             except ExpressionError as exc:
-                await self._fail(step_id, f"parameters could not be resolved: {exc}")
+                await self._fail(
+                    step_id, f"parameters could not be resolved: {exc}", "TEMPLATE_ERROR"
+                )
                 return
             started = await self.journal.step_started(self.run_id, step_id)
             if started is None:
@@ -488,11 +532,14 @@ class RunTask:
             self.status[step_id] = StepStatus.RUNNING
             problem = self._capability_problem(tool)
             if problem:
-                await self._fail(step_id, problem)
+                await self._fail(step_id, problem, "CAPABILITY_DENIED")
                 return
             ctx = ToolContext(
-                run_id=self.run_id, step_id=step_id, attempt=started.attempt,
-                tenant_id=self.tenant_id, idempotency_key=f"{self.run_id}/{step_id}",
+                run_id=self.run_id,
+                step_id=step_id,
+                attempt=started.attempt,
+                tenant_id=self.tenant_id,
+                idempotency_key=f"{self.run_id}/{step_id}",
                 logger=self.log.bind(step_id=step_id, attempt=started.attempt),
                 first_started_at=started.first_started_at,
             )
@@ -501,16 +548,20 @@ class RunTask:
                     call = tool.call(ctx, params if isinstance(params, dict) else {})
                     output = await (asyncio.wait_for(call, timeout) if timeout else call)
             except ToolError as exc:
-                error, retryable = str(exc), exc.retryable and tool.retryable
+                error, retryable, reason = str(exc), exc.retryable and tool.retryable, exc.reason
             except TimeoutError:
-                error, retryable = f"timed out after {timeout:g}s", tool.retryable
+                error, retryable, reason = (
+                    f"timed out after {timeout:g}s",
+                    tool.retryable,
+                    "TIMEOUT",
+                )
             except OrchestratorError as exc:
-                error, retryable = exc.message, False
+                error, retryable, reason = exc.message, False, exc.reason
             else:
                 variables = output if tool.sets_variables and isinstance(output, dict) else None
                 if variables:
                     self.vars = {**self.vars, **variables}
-                await self._record([(step_id, StepStatus.COMPLETED, output, "")], variables)
+                await self._record([Outcome(step_id, StepStatus.COMPLETED, output)], variables)
                 return
             if retryable and started.attempt < retry.max_attempts:
                 delay = retry.delay(started.attempt)
@@ -519,7 +570,9 @@ class RunTask:
                 await asyncio.sleep(delay)
                 continue
             attempts = f" after {started.attempt} attempts" if started.attempt > 1 else ""
-            await self._fail(step_id, f"{error}{attempts}")
+            if retryable and retry.max_attempts > 1:
+                reason = "RETRIES_EXHAUSTED"
+            await self._fail(step_id, f"{error}{attempts}", reason)
             return
 
     def _capability_problem(self, tool: Tool) -> str:

@@ -131,6 +131,7 @@ def _partial_execution(row: Row, changed_steps: Iterable[Row] = ()) -> pb.Execut
         progress=row["steps_finished"] / row["steps_total"] if row["steps_total"] else 1.0,
         current_step=row["current_step"],
         error_message=row["error_message"],
+        error_reason=row["error_reason"],
         plan_hash=row["plan_hash"],
         triggered_by=row["triggered_by"],
         correlation_id=row["correlation_id"],
@@ -162,6 +163,7 @@ def _step_message(row: Row) -> pb.StepExecution:
         attempts=row["attempts"],
         error=row["error"],
         tool=row["tool"],
+        error_reason=row["error_reason"],
     )
     for name in ("started_at", "completed_at"):
         if row[name] is not None:
@@ -459,6 +461,7 @@ class RunStore:
                 "completed_at": None,
                 "output": None,
                 "error": "",
+                "error_reason": "",
                 "wake_at": None,
             }
             for s in new.steps
@@ -473,7 +476,11 @@ class RunStore:
                 results={"execution_order": list(new.dry_run_order or [])},
             )
             for s in step_rows:
-                s.update(status=StepStatus.SKIPPED.value, error="dry run: not executed")
+                s.update(
+                    status=StepStatus.SKIPPED.value,
+                    error="dry run: not executed",
+                    error_reason="DRY_RUN",
+                )
             specs = [
                 EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "dry run completed", steps=step_rows)
             ]
@@ -653,6 +660,7 @@ class RunStore:
                     status=StepStatus.CANCELLED.value,
                     completed_at=tx.now,
                     error="cancelled with its run",
+                    error_reason="CANCELLED",
                     wake_at=None,
                 )
             )
@@ -661,6 +669,7 @@ class RunStore:
                     status=StepStatus.CANCELLED.value,
                     completed_at=tx.now,
                     error="cancelled with its run",
+                    error_reason="CANCELLED",
                 )
         pending = (
             await tx.conn.execute(

@@ -65,6 +65,7 @@ steps = sa.Table(
     sa.Column("completed_at", sa.Float),
     sa.Column("output", sa.JSON),
     sa.Column("error", sa.Text, nullable=False, server_default=""),
+    sa.Column("error_reason", sa.String(64), nullable=False, server_default=""),
     # Durable timers (core.wait) and retry back-off keep their deadline across restarts.
     sa.Column("wake_at", sa.Float),
 )

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import datetime
 from typing import Any
 
 import httpx
-
 from orchestrator.server.tools.registry import JSON, Tool, ToolContext, ToolError
 
 # http.request reads at most this much of a response body.
@@ -40,18 +40,23 @@ async def wait(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
     if "until" in params:
         raw = params["until"]
         if not isinstance(raw, str):
-            raise ToolError("until must be an RFC 3339 string", retryable=False,
-                            reason="INVALID_PARAMETERS")
+            raise ToolError(
+                "until must be an RFC 3339 string", retryable=False, reason="INVALID_PARAMETERS"
+            )
         try:
             deadline = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
         except ValueError:
-            raise ToolError(f"until is not an RFC 3339 time: {raw!r}", retryable=False,
-                            reason="INVALID_PARAMETERS") from None
+            raise ToolError(
+                f"until is not an RFC 3339 time: {raw!r}",
+                retryable=False,
+                reason="INVALID_PARAMETERS",
+            ) from None
     else:
         seconds = _number(params, "seconds")
         if seconds < 0:
-            raise ToolError("seconds must not be negative", retryable=False,
-                            reason="INVALID_PARAMETERS")
+            raise ToolError(
+                "seconds must not be negative", retryable=False, reason="INVALID_PARAMETERS"
+            )
         deadline = (ctx.first_started_at or time.time()) + seconds
     remaining = deadline - time.time()
     if remaining > 0:
@@ -94,30 +99,37 @@ class HttpRequest:
     async def __call__(self, ctx: ToolContext, params: dict[str, JSON]) -> JSON:
         url = params.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ToolError("url must be an http(s) URL", retryable=False,
-                            reason="INVALID_PARAMETERS")
+            raise ToolError(
+                "url must be an http(s) URL", retryable=False, reason="INVALID_PARAMETERS"
+            )
         method = str(params.get("method", "GET")).upper()
         headers = {str(k): str(v) for k, v in dict(params.get("headers") or {}).items()}
         headers["Idempotency-Key"] = ctx.idempotency_key
-        timeout = min(float(params.get("timeout_seconds") or DEFAULT_HTTP_TIMEOUT),
-                      MAX_HTTP_TIMEOUT)
+        timeout = min(
+            float(params.get("timeout_seconds") or DEFAULT_HTTP_TIMEOUT), MAX_HTTP_TIMEOUT
+        )
         kwargs: dict[str, Any] = {}
         if "json" in params:
             kwargs["json"] = params["json"]
         elif "body" in params:
             kwargs["content"] = str(params["body"]).encode()
         try:
-            async with self.client().stream(method, url, headers=headers, timeout=timeout,
-                                            **kwargs) as response:
+            async with self.client().stream(
+                method, url, headers=headers, timeout=timeout, **kwargs
+            ) as response:
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body.extend(chunk)
                     if len(body) > MAX_RESPONSE_BYTES:
-                        raise ToolError(f"response larger than {MAX_RESPONSE_BYTES} bytes",
-                                        retryable=False, reason="RESPONSE_TOO_LARGE")
+                        raise ToolError(
+                            f"response larger than {MAX_RESPONSE_BYTES} bytes",
+                            retryable=False,
+                            reason="RESPONSE_TOO_LARGE",
+                        )
         except httpx.TimeoutException:
-            raise ToolError(f"{method} {url} timed out after {timeout}s",
-                            reason="HTTP_TIMEOUT") from None
+            raise ToolError(
+                f"{method} {url} timed out after {timeout}s", reason="HTTP_TIMEOUT"
+            ) from None
         except httpx.HTTPError as exc:
             raise ToolError(f"{method} {url} failed: {exc}", reason="HTTP_ERROR") from None
         status = response.status_code
@@ -133,7 +145,7 @@ class HttpRequest:
         text = body.decode(response.encoding or "utf-8", errors="replace")
         if "json" in response.headers.get("content-type", ""):
             try:
-                output["json"] = response.json() if body else None
+                output["json"] = json.loads(body) if body else None
             except ValueError:
                 output["text"] = text
         else:
@@ -145,12 +157,25 @@ def builtin_tools() -> list[Tool]:
     """Every built-in tool."""
     return [
         Tool("core.echo", echo, description="returns its parameters"),
-        Tool("core.set", set_variables, sets_variables=True,
-             description="returns its parameters and makes each key a run variable"),
+        Tool(
+            "core.set",
+            set_variables,
+            sets_variables=True,
+            description="returns its parameters and makes each key a run variable",
+        ),
         Tool("core.wait", wait, description="waits `seconds` or `until`, durably"),
         Tool("core.fail", fail, description="fails the first `fail_times` attempts"),
-        Tool("core.clarify", clarify, asks_person=True, retryable=False,
-             description="asks a person and returns the answer"),
-        Tool("http.request", HttpRequest(), capabilities=frozenset({"network.http"}),
-             description="calls an HTTP endpoint with an Idempotency-Key header"),
+        Tool(
+            "core.clarify",
+            clarify,
+            asks_person=True,
+            retryable=False,
+            description="asks a person and returns the answer",
+        ),
+        Tool(
+            "http.request",
+            HttpRequest(),
+            capabilities=frozenset({"network.http"}),
+            description="calls an HTTP endpoint with an Idempotency-Key header",
+        ),
     ]

@@ -115,6 +115,7 @@ def upgrade() -> None:
     sa.Column('completed_at', sa.Float(), nullable=True),
     sa.Column('output', sa.JSON(), nullable=True),
     sa.Column('error', sa.Text(), server_default='', nullable=False),
+    sa.Column('error_reason', sa.String(length=64), server_default='', nullable=False),
     sa.Column('wake_at', sa.Float(), nullable=True),
     sa.ForeignKeyConstraint(['run_id'], ['runs.run_id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('run_id', 'step_id')
