@@ -17,7 +17,7 @@ from orchestrator.server.api.interceptors import (
     ErrorInterceptor,
     TenantInterceptor,
 )
-from orchestrator.server.api.servicer import OrchestratorServicer
+from orchestrator.server.api.servicer import OrchestratorServicer, register
 from orchestrator.server.control import ControlPlane
 from orchestrator.server.engine import Engine, Journal
 from orchestrator.server.settings import Settings
@@ -28,7 +28,7 @@ from orchestrator.server.store.writer import Tx, Writer
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry, default_registry
 from orchestrator.server.watch import Hub
-from orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from orchestrator.v1 import orchestrator_pb2
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -144,7 +144,7 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
     await db.migrate()
     writer = Writer(db.writer)
     writer.start()
-    hub = Hub()
+    hub = Hub(settings.max_watchers_per_tenant)
     writer.add_listener(hub.on_commit)
     store = RunStore(db, writer)
     tokens = TokenCodec(await _signing_key(writer))
@@ -167,9 +167,7 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
         ],
         options=SERVER_OPTIONS,
     )
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-        OrchestratorServicer(control), grpc_server
-    )
+    register(OrchestratorServicer(control), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     for name in ("", SERVICE_NAME):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
+from orchestrator.server.engine import Engine, Journal
 from orchestrator.server.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -122,7 +123,7 @@ class ControlPlane:
 
     async def wait_terminal(self, tenant_id: str, run_id: str, limit: float) -> pb.Execution:
         """The run's snapshot once it is terminal, or as it is after `limit` seconds."""
-        with self.hub.run(run_id) as wake:
+        with self.hub.run(run_id) as (wake, _channel):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + limit
             while True:
@@ -215,15 +216,11 @@ class ControlPlane:
         self.engine.answered(request.run_id, request.clarification_id, answer)
         return await self.store.get_execution(tenant_id, request.run_id)
 
-    def watch(
-        self, tenant_id: str, request: pb.WatchExecutionRequest
-    ) -> AsyncIterator[pb.ExecutionEvent]:
+    def watch(self, tenant_id: str, request: pb.WatchExecutionRequest) -> AsyncIterator[bytes]:
         _require_run_id(request.run_id)
         return self.watcher.run_events(tenant_id, request.run_id, request.after_sequence)
 
-    def watch_all(
-        self, tenant_id: str, request: pb.WatchExecutionsRequest
-    ) -> AsyncIterator[tuple[str, pb.ExecutionEvent]]:
+    def watch_all(self, tenant_id: str, request: pb.WatchExecutionsRequest) -> AsyncIterator[bytes]:
         return self.watcher.tenant_changes(
             tenant_id, run_filter(request.filter, "filter"), request.after_cursor
         )

@@ -34,6 +34,10 @@ class Settings:
     execute: bool = field(
         default_factory=lambda: _env("EXECUTE", "true").lower() not in ("0", "false", "no")
     )
+    # Watch streams one tenant may hold open at once (RESOURCE_EXHAUSTED, WATCH_LIMIT).
+    max_watchers_per_tenant: int = field(
+        default_factory=lambda: int(_env("MAX_WATCHERS_PER_TENANT", "1000"))
+    )
     max_page_size: int = 500
     default_page_size: int = 50
     default_run_timeout: float = 600.0

@@ -1,75 +1,177 @@
-"""Watching runs: the in-process hub that wakes watchers, and the event streams (DESIGN §5).
+"""Watching runs (DESIGN §5): the hub that wakes watchers, and the two event streams.
 
-Watchers never hold events in memory: a commit only wakes them, and each reads what it has
-not seen from the store, so a slow watcher costs nothing while it is slow.
+The store keeps each event as serialized `ExecutionEvent` bytes, so a stream frame is those
+bytes behind a field tag: nothing is parsed or serialized again, and one frame object serves
+every watcher of the event. A commit wakes watchers and hands the hub its events; a run with
+watchers keeps its recent frames in a bounded cache. A watcher sends from that cache when it
+covers its position, else from the store, at its own pace: a slow watcher holds nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-from orchestrator.server.errors import InvalidArgument, OutOfRange
+from orchestrator.server.errors import InvalidArgument, OutOfRange, ResourceExhausted
 from orchestrator.server.lifecycle import RunStatus
-from orchestrator.server.store.runs import RUN_STATUS_PB, RunFilter, RunStore, timestamp
-from orchestrator.server.store.writer import Change
+from orchestrator.server.store.runs import RUN_STATUS_PB, RunFilter, RunStore
+from orchestrator.server.store.writer import Change, EventRecord
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 TERMINAL_PB = frozenset(
     RUN_STATUS_PB[s] for s in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
 )
+# What a watched run keeps in memory: at most this many frames and bytes. A watcher further
+# behind reads the store.
+CACHE_FRAMES = 512
+CACHE_BYTES = 512 * 1024
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def run_frame(payload: bytes) -> bytes:
+    """A serialized WatchExecutionResponse{event} around a serialized ExecutionEvent."""
+    return _field(1, payload)
+
+
+def tenant_frame(cursor: str, payload: bytes) -> bytes:
+    """A serialized WatchExecutionsResponse{cursor, event}."""
+    return _field(1, cursor.encode()) + _field(2, payload)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One event ready for the wire."""
+
+    sequence: int
+    terminal: bool
+    data: bytes
+
+    @classmethod
+    def of(cls, record: EventRecord) -> Frame:
+        return cls(record.sequence, record.terminal, run_frame(record.payload))
+
+
+@dataclass
+class _RunChannel:
+    watchers: set[asyncio.Event] = field(default_factory=set)
+    cache: deque[Frame] = field(default_factory=deque)
+    cached_bytes: int = 0
+
+    def add(self, frame: Frame) -> None:
+        self.cache.append(frame)
+        self.cached_bytes += len(frame.data)
+        while self.cache and (len(self.cache) > CACHE_FRAMES or self.cached_bytes > CACHE_BYTES):
+            self.cached_bytes -= len(self.cache.popleft().data)
+
+    def after(self, position: int) -> list[Frame] | None:
+        """Frames after `position` if the cache holds all of them, else None."""
+        if not self.cache or self.cache[0].sequence > position + 1:
+            return None
+        return [f for f in self.cache if f.sequence > position]
 
 
 class Hub:
     """Wakes the watchers of a run, or of a tenant's status changes, after each commit."""
 
-    def __init__(self) -> None:
-        self._runs: dict[str, set[asyncio.Event]] = defaultdict(set)
-        self._tenants: dict[str, set[asyncio.Event]] = defaultdict(set)
+    def __init__(self, max_watchers_per_tenant: int = 1000) -> None:
+        self._runs: dict[str, _RunChannel] = {}
+        self._tenants: dict[str, set[asyncio.Event]] = {}
+        self._per_tenant: dict[str, int] = {}
+        self.max_watchers_per_tenant = max_watchers_per_tenant
 
     def on_commit(self, changes: list[Change]) -> None:
         for change in changes:
-            for wake in self._runs.get(change.run_id, ()):
-                wake.set()
+            channel = self._runs.get(change.run_id)
+            if channel is not None:
+                for record in change.events:
+                    channel.add(Frame.of(record))
+                for wake in channel.watchers:
+                    wake.set()
             if change.status_changed:
                 for wake in self._tenants.get(change.tenant_id, ()):
                     wake.set()
 
     @property
     def watchers(self) -> int:
-        return sum(len(s) for s in self._runs.values()) + sum(
-            len(s) for s in self._tenants.values()
-        )
+        """Watch streams open in this process."""
+        return sum(self._per_tenant.values())
 
     @contextmanager
-    def _subscribe(self, table: dict[str, set[asyncio.Event]], key: str) -> Iterator[asyncio.Event]:
-        wake = asyncio.Event()
-        table[key].add(wake)
+    def _counted(self, tenant_id: str) -> Iterator[None]:
+        count = self._per_tenant.get(tenant_id, 0)
+        if count >= self.max_watchers_per_tenant:
+            raise ResourceExhausted(
+                f"the tenant has {count} watch streams open, the most allowed",
+                reason="WATCH_LIMIT",
+                metadata={"limit": str(self.max_watchers_per_tenant)},
+            )
+        self._per_tenant[tenant_id] = count + 1
         try:
-            yield wake
+            yield
         finally:
-            subscribers = table.get(key)
-            if subscribers is not None:
+            left = self._per_tenant[tenant_id] - 1
+            if left:
+                self._per_tenant[tenant_id] = left
+            else:
+                del self._per_tenant[tenant_id]
+
+    @contextmanager
+    def run(self, run_id: str, tenant_id: str = "") -> Iterator[tuple[asyncio.Event, _RunChannel]]:
+        """Subscribe to a run's commits; counted against the tenant when one is given."""
+        with self._counted(tenant_id) if tenant_id else _nothing():
+            wake = asyncio.Event()
+            channel = self._runs.setdefault(run_id, _RunChannel())
+            channel.watchers.add(wake)
+            try:
+                yield wake, channel
+            finally:
+                channel.watchers.discard(wake)
+                if not channel.watchers:
+                    del self._runs[run_id]
+
+    @contextmanager
+    def tenant(self, tenant_id: str) -> Iterator[asyncio.Event]:
+        """Subscribe to a tenant's run status changes."""
+        with self._counted(tenant_id):
+            wake = asyncio.Event()
+            self._tenants.setdefault(tenant_id, set()).add(wake)
+            try:
+                yield wake
+            finally:
+                subscribers = self._tenants[tenant_id]
                 subscribers.discard(wake)
                 if not subscribers:
-                    del table[key]
+                    del self._tenants[tenant_id]
 
-    def run(self, run_id: str) -> AbstractContextManager[asyncio.Event]:
-        """Subscribe to a run's commits (a context manager)."""
-        return self._subscribe(self._runs, run_id)
 
-    def tenant(self, tenant_id: str) -> AbstractContextManager[asyncio.Event]:
-        """Subscribe to a tenant's run status changes (a context manager)."""
-        return self._subscribe(self._tenants, tenant_id)
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 @dataclass
 class Watcher:
-    """Streams of events for one caller."""
+    """The event streams of one process."""
 
     store: RunStore
     hub: Hub
@@ -78,54 +180,63 @@ class Watcher:
 
     async def run_events(
         self, tenant_id: str, run_id: str, after_sequence: int
-    ) -> AsyncIterator[pb.ExecutionEvent]:
-        """WatchExecution: snapshot or replay, then live events until the terminal one."""
+    ) -> AsyncIterator[bytes]:
+        """WatchExecution frames: snapshot or replay, then live events until the terminal one."""
         if after_sequence < 0:
             raise InvalidArgument("after_sequence must not be negative", reason="INVALID_SEQUENCE")
-        with self.hub.run(run_id) as wake:
-            status, last = await self.store.run_status(tenant_id, run_id)
-            if after_sequence > last:
-                raise OutOfRange(
-                    f"after_sequence {after_sequence} is beyond the run's last event {last}",
-                    metadata={"run_id": run_id, "last_sequence": str(last)},
-                )
+        status, last = await self.store.run_status(tenant_id, run_id)
+        if after_sequence > last:
+            raise OutOfRange(
+                f"after_sequence {after_sequence} is beyond the run's last event {last}",
+                metadata={"run_id": run_id, "last_sequence": str(last)},
+            )
+        if status.terminal and after_sequence == last:
+            return
+        with self.hub.run(run_id, tenant_id) as (wake, channel):
             position = after_sequence
             if after_sequence == 0:
                 snapshot = await self._snapshot(tenant_id, run_id, resync=False)
-                yield snapshot
-                position = snapshot.sequence
+                yield run_frame(snapshot.SerializeToString())
                 if snapshot.execution.status in TERMINAL_PB:
                     return
-            elif status.terminal and after_sequence == last:
-                return
+                position = snapshot.sequence
             while True:
                 wake.clear()
-                payloads = await self.store.read_events(run_id, position)
-                for payload in payloads:
-                    event = pb.ExecutionEvent.FromString(payload)
-                    if event.sequence != position + 1:
-                        # What the caller asked for was pruned: start again from the present.
-                        snapshot = await self._snapshot(tenant_id, run_id, resync=True)
-                        yield snapshot
-                        position = snapshot.sequence
-                        if snapshot.execution.status in TERMINAL_PB:
-                            return
-                        break
-                    yield event
-                    position = event.sequence
-                    if (
-                        event.type == pb.EVENT_TYPE_RUN_STATUS_CHANGED
-                        and event.execution.status in TERMINAL_PB
-                    ):
+                frames = channel.after(position)
+                if frames is None:
+                    frames = await self._read(run_id, position)
+                    if not frames or frames[0].sequence != position + 1:
+                        # Events are committed with last_sequence: once `last` is read, a
+                        # fresh read holds every event up to it, unless they were pruned.
+                        _, last = await self.store.run_status(tenant_id, run_id)
+                        if last > position:
+                            frames = await self._read(run_id, position)
+                        if last > position and (not frames or frames[0].sequence != position + 1):
+                            # What the caller asked for was pruned: start again from now.
+                            snapshot = await self._snapshot(tenant_id, run_id, resync=True)
+                            yield run_frame(snapshot.SerializeToString())
+                            if snapshot.execution.status in TERMINAL_PB:
+                                return
+                            position = snapshot.sequence
+                            continue
+                for frame in frames:
+                    yield frame.data
+                    position = frame.sequence
+                    if frame.terminal:
                         return
-                if payloads:
+                if frames:
                     continue
                 try:
                     await asyncio.wait_for(wake.wait(), self.heartbeat_seconds)
                 except TimeoutError:
-                    yield pb.ExecutionEvent(
+                    heartbeat = pb.ExecutionEvent(
                         type=pb.EVENT_TYPE_HEARTBEAT, sequence=position, run_id=run_id
                     )
+                    heartbeat.timestamp.GetCurrentTime()
+                    yield run_frame(heartbeat.SerializeToString())
+
+    async def _read(self, run_id: str, position: int) -> list[Frame]:
+        return [Frame.of(r) for r in await self.store.read_events(run_id, position)]
 
     async def _snapshot(self, tenant_id: str, run_id: str, *, resync: bool) -> pb.ExecutionEvent:
         execution = await self.store.get_execution(tenant_id, run_id)
@@ -135,31 +246,31 @@ class Watcher:
             execution=execution,
             run_id=run_id,
             resync=resync,
-            message="snapshot",
+            message="snapshot (resync: events were pruned)" if resync else "snapshot",
         )
         event.timestamp.CopyFrom(execution.last_updated)
         return event
 
     async def tenant_changes(
         self, tenant_id: str, flt: RunFilter, after_cursor: str
-    ) -> AsyncIterator[tuple[str, pb.ExecutionEvent]]:
-        """WatchExecutions: every status change of the tenant's runs, in commit order."""
+    ) -> AsyncIterator[bytes]:
+        """WatchExecutions frames: every status change of the tenant's runs, in commit order."""
+        if after_cursor:
+            payload = self.tokens.decode("cursor", after_cursor, field="after_cursor")
+            position = payload.get("id")
+            if not isinstance(position, int) or payload.get("t") != tenant_id:
+                raise InvalidArgument(
+                    "after_cursor is not a cursor of this tenant", reason="INVALID_CURSOR"
+                )
+        else:
+            position = await self.store.last_event_id(tenant_id)
         with self.hub.tenant(tenant_id) as wake:
-            if after_cursor:
-                payload = self.tokens.decode("cursor", after_cursor, field="after_cursor")
-                position = payload.get("id")
-                if not isinstance(position, int) or payload.get("t") != tenant_id:
-                    raise InvalidArgument(
-                        "after_cursor is not a cursor of this tenant", reason="INVALID_CURSOR"
-                    )
-            else:
-                position = await self.store.last_event_id(tenant_id)
             while True:
                 wake.clear()
                 rows = await self.store.read_status_events(tenant_id, position, flt)
                 for event_id, data in rows:
                     position = event_id
-                    yield self._cursor(tenant_id, event_id), pb.ExecutionEvent.FromString(data)
+                    yield tenant_frame(self._cursor(tenant_id, event_id), data)
                 if rows:
                     continue
                 try:
@@ -167,10 +278,9 @@ class Watcher:
                 except TimeoutError:
                     heartbeat = pb.ExecutionEvent(type=pb.EVENT_TYPE_HEARTBEAT)
                     heartbeat.timestamp.GetCurrentTime()
-                    yield self._cursor(tenant_id, position), heartbeat
+                    yield tenant_frame(
+                        self._cursor(tenant_id, position), heartbeat.SerializeToString()
+                    )
 
     def _cursor(self, tenant_id: str, event_id: int) -> str:
         return self.tokens.encode("cursor", {"id": event_id, "t": tenant_id})
-
-
-__all__ = ["Hub", "Watcher", "timestamp"]

@@ -12,12 +12,11 @@ from orchestrator.server.api.interceptors import call_correlation_id, call_tenan
 from orchestrator.server.control import ControlPlane, transition_response
 from orchestrator.server.lifecycle import Action
 from orchestrator.v1 import orchestrator_pb2 as pb
-from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
+class OrchestratorServicer:
     """The orchestrator.v1.OrchestratorService RPCs."""
 
     def __init__(self, control: ControlPlane) -> None:
@@ -82,15 +81,46 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     async def WatchExecution(
         self, request: pb.WatchExecutionRequest, context: Context
-    ) -> AsyncIterator[pb.WatchExecutionResponse]:
-        """Stream one run's events."""
+    ) -> AsyncIterator[bytes]:
+        """Stream one run's events (frames arrive serialized: see `register`)."""
         structlog.contextvars.bind_contextvars(run_id=request.run_id)
-        async for event in self._control.watch(call_tenant(), request):
-            yield pb.WatchExecutionResponse(event=event)
+        async for frame in self._control.watch(call_tenant(), request):
+            yield frame
 
     async def WatchExecutions(
         self, request: pb.WatchExecutionsRequest, context: Context
-    ) -> AsyncIterator[pb.WatchExecutionsResponse]:
-        """Stream the tenant's run status changes."""
-        async for cursor, event in self._control.watch_all(call_tenant(), request):
-            yield pb.WatchExecutionsResponse(cursor=cursor, event=event)
+    ) -> AsyncIterator[bytes]:
+        """Stream the tenant's run status changes (frames arrive serialized)."""
+        async for frame in self._control.watch_all(call_tenant(), request):
+            yield frame
+
+
+def _message(full_name: str) -> Any:
+    return getattr(pb, full_name.rsplit(".", 1)[-1])
+
+
+def _serialize(message: Any) -> bytes:
+    # Watch streams yield frames serialized once for all their watchers; the rest are messages.
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def register(servicer: OrchestratorServicer, server: grpc.aio.Server) -> None:
+    """Add the service to `server`, like the generated `add_..._to_server`, but with a response
+    serializer that passes pre-serialized stream frames through untouched."""
+    service = pb.DESCRIPTOR.services_by_name["OrchestratorService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_message(method.input_type.full_name).FromString,
+            response_serializer=_serialize,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,9 +227,7 @@ class RunTask:
         self.timeout: float = row["timeout_seconds"]
         self.deadline = (row["started_at"] or time.time()) + self.timeout
         if self.plan.plan.security_context.requires_approval and "" not in self.approved:
-            asking = asyncio.create_task(self._approve_run())
-            self.inflight[""] = asking
-            asking.add_done_callback(lambda _t: self._done(""))
+            self._launch("", self._approve_run())
         await self._schedule()
 
     async def _approve_run(self) -> None:
@@ -240,9 +238,16 @@ class RunTask:
         else:
             self.approved.add("")
 
-    def _done(self, step_id: str) -> None:
-        self.inflight.pop(step_id, None)
-        self.wake.set()
+    def _launch(self, step_id: str, work: Coroutine[Any, Any, None] | None = None) -> None:
+        """Run a step (or the run's approval, as "") in its own task, tracked as in flight."""
+        task = asyncio.create_task(work or self._step(step_id), name=f"step-{step_id}")
+        self.inflight[step_id] = task
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self.inflight.pop(step_id, None)
+            self.wake.set()
+
+        task.add_done_callback(done)
 
     async def _schedule(self) -> None:
         self.fatal_reason = "STEP_FAILED"
@@ -259,9 +264,7 @@ class RunTask:
             ):
                 await self._skip_unreachable()
                 for step_id in self._ready():
-                    task = asyncio.create_task(self._step(step_id), name=f"step-{step_id}")
-                    self.inflight[step_id] = task
-                    task.add_done_callback(lambda _t, sid=step_id: self._done(sid))
+                    self._launch(step_id)
             if not self.inflight and (self.fatal is not None or not self._pending_normal()):
                 break
             remaining = self.deadline - time.time()
@@ -354,8 +357,8 @@ class RunTask:
                 continue
             if info.runs_after is not None and self.status[info.runs_after] not in FINISHED:
                 continue
-            flow = self.plan.flows[info.flow_id]
-            limit = flow.max_concurrency if flow.parallel_execution else 1
+            policy = self.plan.flows[info.flow_id]
+            limit = policy.max_concurrency if policy.parallel_execution else 1
             if limit and running.get(info.flow_id, 0) >= limit:
                 continue
             running[info.flow_id] = running.get(info.flow_id, 0) + 1

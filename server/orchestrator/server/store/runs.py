@@ -24,7 +24,7 @@ from orchestrator.server.lifecycle import (
 )
 from orchestrator.server.store.database import Database
 from orchestrator.server.store.schema import clarifications, events, idempotency_keys, runs, steps
-from orchestrator.server.store.writer import Change, T, Tx, Unit, Writer
+from orchestrator.server.store.writer import Change, EventRecord, T, Tx, Unit, Writer
 from orchestrator.v1 import orchestrator_pb2 as pb
 from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -330,16 +330,23 @@ class RunStore:
             durations = [r.completed_at - r.started_at for r in (await conn.execute(query)).all()]
         return statistics.median(durations) if durations else None
 
-    async def read_events(self, run_id: str, after: int, limit: int = 500) -> list[bytes]:
-        """Serialized events of a run with sequence > `after`, in order."""
+    async def read_events(self, run_id: str, after: int, limit: int = 500) -> list[EventRecord]:
+        """Events of a run with sequence > `after`, in order."""
         query = (
-            sa.select(events.c.payload)
+            sa.select(events.c.sequence, events.c.status_changed, events.c.status, events.c.payload)
             .where(events.c.run_id == run_id, events.c.sequence > after)
             .order_by(events.c.sequence)
             .limit(limit)
         )
         async with self.db.reader.connect() as conn:
-            return [r.payload for r in (await conn.execute(query)).all()]
+            return [
+                EventRecord(
+                    int(r.sequence),
+                    bool(r.status_changed) and RunStatus(r.status) in TERMINAL,
+                    r.payload,
+                )
+                for r in (await conn.execute(query)).all()
+            ]
 
     async def read_status_events(
         self, tenant_id: str, after_id: int, flt: RunFilter, limit: int = 500
@@ -539,12 +546,21 @@ class RunStore:
                 }
             )
         await tx.conn.execute(sa.insert(events), values)
+        terminal = RunStatus(row["status"]) in TERMINAL
         tx.changed(
             Change(
                 tenant_id=row["tenant_id"],
                 run_id=row["run_id"],
                 last_sequence=first_sequence + len(specs) - 1,
                 status_changed=status_changed,
+                events=tuple(
+                    EventRecord(
+                        v["sequence"],
+                        terminal and v["status_changed"],
+                        v["payload"],
+                    )
+                    for v in values
+                ),
             )
         )
 

@@ -22,14 +22,24 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
+class EventRecord:
+    """One event as committed: its sequence, whether it ends the run, its serialized bytes."""
+
+    sequence: int
+    terminal: bool
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class Change:
-    """A run changed in a commit: its tenant, its newest event sequence and whether its status
-    changed (what watchers and the run scheduler need to hear)."""
+    """A run changed in a commit: its tenant, its newest event sequence, whether its status
+    changed, and the events written (what watchers and the scheduler need to hear)."""
 
     tenant_id: str
     run_id: str
     last_sequence: int
     status_changed: bool
+    events: tuple[EventRecord, ...] = ()
 
 
 @dataclass
