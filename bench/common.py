@@ -30,8 +30,9 @@ def wait_serving(address: str, timeout: float = 60.0) -> None:
     while time.monotonic() < deadline:
         try:
             with grpc.insecure_channel(address) as ch:
-                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                             timeout=1)
+                reply = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
         except grpc.RpcError:
@@ -49,7 +50,9 @@ def serve(database_url: str | None = None, **env: str) -> Iterator[tuple[str, in
         environment = {**os.environ, "ORCHESTRATOR_LOG_LEVEL": "warning", **env}
         proc = subprocess.Popen(
             [ORCHESTRATOR, "serve", "--port", str(port), "--database-url", url],
-            env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_serving(f"127.0.0.1:{port}")
@@ -77,8 +80,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def summary(values: Sequence[float]) -> str:
-    return (f"p50 {percentile(values, 0.5) * 1000:.1f} ms, p99 {percentile(values, 0.99) * 1000:.1f} ms, "
-            f"mean {statistics.fmean(values) * 1000:.1f} ms" if values else "no samples")
+    return (
+        f"p50 {percentile(values, 0.5) * 1000:.1f} ms, p99 {percentile(values, 0.99) * 1000:.1f} ms, "
+        f"mean {statistics.fmean(values) * 1000:.1f} ms"
+        if values
+        else "no samples"
+    )
 
 
 def table(rows: list[tuple[str, str, str]]) -> str:

@@ -48,7 +48,8 @@ async def fanout(address: str, watchers: int, steps: int, channels: int = 4) -> 
     async def watch(i: int) -> None:
         nonlocal received, first_at, last_at, connected
         call = stubs[i % channels].WatchExecution(
-            pb.WatchExecutionRequest(run_id=run.run_id), metadata=md)
+            pb.WatchExecutionRequest(run_id=run.run_id), metadata=md
+        )
         async for item in call:
             now = time.time()
             event = item.event
@@ -69,25 +70,36 @@ async def fanout(address: str, watchers: int, steps: int, channels: int = 4) -> 
     snapshot = await stubs[0].GetExecution(pb.GetExecutionRequest(run_id=run.run_id), metadata=md)
     while not snapshot.execution.pending_clarifications:
         await asyncio.sleep(0.05)
-        snapshot = await stubs[0].GetExecution(pb.GetExecutionRequest(run_id=run.run_id),
-                                               metadata=md)
+        snapshot = await stubs[0].GetExecution(
+            pb.GetExecutionRequest(run_id=run.run_id), metadata=md
+        )
     clar = snapshot.execution.pending_clarifications[0]
     from google.protobuf import struct_pb2
 
-    await stubs[0].RespondToClarification(pb.RespondToClarificationRequest(
-        run_id=run.run_id, clarification_id=clar.clarification_id,
-        response=struct_pb2.Value(string_value="go")), metadata=md)
+    await stubs[0].RespondToClarification(
+        pb.RespondToClarificationRequest(
+            run_id=run.run_id,
+            clarification_id=clar.clarification_id,
+            response=struct_pb2.Value(string_value="go"),
+        ),
+        metadata=md,
+    )
     await asyncio.wait_for(asyncio.gather(*tasks), 600)
     for c in chans:
         await c.close()
     span = max(last_at - first_at, 1e-9)
-    print(f"watch fan-out: {watchers} watchers, {received // watchers} events each, "
-          f"{received} deliveries")
+    print(
+        f"watch fan-out: {watchers} watchers, {received // watchers} events each, "
+        f"{received} deliveries"
+    )
     print(f"  commit-to-delivery: {summary(latencies)}")
     print(f"  delivered: {received / span:,.0f} events/s over {span:.2f} s")
     ordered = sorted(latencies)
-    return {"p50": ordered[len(ordered) // 2], "p99": ordered[int(0.99 * len(ordered))],
-            "rate": received / span}
+    return {
+        "p50": ordered[len(ordered) // 2],
+        "p99": ordered[int(0.99 * len(ordered))],
+        "rate": received / span,
+    }
 
 
 def main() -> None:

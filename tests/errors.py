@@ -25,7 +25,7 @@ def details_of(err: grpc.aio.AioRpcError) -> Details:
     out = Details(code=err.code(), message=err.details() or "")
     for key, value in err.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)  # type: ignore[arg-type]
+            status = status_pb2.Status.FromString(value)
             assert status.code == err.code().value[0]
             for detail in status.details:
                 if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):

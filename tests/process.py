@@ -24,11 +24,18 @@ def free_port() -> int:
 class ServeProcess:
     """`orchestrator serve` on a free port; `stop` signals it and returns the exit code."""
 
-    def __init__(self, database_url: str, log: Path, *extra: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        log: Path,
+        *extra: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log
-        env = {**os.environ, "ORCHESTRATOR_LOG_FORMAT": "json"}
+        environment = {**os.environ, "ORCHESTRATOR_LOG_FORMAT": "json", **(env or {})}
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -42,7 +49,7 @@ class ServeProcess:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=environment,
         )
 
     def wait_serving(self, timeout: float = 30.0) -> None:

@@ -4,41 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+
 from orchestrator.server.app import Server
 from orchestrator.server.plan import plan_hash
 from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-
 from tests.conftest import echo_plan, load_plan, make_settings, md, plan_of
 from tests.errors import details_of
 
-Stub = pb_grpc.OrchestratorServiceStub
+if TYPE_CHECKING:
+    Stub = pb_grpc.OrchestratorServiceAsyncStub
+
+Metadata = tuple[tuple[str, str], ...]
+ResponseT = TypeVar("ResponseT")
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, database_url: str) -> Settings:
     """The contract tests hold runs in chosen states, so this server executes nothing
     (API-only); the engine has its own tests."""
-    return make_settings(tmp_path, execute=False)
+    return make_settings(tmp_path, database_url, execute=False)
 
 
 async def execute(
-    stub: Stub, tenant: str, plan: pb.ExecutablePlan | None = None, **fields: object
+    stub: Stub, tenant: str, plan: pb.ExecutablePlan | None = None, **fields: Any
 ) -> pb.ExecuteResponse:
-    request = pb.ExecuteRequest(executable_plan=plan or echo_plan(), **fields)  # type: ignore[arg-type]
+    request = pb.ExecuteRequest(executable_plan=plan or echo_plan(), **fields)
     response: pb.ExecuteResponse = await stub.Execute(request, metadata=md(tenant))
     return response
 
 
-async def expect_error(call: object) -> grpc.aio.AioRpcError:
+async def expect_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
+        await call
     return info.value
 
 
@@ -93,7 +99,7 @@ async def test_dry_run_is_completed_with_execution_order(stub: Stub, tenant: str
     execution = response.execution
     assert execution.status == pb.EXECUTION_STATUS_COMPLETED
     assert execution.dry_run
-    order = list(execution.results["execution_order"])
+    order = list(cast(struct_pb2.ListValue, execution.results["execution_order"]))
     assert order[0] == "fetch" and order[-1] == "merge"
     assert set(order) == {"fetch", "left", "right", "merge"}
     assert all(s.status == pb.STEP_STATUS_SKIPPED for s in execution.steps)
@@ -202,7 +208,7 @@ async def test_concurrent_duplicate_submissions_make_one_run(stub: Stub, tenant:
 # ---------------------------------------------------------------- tenancy
 
 
-def all_calls(stub: Stub, run_id: str) -> dict[str, object]:
+def all_calls(stub: Stub, run_id: str) -> dict[str, Callable[[Metadata], Awaitable[object]]]:
     return {
         "Execute": lambda m: stub.Execute(
             pb.ExecuteRequest(executable_plan=echo_plan()), metadata=m
@@ -226,11 +232,17 @@ def all_calls(stub: Stub, run_id: str) -> dict[str, object]:
     }
 
 
-async def _first(stream: grpc.aio.UnaryStreamCall) -> object:  # type: ignore[type-arg]
+async def _first(stream: grpc.aio.UnaryStreamCall[Any, Any]) -> object:
     async for item in stream:
         stream.cancel()
         return item
     return None
+
+
+async def _read(stream: grpc.aio.UnaryStreamCall[Any, ResponseT]) -> ResponseT:
+    """The stream's next message, where the test expects one (not EOF). grpc-stubs type
+    `read()` as `object`, since their EOF type is `object`."""
+    return cast(ResponseT, await stream.read())
 
 
 @pytest.mark.parametrize(
@@ -241,10 +253,10 @@ async def _first(stream: grpc.aio.UnaryStreamCall) -> object:  # type: ignore[ty
     ],
 )
 async def test_every_rpc_requires_a_valid_tenant(
-    stub: Stub, metadata: tuple[tuple[str, str], ...], code: grpc.StatusCode, reason: str
+    stub: Stub, metadata: Metadata, code: grpc.StatusCode, reason: str
 ) -> None:
     for name, call in all_calls(stub, str(uuid.uuid4())).items():
-        err = await expect_error(call(metadata))  # type: ignore[operator]
+        err = await expect_error(call(metadata))
         d = details_of(err)
         assert (d.code, d.reason) == (code, reason), name
 
@@ -263,7 +275,7 @@ async def test_other_tenants_runs_are_not_found_on_every_run_scoped_rpc(
         "RespondToClarification",
         "WatchExecution",
     ):
-        err = await expect_error(calls[name](intruder))  # type: ignore[operator]
+        err = await expect_error(calls[name](intruder))
         d = details_of(err)
         assert d.code == grpc.StatusCode.NOT_FOUND, name
         assert d.reason == "EXECUTION_NOT_FOUND", name
@@ -341,7 +353,9 @@ async def test_list_filters(stub: Stub, tenant: str) -> None:
     [
         (pb.ListExecutionsRequest(page_size=-1), "page_size"),
         (
-            pb.ListExecutionsRequest(filter=pb.ExecutionFilter(statuses=[99])),  # type: ignore[list-item]
+            pb.ListExecutionsRequest(
+                filter=pb.ExecutionFilter(statuses=[pb.ExecutionStatus.ValueType(99)])
+            ),
             "filter.statuses[0]",
         ),
     ],
@@ -535,7 +549,7 @@ async def test_watch_snapshot_then_events_until_terminal(stub: Stub, tenant: str
     run = await execute(stub, tenant)
     m = md(tenant)
     stream = stub.WatchExecution(pb.WatchExecutionRequest(run_id=run.run_id), metadata=m)
-    first = (await stream.read()).event
+    first = (await _read(stream)).event
     assert first.type == pb.EVENT_TYPE_SNAPSHOT
     assert first.sequence == 1
     assert first.execution.status == pb.EXECUTION_STATUS_PENDING
@@ -543,7 +557,7 @@ async def test_watch_snapshot_then_events_until_terminal(stub: Stub, tenant: str
     await stub.Cancel(pb.CancelRequest(run_id=run.run_id), metadata=m)
     rest = []
     while (item := await stream.read()) is not grpc.aio.EOF:
-        rest.append(item.event)
+        rest.append(cast(pb.WatchExecutionResponse, item).event)
     assert [e.sequence for e in rest] == [2, 3]
     assert [e.execution.status for e in rest] == [
         pb.EXECUTION_STATUS_PAUSED,
@@ -591,8 +605,8 @@ async def test_watch_executions_streams_status_changes_and_resumes_by_cursor(
     await asyncio.sleep(0.2)
     run = await execute(stub, tenant)
     await stub.Pause(pb.PauseRequest(run_id=run.run_id), metadata=m)
-    first = await stream.read()
-    second = await stream.read()
+    first = await _read(stream)
+    second = await _read(stream)
     stream.cancel()
     assert first.event.run_id == run.run_id
     assert first.event.execution.status == pb.EXECUTION_STATUS_PENDING
@@ -603,7 +617,7 @@ async def test_watch_executions_streams_status_changes_and_resumes_by_cursor(
     resumed = stub.WatchExecutions(
         pb.WatchExecutionsRequest(after_cursor=second.cursor), metadata=m
     )
-    got = [(await resumed.read()).event.execution.status for _ in range(2)]
+    got = [(await _read(resumed)).event.execution.status for _ in range(2)]
     resumed.cancel()
     assert got == [pb.EXECUTION_STATUS_RUNNING, pb.EXECUTION_STATUS_CANCELLED]
     # Another tenant's cursor or a forged one is refused.
@@ -648,7 +662,7 @@ async def test_reflection_lists_the_nine_rpcs(channel: grpc.aio.Channel, version
 
     async def ask(**kw: str) -> reflection_pb2.ServerReflectionResponse:
         responses = [r async for r in call(iter([reflection_pb2.ServerReflectionRequest(**kw)]))]
-        return responses[0]  # type: ignore[no-any-return]
+        return responses[0]
 
     services = (await ask(list_services="")).list_services_response.service
     names = {s.name for s in services}
@@ -673,3 +687,25 @@ async def test_reflection_lists_the_nine_rpcs(channel: grpc.aio.Channel, version
             "WatchExecutions",
         ]
     )
+
+
+async def test_over_long_request_strings_are_invalid_not_internal(stub: Stub, tenant: str) -> None:
+    long = "x" * 300
+    err = await expect_error(
+        stub.Execute(
+            pb.ExecuteRequest(
+                executable_plan=echo_plan(),
+                triggered_by=long,
+                correlation_id=long,
+                idempotency_key=long,
+            ),
+            metadata=md(tenant),
+        )
+    )
+    d = details_of(err)
+    assert d.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert sorted(f for f, _ in d.violations) == [
+        "correlation_id",
+        "idempotency_key",
+        "triggered_by",
+    ]

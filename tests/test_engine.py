@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
 from orchestrator.server.app import Server
+from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-
 from tests.conftest import load_plan, md, plan_of
 from tests.errors import details_of
 
-Stub = pb_grpc.OrchestratorServiceStub
+if TYPE_CHECKING:
+    Stub = pb_grpc.OrchestratorServiceAsyncStub
+
 S = pb.StepStatus
 
 
@@ -69,10 +73,10 @@ async def until(
                 pb.GetExecutionRequest(run_id=run_id), metadata=md(tenant)
             )
             if check(got.execution):
-                return got.execution  # type: ignore[no-any-return]
+                return got.execution
         got = await stub.GetExecution(pb.GetExecutionRequest(run_id=run_id), metadata=md(tenant))
         assert check(got.execution), got.execution
-        return got.execution  # type: ignore[no-any-return]
+        return got.execution
 
     return await asyncio.wait_for(watch(), limit)
 
@@ -85,7 +89,7 @@ def output(step: pb.StepExecution) -> Any:
     return json_format.MessageToDict(step.output)
 
 
-def seconds(ts: Any) -> float:
+def seconds(ts: timestamp_pb2.Timestamp) -> float:
     return float(ts.ToNanoseconds()) / 1e9
 
 
@@ -116,7 +120,7 @@ async def test_sequential_example_runs_in_order_with_templates(stub: Stub, tenan
     assert execution.progress == 1.0
     assert json_format.MessageToDict(execution.results)["report"]["length"] == 9
     order = ["greet", "remember", "report"]
-    for before, after in zip(order, order[1:], strict=False):
+    for before, after in itertools.pairwise(order):
         assert seconds(st[before].completed_at) <= seconds(st[after].started_at)
     assert all(s.attempts == 1 for s in execution.steps)
 
@@ -348,8 +352,8 @@ async def test_template_keeps_the_type_of_one_steps_output(stub: Stub, tenant: s
     execution = await run_sync(stub, tenant, plan)
     sink = steps(execution)["sink"].output.struct_value
     assert sink["count"] == 3 and isinstance(sink["count"], float)
-    assert list(sink["tags"]) == ["x", "y"]
-    assert sink["nested"]["ok"] is True
+    assert list(cast(struct_pb2.ListValue, sink["tags"])) == ["x", "y"]
+    assert cast(struct_pb2.Struct, sink["nested"])["ok"] is True
     assert sink["text"] == "n=3"
     assert sink["next"] == 4
 
@@ -612,8 +616,11 @@ async def test_cancel_during_a_long_wait_is_immediate(
         pb.CancelRequest(run_id=run_id, reason="enough"), metadata=md(tenant)
     )
     assert cancelled.status == pb.EXECUTION_STATUS_CANCELLED
-    while run_id in server.engine.runs:  # the tool call itself is gone, not just the status
-        await asyncio.sleep(0.01)
+    # The tool call itself is gone, not just the status. The engine offers no event for a run's
+    # task ending (its public `runs` map is the signal), so poll it, bounded so it cannot hang.
+    async with asyncio.timeout(5):
+        while run_id in server.engine.runs:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
     elapsed = time.monotonic() - started
     assert elapsed < 1.0
     got = (
@@ -713,7 +720,7 @@ async def test_five_hundred_concurrent_runs_all_complete(stub: Stub, tenant: str
 
 
 async def test_entry_point_tool_runs_in_a_plan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Any
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Settings
 ) -> None:
     """A distribution on sys.path that declares an `orchestrator.tools` entry point."""
     (tmp_path / "shout_tool.py").write_text(
@@ -758,7 +765,7 @@ def struct_of(data: dict[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
-async def expect_error(call: Any) -> grpc.aio.AioRpcError:
+async def expect_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     return info.value

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from orchestrator.server.expressions import (
     ExpressionError,
     compile_condition,

@@ -10,9 +10,9 @@ import grpc
 from google.protobuf import duration_pb2, json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-
 from tests.conftest import ThreadedServer
 
 IDS = st.sampled_from(["a", "b", "c", "d", "", "a b", "x" * 200, "ü", "s-1", "{{"])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from orchestrator.server.errors import Conflict, InvalidTransition
 from orchestrator.server.lifecycle import (
     TERMINAL,
@@ -19,9 +21,8 @@ from orchestrator.server.lifecycle import (
 )
 from orchestrator.server.store.database import Database
 from orchestrator.server.store.runs import EventSpec, NewRun, NewStep, RunStore
-from orchestrator.server.store.writer import Tx, Writer
+from orchestrator.server.store.writer import Tx, Unit, Writer
 from orchestrator.v1 import orchestrator_pb2 as pb
-
 from tests.conftest import echo_plan, sqlite_url
 
 CONTROLS = [Action.PAUSE, Action.RESUME, Action.CANCEL]
@@ -99,7 +100,9 @@ def test_store_follows_the_table_and_logs_every_change(
                 expected_events += 1
         execution = await store.get_execution(tenant, run_id)
         assert execution.status == pb.ExecutionStatus.Value(f"EXECUTION_STATUS_{model.value}")
-        events = [pb.ExecutionEvent.FromString(p) for p in await store.read_events(run_id, 0)]
+        events = [
+            pb.ExecutionEvent.FromString(r.payload) for r in await store.read_events(run_id, 0)
+        ]
         assert [e.sequence for e in events] == list(range(1, expected_events + 1))
         assert execution.last_sequence == expected_events
         await writer.stop()
@@ -119,8 +122,8 @@ async def test_compare_and_set_lets_exactly_one_of_two_stale_writers_win(tmp_pat
 
     seen = await writer.run(read)  # both writers decide from the same PAUSED row
 
-    def move(status: RunStatus) -> object:
-        async def unit(tx: Tx) -> object:
+    def move(status: RunStatus) -> Unit[dict[str, Any]]:
+        async def unit(tx: Tx) -> dict[str, Any]:
             return await store.update_run(
                 tx,
                 seen,
@@ -131,8 +134,8 @@ async def test_compare_and_set_lets_exactly_one_of_two_stale_writers_win(tmp_pat
         return unit
 
     results = await asyncio.gather(
-        writer.run(move(RunStatus.CANCELLED)),  # type: ignore[arg-type]
-        writer.run(move(RunStatus.RUNNING)),  # type: ignore[arg-type]
+        writer.run(move(RunStatus.CANCELLED)),
+        writer.run(move(RunStatus.RUNNING)),
         return_exceptions=True,
     )
     assert sum(isinstance(r, Conflict) for r in results) == 1

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+
 from orchestrator.server.logs import configure_logging
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-
 from tests.conftest import echo_plan, md
 
 
@@ -24,7 +24,7 @@ def log_lines() -> Iterator[io.StringIO]:
 
 
 async def test_correlation_id_in_metadata_and_log_lines(
-    stub: pb_grpc.OrchestratorServiceStub, tenant: str, log_lines: io.StringIO
+    stub: pb_grpc.OrchestratorServiceAsyncStub, tenant: str, log_lines: io.StringIO
 ) -> None:
     call = stub.Execute(
         pb.ExecuteRequest(executable_plan=echo_plan()),
@@ -51,7 +51,7 @@ async def test_correlation_id_in_metadata_and_log_lines(
 
 
 async def test_a_correlation_id_is_made_when_none_is_sent(
-    stub: pb_grpc.OrchestratorServiceStub, tenant: str
+    stub: pb_grpc.OrchestratorServiceAsyncStub, tenant: str
 ) -> None:
     call = stub.ListExecutions(pb.ListExecutionsRequest(), metadata=md(tenant))
     await call

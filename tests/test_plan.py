@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import json_format
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
 from orchestrator.server.errors import FieldViolation, PermissionDenied, ValidationFailed
 from orchestrator.server.plan import (
     DEFAULT_TIMEOUT_SECONDS,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-
 from tests.conftest import echo_plan, plan_of, sqlite_url
 from tests.process import ServeProcess
 

@@ -31,8 +31,8 @@ TERMINAL = (
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path, heartbeat_seconds=0.3, max_watchers_per_tenant=400)
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return make_settings(tmp_path, database_url, heartbeat_seconds=0.3, max_watchers_per_tenant=400)
 
 
 def steps_plan(n: int, seconds: float = 0.02, payload: int = 0) -> pb.ExecutablePlan:

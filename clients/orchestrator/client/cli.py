@@ -1,21 +1,174 @@
-"""The `orchestrator` command."""
+"""The `orchestrator` command: `serve` the service, or talk to one as a client."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
+from google.protobuf.message import Message
+from rich.console import Group, RenderableType
+from rich.live import Live
+
+from orchestrator.client import render
+from orchestrator.client.connection import DEFAULT_ADDRESS
+from orchestrator.client.errors import OrchestratorError
+from orchestrator.client.messages import (
+    PlanError,
+    load_plan,
+    status_name,
+    status_names,
+    to_status,
+)
+from orchestrator.client.sync import SyncOrchestratorClient
+from orchestrator.v1 import orchestrator_pb2 as pb
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
     help="Orchestrator: run ExecutablePlans and watch them.",
 )
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Exit code of `watch` and `execute --wait/--watch` by the run's final status.
+EXIT_CODES = {
+    pb.EXECUTION_STATUS_COMPLETED: 0,
+    pb.EXECUTION_STATUS_FAILED: 1,
+    pb.EXECUTION_STATUS_CANCELLED: 2,
+}
+
+
+class Output(StrEnum):
+    """How read commands print: rich tables, or proto3 JSON."""
+
+    table = "table"
+    json = "json"
+
+
+OutputOption = Annotated[
+    Output, typer.Option("--output", "-o", help="table, or json (proto3 JSON).")
+]
+RunArgument = Annotated[str, typer.Argument(help="The run's id.", show_default=False)]
+ReasonOption = Annotated[str, typer.Option(help="Why (recorded in the run's event).")]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The server and tenant the client commands talk to (global options)."""
+
+    address: str
+    tenant: str | None
+    api_key: str | None
+    correlation_id: str | None
+    tls: bool
+    root_cert: Path | None
+    client_cert: Path | None
+    client_key: Path | None
+
+    def client(self) -> SyncOrchestratorClient:
+        if not self.tenant:
+            raise typer.BadParameter(
+                "name the tenant (a UUID) with --tenant or ORCHESTRATOR_TENANT",
+                param_hint="--tenant",
+            )
+        if (self.client_cert is None) != (self.client_key is None):
+            raise typer.BadParameter(
+                "--client-cert and --client-key go together", param_hint="--client-cert"
+            )
+        return SyncOrchestratorClient(
+            self.address,
+            self.tenant,
+            correlation_id=self.correlation_id,
+            api_key=self.api_key,
+            tls=self.tls,
+            root_certificates=self.root_cert,
+            certificate_chain=self.client_cert,
+            private_key=self.client_key,
+        )
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    ctx: typer.Context,
+    address: Annotated[
+        str,
+        typer.Option(envvar="ORCHESTRATOR_ADDRESS", help="host:port of the server."),
+    ] = DEFAULT_ADDRESS,
+    tenant: Annotated[
+        str | None,
+        typer.Option(envvar="ORCHESTRATOR_TENANT", help="Tenant id (a UUID).", show_default=False),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ORCHESTRATOR_API_KEY",
+            help="Sent as `authorization: Bearer <key>`.",
+            show_default=False,
+        ),
+    ] = None,
+    correlation_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ORCHESTRATOR_CORRELATION_ID",
+            help="x-correlation-id of every call.",
+            show_default=False,
+        ),
+    ] = None,
+    tls: Annotated[
+        bool,
+        typer.Option("--tls/--plaintext", envvar="ORCHESTRATOR_TLS", help="Connect with TLS."),
+    ] = False,
+    root_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ORCHESTRATOR_ROOT_CERT",
+            help="PEM roots to verify the server with (implies --tls).",
+            exists=True,
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    client_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ORCHESTRATOR_CLIENT_CERT",
+            help="PEM client certificate chain for mTLS (implies --tls).",
+            exists=True,
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    client_key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ORCHESTRATOR_CLIENT_KEY",
+            help="PEM private key of --client-cert.",
+            exists=True,
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Orchestrator: run ExecutablePlans and watch them."""
+    ctx.obj = Target(
+        address=address,
+        tenant=tenant,
+        api_key=api_key,
+        correlation_id=correlation_id,
+        tls=tls,
+        root_cert=root_cert,
+        client_cert=client_cert,
+        client_key=client_key,
+    )
+
+
+# ---------------------------------------------------------------- serve
 
 
 @app.command()
@@ -44,6 +197,48 @@ def serve(
             help="Execute runs, or serve the API only [env ORCHESTRATOR_EXECUTE].",
         ),
     ] = None,
+    replica_id: Annotated[
+        str | None,
+        typer.Option(
+            help="This replica's name in run leases, default host:port "
+            "[env ORCHESTRATOR_REPLICA_ID]."
+        ),
+    ] = None,
+    lease_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="A run's lease lasts this long without renewal [env ORCHESTRATOR_LEASE_SECONDS]."
+        ),
+    ] = None,
+    retention_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="Delete finished runs older than this, 0 keeps them "
+            "[env ORCHESTRATOR_RETENTION_SECONDS]."
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Prometheus metrics port, 0 is off [env ORCHESTRATOR_METRICS_PORT]."),
+    ] = None,
+    heartbeat_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="Idle watch streams get a HEARTBEAT this often "
+            "[env ORCHESTRATOR_HEARTBEAT_SECONDS]."
+        ),
+    ] = None,
+    max_steps_in_flight: Annotated[
+        int | None,
+        typer.Option(
+            help="Steps in flight across all runs of the process "
+            "[env ORCHESTRATOR_MAX_STEPS_IN_FLIGHT]."
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="debug, info, warning, error or critical [env ORCHESTRATOR_LOG_LEVEL]."),
+    ] = None,
 ) -> None:
     """Run the gRPC server until SIGTERM."""
     from orchestrator.server.serve import run
@@ -64,7 +259,297 @@ def serve(
         settings.shutdown_grace = shutdown_grace
     if execute is not None:
         settings.execute = execute
+    if replica_id is not None:
+        settings.replica_id = replica_id
+    if lease_seconds is not None:
+        settings.lease_seconds = lease_seconds
+    if retention_seconds is not None:
+        settings.retention_seconds = retention_seconds
+    if metrics_port is not None:
+        settings.metrics_port = metrics_port
+    if heartbeat_seconds is not None:
+        settings.heartbeat_seconds = heartbeat_seconds
+    if max_steps_in_flight is not None:
+        settings.max_steps_in_flight = max_steps_in_flight
+    if log_level is not None:
+        if log_level.lower() not in LOG_LEVELS:
+            raise typer.BadParameter(
+                f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
+            )
+        settings.log_level = log_level.lower()
     run(settings)
+
+
+# ---------------------------------------------------------------- client commands
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def connected(ctx: typer.Context) -> Iterator[SyncOrchestratorClient]:
+    """A client for the global options; a failed call prints `error: CODE REASON: message`
+    and its field violations, and exits 1."""
+    target: Target = ctx.obj
+    try:
+        with target.client() as client:
+            yield client
+    except OrchestratorError as err:
+        lines = [f"error: {err}"]
+        lines += [f"  - {v.field}: {v.description}" for v in err.violations]
+        typer.echo("\n".join(lines), err=True)
+        raise typer.Exit(1) from None
+    except TimeoutError as err:
+        fail(f"DEADLINE_EXCEEDED: {err}")
+    except OSError as err:
+        fail(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def show(output: Output, message: Message, view: RenderableType) -> None:
+    """Print `message` as proto3 JSON, or `view` for people."""
+    if output is Output.json:
+        typer.echo(render.json_text(message))
+    else:
+        render.console().print(view)
+
+
+def json_value(text: str) -> Any:
+    """`text` as JSON when it parses, else as a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def pairs(items: list[str], option: str) -> dict[str, Any]:
+    """`k=v` options as a dict, each value JSON when it parses."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not key=value", param_hint=option)
+        out[key] = json_value(value)
+    return out
+
+
+def follow(
+    client: SyncOrchestratorClient, run_id: str, output: Output
+) -> pb.ExecutionStatus.ValueType:
+    """Print a run's events until it ends: a live view on a terminal, one line per event
+    otherwise (one JSON object per line with --output json). Returns the final status."""
+    out = render.console()
+    view = render.RunView()
+    if output is Output.table and out.is_terminal:
+        with Live(view, console=out, refresh_per_second=8, transient=False):
+            for event in client.watch(run_id):
+                view.apply(event)
+    else:
+        for event in client.watch(run_id):
+            view.apply(event)
+            if output is Output.json:
+                typer.echo(render.json_text(event, compact=True))
+            else:
+                typer.echo(render.event_line(event))
+    if output is Output.table:
+        view.execution.run_id = view.execution.run_id or run_id
+        out.print(render.status_line(view.execution))
+    return view.execution.status
+
+
+def finish(status: pb.ExecutionStatus.ValueType) -> NoReturn:
+    raise typer.Exit(EXIT_CODES.get(status, 1))
+
+
+@app.command()
+def execute(
+    ctx: typer.Context,
+    plan: Annotated[
+        Path, typer.Argument(help="The ExecutablePlan, a proto3 JSON file.", show_default=False)
+    ],
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="k=v run parameter (v is JSON when it parses)."),
+    ] = None,
+    var: Annotated[
+        list[str] | None,
+        typer.Option("--var", help="k=v run variable (v is JSON when it parses)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Validate and order; call no tool.")] = False,
+    idempotency_key: Annotated[
+        str, typer.Option(help="The same key and request return the first run.")
+    ] = "",
+    triggered_by: Annotated[str, typer.Option(help="Who submits the run.")] = "",
+    timeout: Annotated[
+        float | None, typer.Option(help="Run timeout in seconds.", show_default=False)
+    ] = None,
+    validate_capabilities: Annotated[
+        bool,
+        typer.Option(
+            "--validate-capabilities/--no-validate-capabilities",
+            help="Check tools and capabilities against the plan's security context.",
+        ),
+    ] = True,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="Wait for the end; exit 0/1/2 as completed/failed/cancelled."),
+    ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Show the run live until it ends (exit codes as --wait)."),
+    ] = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Submit a plan as a new run."""
+    if wait and watch:
+        raise typer.BadParameter("choose one of --wait and --watch", param_hint="--watch")
+    try:
+        executable = load_plan(plan)
+    except PlanError as err:
+        raise typer.BadParameter(str(err), param_hint="PLAN") from None
+    parameters = pairs(param or [], "--param")
+    variables = pairs(var or [], "--var")
+    with connected(ctx) as client:
+        response = client.execute(
+            executable,
+            parameters=parameters,
+            variables=variables,
+            dry_run=dry_run,
+            idempotency_key=idempotency_key,
+            timeout=timeout,
+            triggered_by=triggered_by,
+            validate_capabilities=None if validate_capabilities else False,
+        )
+        if watch:
+            finish(follow(client, response.run_id, output))
+        if wait:
+            final = client.wait(response.run_id)
+            show(output, final, Group(render.execution_view(final), render.status_line(final)))
+            finish(final.status)
+        show(output, response, render.execution_view(response.execution))
+
+
+@app.command()
+def get(ctx: typer.Context, run: RunArgument, output: OutputOption = Output.table) -> None:
+    """Show one run."""
+    with connected(ctx) as client:
+        execution = client.get(run)
+    show(output, execution, render.execution_view(execution))
+
+
+@app.command("list")
+def list_runs(
+    ctx: typer.Context,
+    status: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status", "-s", help=f"Only runs in this status ({', '.join(status_names())})."
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many runs; 0 for all.", min=0)] = 50,
+    triggered_by: Annotated[str, typer.Option(help="Only runs submitted by this caller.")] = "",
+    plan_hash: Annotated[str, typer.Option(help="Only runs of this plan hash.")] = "",
+    page_size: Annotated[int, typer.Option(help="Runs fetched per call.", min=1, max=500)] = 100,
+    output: OutputOption = Output.table,
+) -> None:
+    """List the tenant's runs, newest first."""
+    try:
+        statuses = [to_status(s) for s in status or []]
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--status") from None
+    with connected(ctx) as client:
+        executions = list(
+            client.list(
+                statuses=statuses,
+                plan_hash=plan_hash,
+                triggered_by=triggered_by,
+                page_size=page_size,
+                limit=limit or None,
+            )
+        )
+    if output is Output.json:
+        typer.echo(render.json_text(executions))
+    else:
+        render.console().print(render.executions_table(executions))
+
+
+@app.command()
+def watch(ctx: typer.Context, run: RunArgument, output: OutputOption = Output.table) -> None:
+    """Follow a run until it ends; exit 0 completed, 1 failed, 2 cancelled."""
+    with connected(ctx) as client:
+        status = follow(client, run, output)
+    finish(status)
+
+
+def _transition(
+    message: pb.PauseResponse | pb.ResumeResponse | pb.CancelResponse, output: Output
+) -> None:
+    if output is Output.json:
+        typer.echo(render.json_text(message))
+        return
+    run_id: str = message.run_id
+    status = render.styled(status_name(message.status))
+    text: str = message.message
+    render.console().print(f"run {run_id} {status}" + (f": {text}" if text else ""))
+
+
+@app.command()
+def pause(
+    ctx: typer.Context,
+    run: RunArgument,
+    reason: ReasonOption = "",
+    output: OutputOption = Output.table,
+) -> None:
+    """Pause a run: no new step starts until resumed."""
+    with connected(ctx) as client:
+        _transition(client.pause(run, reason), output)
+
+
+@app.command()
+def resume(
+    ctx: typer.Context,
+    run: RunArgument,
+    reason: ReasonOption = "",
+    output: OutputOption = Output.table,
+) -> None:
+    """Resume a paused run."""
+    with connected(ctx) as client:
+        _transition(client.resume(run, reason), output)
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    run: RunArgument,
+    reason: ReasonOption = "",
+    output: OutputOption = Output.table,
+) -> None:
+    """Cancel a run."""
+    with connected(ctx) as client:
+        _transition(client.cancel(run, reason), output)
+
+
+@app.command()
+def respond(
+    ctx: typer.Context,
+    run: RunArgument,
+    clarification: Annotated[
+        str, typer.Argument(help="The clarification's id.", show_default=False)
+    ],
+    value: Annotated[
+        str,
+        typer.Argument(help="The answer: JSON when it parses, else a string.", show_default=False),
+    ],
+    responded_by: Annotated[str, typer.Option(help="Who answers.")] = "",
+    output: OutputOption = Output.table,
+) -> None:
+    """Answer a pending clarification."""
+    with connected(ctx) as client:
+        execution = client.respond(run, clarification, json_value(value), responded_by)
+    show(output, execution, render.execution_view(execution))
 
 
 def main(argv: list[str] | None = None) -> None:

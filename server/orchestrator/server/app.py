@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import sqlalchemy as sa
@@ -12,6 +16,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
 from orchestrator.server.api.interceptors import (
     CallContextInterceptor,
     ErrorInterceptor,
@@ -20,7 +25,10 @@ from orchestrator.server.api.interceptors import (
 from orchestrator.server.api.servicer import OrchestratorServicer, register
 from orchestrator.server.control import ControlPlane
 from orchestrator.server.engine import Engine, Journal
+from orchestrator.server.engine.journal import Answer
+from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.settings import Settings
+from orchestrator.server.store.cluster import CHANNEL, ClusterBus
 from orchestrator.server.store.database import Database
 from orchestrator.server.store.runs import RunStore
 from orchestrator.server.store.schema import server_settings
@@ -60,7 +68,9 @@ class Server:
     engine: Engine
     health: health.aio.HealthServicer
     port: int = 0
+    bus: ClusterBus | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -68,30 +78,72 @@ class Server:
 
     async def start(self) -> None:
         await self.grpc_server.start()
-        recovered = await self.engine.recover()
+        if self.bus is not None:
+            await self.bus.start()
+        recovered = await self.engine.start()
+        if self.settings.retention_seconds > 0:
+            self._background.append(asyncio.create_task(self._retention(), name="retention"))
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "server.started",
             address=self.address,
+            replica=self.engine.owner,
             database=self.db.url.render_as_string(),
             recovered_runs=recovered,
         )
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`."""
+        """Drain: NOT_SERVING, refuse new calls, let calls and tool calls in flight finish
+        within `grace`, hand the leases back."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        for task in self._background:
+            task.cancel()
         await asyncio.gather(self.grpc_server.stop(grace), self.engine.stop(grace))
+        if self.bus is not None:
+            await self.bus.stop()
         await self.writer.stop()
         await self.db.close()
         log.info("server.stopped")
 
     async def wait(self) -> None:
         await self.grpc_server.wait_for_termination()
+
+    async def _retention(self) -> None:
+        """Delete finished runs older than the retention period, a batch at a time."""
+        keep = self.settings.retention_seconds
+        while True:
+            try:
+                pruned = await self.store.prune(time.time() - keep)
+                if pruned:
+                    log.info("retention.pruned", runs=pruned)
+                    continue  # more may be due: go on at once
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retention.failed")
+            await asyncio.sleep(min(max(keep / 10, 1.0), 60.0))
+
+
+def on_cluster_message(hub: Hub, engine: Engine) -> Callable[[list[list[Any]]], None]:
+    """What another replica's commit means here."""
+
+    def handle(messages: list[list[Any]]) -> None:
+        hub.on_remote(messages)
+        for message in messages:
+            kind = message[0]
+            if kind == "control":
+                engine.control(message[1], RunStatus(message[2]))
+            elif kind == "answer":
+                engine.answered(message[1], message[2], Answer.from_json(message[3]))
+            elif kind in ("claim", "resync"):
+                engine.wake_claimer()
+
+    return handle
 
 
 async def _signing_key(writer: Writer) -> bytes:
@@ -140,24 +192,6 @@ def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> No
 
 async def build_server(settings: Settings, registry: ToolRegistry | None = None) -> Server:
     """Open the store (migrating it), wire the service and bind the port (0 = any free one)."""
-    db = Database(settings.database_url)
-    await db.migrate()
-    writer = Writer(db.writer)
-    writer.start()
-    hub = Hub(settings.max_watchers_per_tenant)
-    writer.add_listener(hub.on_commit)
-    store = RunStore(db, writer)
-    tokens = TokenCodec(await _signing_key(writer))
-    registry = registry or default_registry()
-    journal = Journal(store)
-    engine = Engine(
-        journal,
-        registry,
-        max_steps_in_flight=settings.max_steps_in_flight,
-        enabled=settings.execute,
-    )
-    control = ControlPlane(settings, store, hub, tokens, registry, engine, journal)
-
     grpc_server = grpc.aio.server(
         interceptors=[
             aio_server_interceptor(),  # type: ignore[no-untyped-call]
@@ -167,13 +201,36 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
         ],
         options=SERVER_OPTIONS,
     )
+    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+    replica = settings.replica_id or f"{socket.gethostname()}:{port}"
+    db = Database(settings.database_url)
+    await db.migrate()
+    writer = Writer(db.writer, notify_channel="" if db.is_sqlite else CHANNEL, origin=replica)
+    writer.start()
+    hub = Hub(settings.max_watchers_per_tenant)
+    writer.add_listener(hub.on_commit)
+    store = RunStore(db, writer)
+    tokens = TokenCodec(await _signing_key(writer))
+    registry = registry or default_registry()
+    journal = Journal(store, owner=replica)
+    engine = Engine(
+        journal,
+        registry,
+        max_steps_in_flight=settings.max_steps_in_flight,
+        enabled=settings.execute,
+        lease_seconds=settings.lease_seconds,
+        single_replica=db.is_sqlite,
+    )
+    control = ControlPlane(settings, store, hub, tokens, registry, engine, journal)
+    bus = None
+    if not db.is_sqlite:
+        bus = ClusterBus(db.url, replica, on_cluster_message(hub, engine))
     register(OrchestratorServicer(control), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     _enable_reflection(grpc_server, (SERVICE_NAME, health.SERVICE_NAME))
-    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
     return Server(
         settings=settings,
         grpc_server=grpc_server,
@@ -185,4 +242,5 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
         engine=engine,
         health=health_servicer,
         port=port,
+        bus=bus,
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
+
 from orchestrator.server.engine import Engine, Journal
 from orchestrator.server.errors import (
     FailedPrecondition,
@@ -19,7 +20,7 @@ from orchestrator.server.errors import (
     ValidationFailed,
 )
 from orchestrator.server.lifecycle import Action, RunStatus
-from orchestrator.server.plan import check_capabilities, validate_request
+from orchestrator.server.plan import MAX_REQUEST_STRING, check_capabilities, validate_request
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.runs import (
     RUN_STATUS_PB,
@@ -95,11 +96,18 @@ class ControlPlane:
             request_digest=request_digest(request) if request.idempotency_key else "",
             dry_run_order=validated.order if request.dry_run else None,
         )
+        if self.engine.enabled and self.engine.single_replica and not request.dry_run:
+            # One replica on its own store runs what it accepts, without a claim round trip.
+            new.owner = self.engine.owner
+            new.lease_expires_at = time.time() + self.engine.lease_seconds
         created = await self.store.create_run(new)
         execution = created.execution
         run_id = execution.run_id
         if created.created and not request.dry_run:
-            self.engine.submit(run_id)
+            if new.owner:
+                self.engine.submit(run_id)
+            else:
+                self.engine.wake_claimer()
         if (
             request.HasField("async_execution")
             and not request.async_execution
@@ -190,6 +198,11 @@ class ControlPlane:
     ) -> pb.Execution:
         """Answer a pending clarification."""
         _require_run_id(request.run_id)
+        if len(request.responded_by) > MAX_REQUEST_STRING:
+            raise ValidationFailed(
+                "responded_by is too long",
+                violations=[FieldViolation("responded_by", "must be at most 256 characters")],
+            )
         if not request.clarification_id:
             raise ValidationFailed(
                 "clarification_id is required",

@@ -23,6 +23,7 @@ from typing import Any
 
 import rfc8785
 from google.protobuf import duration_pb2, json_format, struct_pb2
+
 from orchestrator.server.errors import FieldViolation, PermissionDenied, ValidationFailed
 from orchestrator.server.expressions import (
     Condition,
@@ -56,6 +57,11 @@ _ON_FAILURE = ("", "stop", "continue")
 _MAX_DURATION_SECONDS = 315_576_000_000
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _DURATION_STRING = re.compile(r"(\d{1,12})(\.\d{1,9})?s")
+
+
+# Column widths of the store: longer values are the caller's mistake, not ours.
+MAX_ID = 128
+MAX_REQUEST_STRING = 256
 
 
 def plan_hash(plan: pb.ExecutablePlan) -> str:
@@ -157,6 +163,9 @@ def validate_request(request: pb.ExecuteRequest, registry: ToolRegistry) -> Vali
     """Validate an ExecuteRequest's plan; ValidationFailed lists every problem found."""
     problems = _Problems()
     request_timeout: float | None = None
+    for name in ("triggered_by", "correlation_id", "idempotency_key"):
+        if len(getattr(request, name)) > MAX_REQUEST_STRING:
+            problems.add(name, f"must be at most {MAX_REQUEST_STRING} characters")
     if request.HasField("timeout"):
         request_timeout = _check_duration(problems, "timeout", request.timeout, positive=True)
     for name in ("parameters", "variables"):
@@ -270,6 +279,8 @@ class _PlanValidator:
             path = f"{_PLAN}.flows[{i}]"
             if not flow.flow_id:
                 add(f"{path}.flow_id", "must not be empty")
+            elif len(flow.flow_id) > MAX_ID:
+                add(f"{path}.flow_id", f"must be at most {MAX_ID} characters")
             elif flow.flow_id in seen:
                 add(
                     f"{path}.flow_id",

@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 import structlog
+
 from orchestrator.server.app import build_server
 from orchestrator.server.logs import configure_logging
 from orchestrator.server.settings import Settings

@@ -38,6 +38,15 @@ class Settings:
     max_watchers_per_tenant: int = field(
         default_factory=lambda: int(_env("MAX_WATCHERS_PER_TENANT", "1000"))
     )
+    # This replica's name in run leases (default: host:port). A replica restarted under the
+    # same name takes its runs back at once instead of waiting for their leases to lapse.
+    replica_id: str = field(default_factory=lambda: _env("REPLICA_ID", ""))
+    # A run's lease lasts this long without a heartbeat; then another replica may take it.
+    lease_seconds: float = field(default_factory=lambda: float(_env("LEASE_SECONDS", "10")))
+    # Finished runs older than this are deleted with their events (0 = keep forever).
+    retention_seconds: float = field(default_factory=lambda: float(_env("RETENTION_SECONDS", "0")))
+    # Prometheus metrics on this port (0 = off).
+    metrics_port: int = field(default_factory=lambda: int(_env("METRICS_PORT", "0")))
     max_page_size: int = 500
     default_page_size: int = 50
     default_run_timeout: float = 600.0

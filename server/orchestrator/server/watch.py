@@ -84,10 +84,20 @@ class _RunChannel:
             self.cached_bytes -= len(self.cache.popleft().data)
 
     def after(self, position: int) -> list[Frame] | None:
-        """Frames after `position` if the cache holds all of them, else None."""
+        """The cached frames that follow `position` without a gap, else None. (Commits of
+        other replicas never enter the cache, so it can have holes.)"""
         if not self.cache or self.cache[0].sequence > position + 1:
             return None
-        return [f for f in self.cache if f.sequence > position]
+        frames: list[Frame] = []
+        expected = position + 1
+        for frame in self.cache:
+            if frame.sequence < expected:
+                continue
+            if frame.sequence != expected:
+                break
+            frames.append(frame)
+            expected += 1
+        return frames or None
 
 
 class Hub:
@@ -110,6 +120,27 @@ class Hub:
             if change.status_changed:
                 for wake in self._tenants.get(change.tenant_id, ()):
                     wake.set()
+
+    def on_remote(self, messages: list[list[object]]) -> None:
+        """Another replica committed changes: wake whoever watches them (they read the store).
+        After a "resync" (missed messages), wake everyone."""
+        for message in messages:
+            if message[0] == "resync":
+                for channel in self._runs.values():
+                    for wake in channel.watchers:
+                        wake.set()
+                for subscribers in self._tenants.values():
+                    for wake in subscribers:
+                        wake.set()
+            elif message[0] == "change":
+                _, run_id, tenant_id, status_changed = message
+                watched = self._runs.get(str(run_id))
+                if watched is not None:
+                    for wake in watched.watchers:
+                        wake.set()
+                if status_changed:
+                    for wake in self._tenants.get(str(tenant_id), ()):
+                        wake.set()
 
     @property
     def watchers(self) -> int:

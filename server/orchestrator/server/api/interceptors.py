@@ -19,6 +19,7 @@ import grpc
 import structlog
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+
 from orchestrator.server.errors import (
     DOMAIN,
     InvalidArgument,

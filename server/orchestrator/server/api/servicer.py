@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import structlog
+
 from orchestrator.server.api.interceptors import call_correlation_id, call_tenant
 from orchestrator.server.control import ControlPlane, transition_response
 from orchestrator.server.lifecycle import Action

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+
 from orchestrator.server.errors import FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
 from orchestrator.server.store.runs import EventSpec, RunStore, not_found
@@ -60,20 +61,102 @@ class Answer:
     error: str = ""
     run_failed: bool = False
 
+    def to_json(self) -> list[JSON]:
+        status = self.step_status.value if self.step_status else None
+        return [self.step_id, status, self.output, self.error, self.run_failed]
+
+    @classmethod
+    def from_json(cls, data: list[JSON]) -> Answer:
+        step_id, status, output, error, run_failed = data
+        return cls(step_id, StepStatus(status) if status else None, output, error, run_failed)
+
+
+class LeaseLost(Exception):
+    """This replica no longer holds the run's lease: another one executes it now."""
+
+
+UNFINISHED = [RunStatus.PENDING.value, RunStatus.RUNNING.value, RunStatus.PAUSED.value]
+
 
 class Journal:
-    """Units of work for the engine's progress."""
+    """Units of work for the engine's progress, fenced by the run's lease: a replica that lost
+    a run cannot write to it."""
 
-    def __init__(self, store: RunStore) -> None:
+    def __init__(self, store: RunStore, owner: str = "") -> None:
         self.store = store
         self.writer = store.writer
+        self.owner = owner
 
-    async def _run_row(self, tx: Tx, run_id: str) -> dict[str, Any] | None:
+    async def _run_row(self, tx: Tx, run_id: str, *, fenced: bool = True) -> dict[str, Any] | None:
         query = sa.select(runs).where(runs.c.run_id == run_id)
         if not self.store.db.is_sqlite:
             query = query.with_for_update()
         row = (await tx.conn.execute(query)).mappings().first()
-        return dict(row) if row is not None else None
+        if row is None:
+            return None
+        if fenced and row["owner"] != self.owner and not RunStatus(row["status"]).terminal:
+            raise LeaseLost(run_id)
+        return dict(row)
+
+    # ------------------------------------------------------------------ leases
+
+    async def claim(
+        self, *, lease: float, limit: int, own: bool = False, everything: bool = False
+    ) -> list[str]:
+        """Take up to `limit` unfinished runs nobody holds (or whose lease lapsed), oldest
+        first; `own` also takes back runs held under this replica's name, `everything` takes
+        every unfinished run (a single-replica store after a restart)."""
+
+        async def unit(tx: Tx) -> list[str]:
+            query = sa.select(runs.c.run_id).where(runs.c.status.in_(UNFINISHED))
+            if not everything:
+                free = sa.or_(runs.c.owner.is_(None), runs.c.lease_expires_at < tx.now)
+                query = query.where(sa.or_(free, runs.c.owner == self.owner) if own else free)
+            query = query.order_by(runs.c.pk).limit(limit)
+            if not self.store.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            run_ids = [r.run_id for r in (await tx.conn.execute(query)).all()]
+            if run_ids:
+                await tx.conn.execute(
+                    sa.update(runs)
+                    .where(runs.c.run_id.in_(run_ids))
+                    .values(owner=self.owner, lease_expires_at=tx.now + lease)
+                )
+            return run_ids
+
+        return await self.writer.run(unit)
+
+    async def renew(self, lease: float) -> set[str]:
+        """Extend this replica's leases; the unfinished runs it still holds."""
+
+        async def unit(tx: Tx) -> set[str]:
+            await tx.conn.execute(
+                sa.update(runs)
+                .where(runs.c.owner == self.owner, runs.c.status.in_(UNFINISHED))
+                .values(lease_expires_at=tx.now + lease)
+            )
+            rows = await tx.conn.execute(
+                sa.select(runs.c.run_id).where(
+                    runs.c.owner == self.owner, runs.c.status.in_(UNFINISHED)
+                )
+            )
+            return {r.run_id for r in rows.all()}
+
+        return await self.writer.run(unit)
+
+    async def release(self) -> int:
+        """Hand every unfinished run back (graceful shutdown), for another replica to take."""
+
+        async def unit(tx: Tx) -> int:
+            result = await tx.conn.execute(
+                sa.update(runs)
+                .where(runs.c.owner == self.owner, runs.c.status.in_(UNFINISHED))
+                .values(owner=None, lease_expires_at=None)
+            )
+            tx.notify("claim")
+            return int(result.rowcount or 0)
+
+        return await self.writer.run(unit)
 
     async def _step_row(self, tx: Tx, run_id: str, step_id: str) -> dict[str, Any]:
         row = (
@@ -396,7 +479,7 @@ class Journal:
         with APPROVAL_REJECTED; one answered true lets the step call its tool."""
 
         async def unit(tx: Tx) -> Answer:
-            row = await self._run_row(tx, run_id)
+            row = await self._run_row(tx, run_id, fenced=False)
             if row is None or row["tenant_id"] != tenant_id:
                 raise not_found(run_id)
             clar = (
@@ -450,6 +533,7 @@ class Journal:
                 if rejected:
                     answer = Answer("", None, error="run approval rejected", run_failed=True)
                 await self.store.update_run(tx, row, changes, specs)
+                tx.notify("answer", run_id, clarification_id, answer.to_json())
                 return answer
             step = await self._step_row(tx, run_id, step_id)
             if rejected:
@@ -500,6 +584,7 @@ class Journal:
                 specs[0].steps = [step]
                 answer = Answer(step_id, StepStatus.PENDING)
             await self.store.update_run(tx, row, changes, specs)
+            tx.notify("answer", run_id, clarification_id, answer.to_json())
             return answer
 
         return await self.writer.run(unit)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from orchestrator.server.engine.journal import Answer, Journal, Outcome
+
+from orchestrator.server.engine.journal import Answer, Journal, LeaseLost, Outcome
 from orchestrator.server.errors import OrchestratorError
 from orchestrator.server.expressions import ExpressionError, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
@@ -80,23 +81,38 @@ class StepFailed(Exception):
         self.reason = reason
 
 
+# Runs one claim takes at a time: small, so that replicas woken together share new runs.
+CLAIM_BATCH = 8
+
+
 @dataclass
 class Engine:
-    """Runs every active run of this process."""
+    """Runs the runs this replica holds a lease on."""
 
     journal: Journal
     registry: ToolRegistry
     max_steps_in_flight: int = 256
     enabled: bool = True
+    lease_seconds: float = 10.0
+    # One replica on its own store (SQLite): it takes every unfinished run at start and runs
+    # the runs it accepts itself. Several (PostgreSQL): runs are claimed, so they spread.
+    single_replica: bool = True
     runs: dict[str, RunTask] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.max_steps_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._claim_wake = asyncio.Event()
+        self._lease_task: asyncio.Task[None] | None = None
         self.closing = False
+        self.takeovers = 0
+
+    @property
+    def owner(self) -> str:
+        return self.journal.owner
 
     def submit(self, run_id: str) -> None:
-        """Start the run's task unless it already has one."""
+        """Start the run's task (the lease is held) unless it already has one."""
         if self.closing or not self.enabled or run_id in self.runs:
             return
         task = RunTask(self, run_id)
@@ -105,13 +121,60 @@ class Engine:
         self._tasks.add(handle)
         handle.add_done_callback(self._tasks.discard)
 
-    async def recover(self) -> int:
-        """Pick up every unfinished run (after a restart)."""
+    async def start(self) -> int:
+        """Take back the runs left unfinished (a restart), then keep claiming and renewing."""
         if not self.enabled:
             return 0
-        run_ids = await self.journal.unfinished_runs()
-        for run_id in run_ids:
+        recovered = await self.journal.claim(
+            lease=self.lease_seconds,
+            limit=1_000_000,
+            own=True,
+            everything=self.single_replica,
+        )
+        for run_id in recovered:
             log.info("engine.recovering_run", run_id=run_id)
+            self.submit(run_id)
+        self._lease_task = asyncio.create_task(self._lease_loop(), name="engine-leases")
+        return len(recovered)
+
+    def wake_claimer(self) -> None:
+        self._claim_wake.set()
+
+    async def _lease_loop(self) -> None:
+        interval = max(self.lease_seconds / 3, 0.05)
+        while not self.closing:
+            try:
+                await asyncio.wait_for(self._claim_wake.wait(), interval)
+            except TimeoutError:
+                pass
+            self._claim_wake.clear()
+            if self.closing:
+                return
+            try:
+                await self._renew()
+                if await self._claim() == CLAIM_BATCH:
+                    # More may be waiting: claim again soon, leaving other replicas a turn.
+                    self._claim_wake.set()
+                    await asyncio.sleep(0.005)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("engine.lease_loop_failed")
+
+    async def _renew(self) -> None:
+        held = await self.journal.renew(self.lease_seconds)
+        for run_id, task in list(self.runs.items()):
+            if run_id not in held and task.loaded:
+                log.warning("engine.lease_lost", run_id=run_id)
+                task.abandon()
+
+    async def _claim(self) -> int:
+        run_ids = await self.journal.claim(lease=self.lease_seconds, limit=CLAIM_BATCH)
+        for run_id in run_ids:
+            if run_id in self.runs:
+                continue
+            self.takeovers += 1
+            log.info("engine.claimed_run", run_id=run_id)
             self.submit(run_id)
         return len(run_ids)
 
@@ -120,8 +183,6 @@ class Engine:
         task = self.runs.get(run_id)
         if task is not None:
             task.on_status(status)
-        elif status is RunStatus.RUNNING:
-            self.submit(run_id)
 
     def answered(self, run_id: str, clarification_id: str, answer: Answer) -> None:
         """A clarification was answered (already committed)."""
@@ -130,15 +191,27 @@ class Engine:
             task.on_answer(clarification_id, answer)
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Let steps in flight finish within `grace`, then cancel the rest (recovery resumes
-        them at the next start)."""
+        """Start no new step; let tool calls in flight finish within `grace` (steps waiting on
+        a person or a back-off are left at once); cancel the rest; hand the leases back so
+        another replica (or the next start) continues right away."""
         self.closing = True
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+        for task in list(self.runs.values()):
+            task.on_closing()
         if self._tasks and grace > 0:
             await asyncio.wait(set(self._tasks), timeout=grace)
         for handle in list(self._tasks):
             handle.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.enabled:
+            try:
+                released = await self.journal.release()
+                log.info("engine.leases_released", runs=released)
+            except Exception:
+                log.exception("engine.release_failed")
 
 
 class RunTask:
@@ -161,6 +234,8 @@ class RunTask:
         self.fatal: tuple[str, str] | None = None
         self.answers: dict[str, asyncio.Future[Answer]] = {}
         self.approved: set[str] = set()
+        self.loaded = False
+        self.lost = False
 
     # ------------------------------------------------------------ notifications
 
@@ -173,6 +248,20 @@ class RunTask:
             self.cancelled = True
             for task in self.inflight.values():
                 task.cancel()
+        self.wake.set()
+
+    def on_closing(self) -> None:
+        """The replica is shutting down: only tool calls under way may finish."""
+        for step_id, task in self.inflight.items():
+            if self.status.get(step_id) is not StepStatus.RUNNING:
+                task.cancel()
+        self.wake.set()
+
+    def abandon(self) -> None:
+        """Another replica holds the run now: stop without writing anything."""
+        self.lost = True
+        for task in self.inflight.values():
+            task.cancel()
         self.wake.set()
 
     def on_answer(self, clarification_id: str, answer: Answer) -> None:
@@ -190,6 +279,9 @@ class RunTask:
             for task in self.inflight.values():
                 task.cancel()
             raise
+        except LeaseLost:
+            self.log.warning("engine.lease_lost")
+            await self._cancel_inflight()
         except Exception:
             self.log.exception("engine.run_crashed")
             await self.journal.finish_run(
@@ -200,6 +292,7 @@ class RunTask:
             )
         finally:
             self.engine.runs.pop(self.run_id, None)
+            self.log.info("engine.run_task_ended", cancelled=self.cancelled, lost=self.lost)
 
     async def _main(self) -> None:
         row, step_rows = await self.journal.load(self.run_id)
@@ -217,6 +310,7 @@ class RunTask:
             if s["status"] == StepStatus.COMPLETED.value:
                 self.outputs[s["step_id"]] = s["output"]
         self.approved = await self.journal.approvals_given(self.run_id)
+        self.loaded = True
         status = RunStatus(row["status"])
         if status is RunStatus.PENDING:
             status = await self.journal.start_run(self.run_id)
@@ -256,6 +350,13 @@ class RunTask:
             self.wake.clear()
             if self.cancelled:
                 return
+            if self.lost:
+                raise LeaseLost(self.run_id)
+            if self.engine.closing:
+                if not self.inflight:
+                    return  # the lease goes back; whoever takes the run goes on from here
+                await self.wake.wait()
+                continue
             if (
                 self.fatal is None
                 and not self.paused
@@ -385,11 +486,14 @@ class RunTask:
             await self._run_step(step_id, info)
         except StepFailed as failed:
             self._failed(step_id, info, str(failed), failed.reason)
+        except LeaseLost:
+            self.lost = True
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug in a tool or in us: fail the step, not the process
             self.log.exception("engine.step_crashed", step_id=step_id)
-            error = f"internal error: {exc}"
+            # The details (which may quote SQL or data) stay in the log, not in the run.
+            error = f"internal error ({type(exc).__name__}); see the server log"
             await self._record(
                 [Outcome(step_id, StepStatus.FAILED, error=error, reason="INTERNAL_ERROR")]
             )

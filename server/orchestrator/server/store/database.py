@@ -12,6 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK = 0x6F726369
 
 
 def _sqlite_pragmas(engine: AsyncEngine, begin: str) -> None:
@@ -61,8 +62,17 @@ class Database:
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
         async with self.writer.connect() as conn:
-            await conn.run_sync(_upgrade)
-            await conn.commit()
+            if not self.is_sqlite:
+                # Replicas starting together must not migrate at the same time.
+                await conn.execute(sa.text(f"SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+                await conn.commit()
+            try:
+                await conn.run_sync(_upgrade)
+                await conn.commit()
+            finally:
+                if not self.is_sqlite:
+                    await conn.execute(sa.text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+                    await conn.commit()
 
     async def close(self) -> None:
         await self.writer.dispose()

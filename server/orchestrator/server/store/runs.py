@@ -13,6 +13,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from sqlalchemy import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from orchestrator.server.errors import AlreadyExists, Conflict, InvalidTransition, NotFound
 from orchestrator.server.lifecycle import (
     REFUSAL_REASONS,
@@ -26,12 +29,12 @@ from orchestrator.server.store.database import Database
 from orchestrator.server.store.schema import clarifications, events, idempotency_keys, runs, steps
 from orchestrator.server.store.writer import Change, EventRecord, T, Tx, Unit, Writer
 from orchestrator.v1 import orchestrator_pb2 as pb
-from sqlalchemy import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 JSON = Any
 # A row as a mapping: SQLAlchemy's RowMapping or a plain dict built for an insert.
 Row = Mapping[str, Any] | RowMapping
+
+EVENT_ORDER_LOCK = 0x6F726368  # an arbitrary advisory-lock key ("orch")
 
 # Store strings -> proto enums, built once.
 RUN_STATUS_PB = {s: pb.ExecutionStatus.Value(f"EXECUTION_STATUS_{s.value}") for s in RunStatus}
@@ -83,6 +86,9 @@ class NewRun:
     idempotency_key: str = ""
     request_digest: str = ""
     dry_run_order: list[str] | None = None
+    # Set when the accepting replica runs it itself (single-replica stores).
+    owner: str = ""
+    lease_expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -422,6 +428,8 @@ class RunStore:
                         )
                     execution = await self._load_execution(tx.conn, new.tenant_id, existing.run_id)
                     return Created(execution, created=False)
+            if not new.owner:
+                tx.notify("claim")  # an unowned run: whichever replica is free takes it
             return Created(await self._insert_run(tx, new), created=True)
 
         return await self.writer.run(unit)
@@ -453,6 +461,8 @@ class RunStore:
             "steps_finished": 0,
             "last_sequence": 0,
             "results": None,
+            "owner": new.owner or None,
+            "lease_expires_at": new.lease_expires_at,
         }
         step_rows: list[dict[str, Any]] = [
             {
@@ -545,6 +555,11 @@ class RunStore:
                     "payload": event.SerializeToString(),
                 }
             )
+        if not self.db.is_sqlite and EVENT_ORDER_LOCK not in tx.locks:
+            # Event ids are WatchExecutions' cursor: they must grow in commit order across
+            # replicas, so commits that write events take turns from first id to commit.
+            await tx.conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({EVENT_ORDER_LOCK})"))
+            tx.locks.add(EVENT_ORDER_LOCK)
         await tx.conn.execute(sa.insert(events), values)
         terminal = RunStatus(row["status"]) in TERMINAL
         tx.changed(
@@ -638,6 +653,7 @@ class RunStore:
                 EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=changed_steps),
             ]
             new = await self.update_run(tx, row, changes, specs)
+            tx.notify("control", run_id, target.value)
             return Transitioned(run_id, target, tx.now, _partial_execution(new, changed_steps))
 
         return await self._with_retry(unit)
@@ -710,6 +726,30 @@ class RunStore:
                 for c in pending
             ]
         return open_steps, specs
+
+    async def prune(self, older_than: float, limit: int = 500) -> int:
+        """Delete finished runs completed before `older_than`, with their steps, events,
+        clarifications and idempotency keys (foreign keys cascade). Returns how many."""
+
+        async def unit(tx: Tx) -> int:
+            run_ids = [
+                r.run_id
+                for r in (
+                    await tx.conn.execute(
+                        sa.select(runs.c.run_id)
+                        .where(
+                            runs.c.status.in_([s.value for s in TERMINAL]),
+                            runs.c.completed_at < older_than,
+                        )
+                        .limit(limit)
+                    )
+                ).all()
+            ]
+            if run_ids:
+                await tx.conn.execute(sa.delete(runs).where(runs.c.run_id.in_(run_ids)))
+            return len(run_ids)
+
+        return await self.writer.run(unit)
 
     async def clarification(self, tenant_id: str, run_id: str, clarification_id: str) -> RowMapping:
         """A clarification of the tenant's run; NotFound for the run or the clarification."""

@@ -43,10 +43,14 @@ runs = sa.Table(
     sa.Column("steps_finished", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_sequence", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("results", sa.JSON),  # dry run: the execution order
+    # The replica executing the run, until lease_expires_at; renewed by its heartbeat.
+    sa.Column("owner", sa.String(128)),
+    sa.Column("lease_expires_at", sa.Float),
 )
 sa.Index("ix_runs_tenant_pk", runs.c.tenant_id, runs.c.pk)
 sa.Index("ix_runs_tenant_status", runs.c.tenant_id, runs.c.status, runs.c.pk)
-sa.Index("ix_runs_status", runs.c.status)
+sa.Index("ix_runs_status", runs.c.status, runs.c.lease_expires_at)
+sa.Index("ix_runs_owner", runs.c.owner)
 
 steps = sa.Table(
     "steps",
@@ -85,7 +89,7 @@ events = sa.Table(
     ),
     sa.Column("tenant_id", sa.String(36), nullable=False),
     sa.Column("sequence", sa.BigInteger, nullable=False),
-    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
     sa.Column("status_changed", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("status", sa.String(16), nullable=False),  # the run's status after the event
     sa.Column("created_at", sa.Float, nullable=False),

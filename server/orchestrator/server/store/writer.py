@@ -8,14 +8,17 @@ commits once, then wakes each caller and announces what changed. On SQLite this 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import sqlalchemy as sa
 import structlog
-from orchestrator.server.errors import Unavailable
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from orchestrator.server.errors import Unavailable
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -49,9 +52,16 @@ class Tx:
     conn: AsyncConnection
     now: float
     changes: list[Change] = field(default_factory=list)
+    notices: list[list[Any]] = field(default_factory=list)
+    # Transaction-scoped locks taken so far (PostgreSQL advisory locks).
+    locks: set[int] = field(default_factory=set)
 
     def changed(self, change: Change) -> None:
         self.changes.append(change)
+
+    def notify(self, *message: Any) -> None:
+        """Tell the other replicas, when (and only if) this transaction commits."""
+        self.notices.append(list(message))
 
 
 Unit = Callable[[Tx], Awaitable[T]]
@@ -69,8 +79,19 @@ class Writer:
     (it may run again, alone, when another unit of its batch fails) and must keep its side
     effects for after the commit."""
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = 512) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_batch: int = 512,
+        notify_channel: str = "",
+        origin: str = "",
+    ) -> None:
         self._engine = engine
+        # PostgreSQL: changes and notices go out with NOTIFY inside the commit, so other
+        # replicas hear of exactly what was committed.
+        self.notify_channel = notify_channel
+        self.origin = origin
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Job[Any] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -132,6 +153,12 @@ class Writer:
                 tx.conn = conn
                 for job in batch:
                     results.append(await job.unit(tx))
+                if self.notify_channel and (tx.changes or tx.notices):
+                    for payload in encode_notices(self.origin, tx.changes, tx.notices):
+                        await conn.execute(
+                            sa.text("SELECT pg_notify(:channel, :payload)"),
+                            {"channel": self.notify_channel, "payload": payload},
+                        )
         except BaseException as exc:
             if len(batch) > 1 and isinstance(exc, Exception):
                 # One unit failed and the whole transaction rolled back: run each alone so
@@ -156,3 +183,31 @@ class Writer:
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
+
+
+# PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
+NOTIFY_LIMIT = 7000
+
+
+def encode_notices(origin: str, changes: list[Change], notices: list[list[Any]]) -> list[str]:
+    """The NOTIFY payloads for one commit: JSON `{"o": origin, "m": [message, ...]}`, split to
+    fit PostgreSQL's payload limit. A change is `["change", run_id, tenant_id, status_changed]`."""
+    messages = [["change", c.run_id, c.tenant_id, int(c.status_changed)] for c in changes]
+    messages.extend(notices)
+    payloads: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for message in messages:
+        text = json.dumps(message, separators=(",", ":"))
+        if chunk and size + len(text) > NOTIFY_LIMIT:
+            payloads.append(_payload(origin, chunk))
+            chunk, size = [], 0
+        chunk.append(text)
+        size += len(text) + 1
+    if chunk:
+        payloads.append(_payload(origin, chunk))
+    return payloads
+
+
+def _payload(origin: str, messages: list[str]) -> str:
+    return '{"o":' + json.dumps(origin) + ',"m":[' + ",".join(messages) + "]}"

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+
 from orchestrator.server.tools.registry import JSON, Tool, ToolContext, ToolError
 
 # http.request reads at most this much of a response body.

@@ -44,11 +44,14 @@ def upgrade() -> None:
     sa.Column('steps_finished', sa.Integer(), server_default='0', nullable=False),
     sa.Column('last_sequence', sa.BigInteger(), server_default='0', nullable=False),
     sa.Column('results', sa.JSON(), nullable=True),
+    sa.Column('owner', sa.String(length=128), nullable=True),
+    sa.Column('lease_expires_at', sa.Float(), nullable=True),
     sa.PrimaryKeyConstraint('pk'),
     sa.UniqueConstraint('run_id')
     )
     with op.batch_alter_table('runs', schema=None) as batch_op:
-        batch_op.create_index('ix_runs_status', ['status'], unique=False)
+        batch_op.create_index('ix_runs_status', ['status', 'lease_expires_at'], unique=False)
+        batch_op.create_index('ix_runs_owner', ['owner'], unique=False)
         batch_op.create_index('ix_runs_tenant_pk', ['tenant_id', 'pk'], unique=False)
         batch_op.create_index('ix_runs_tenant_status', ['tenant_id', 'status', 'pk'], unique=False)
 
@@ -81,7 +84,7 @@ def upgrade() -> None:
     sa.Column('run_id', sa.String(length=36), nullable=False),
     sa.Column('tenant_id', sa.String(length=36), nullable=False),
     sa.Column('sequence', sa.BigInteger(), nullable=False),
-    sa.Column('type', sa.String(length=32), nullable=False),
+    sa.Column('type', sa.String(length=64), nullable=False),
     sa.Column('status_changed', sa.Boolean(), server_default=sa.false(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('created_at', sa.Float(), nullable=False),
@@ -138,5 +141,6 @@ def downgrade() -> None:
         batch_op.drop_index('ix_runs_tenant_status')
         batch_op.drop_index('ix_runs_tenant_pk')
         batch_op.drop_index('ix_runs_status')
+        batch_op.drop_index('ix_runs_owner')
 
     op.drop_table('runs')

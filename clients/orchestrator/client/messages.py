@@ -1,0 +1,169 @@
+"""Requests built from plain Python values, and what the responses mean."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from google.protobuf import duration_pb2, json_format, struct_pb2
+
+from orchestrator.v1 import orchestrator_pb2 as pb
+
+PlanSource: TypeAlias = "pb.ExecutablePlan | Mapping[str, Any] | str | os.PathLike[str]"
+StructLike: TypeAlias = "Mapping[str, Any] | struct_pb2.Struct"
+DurationLike: TypeAlias = "float | timedelta | duration_pb2.Duration"
+StatusLike: TypeAlias = "pb.ExecutionStatus.ValueType | str"
+
+TERMINAL: frozenset[pb.ExecutionStatus.ValueType] = frozenset(
+    (
+        pb.EXECUTION_STATUS_COMPLETED,
+        pb.EXECUTION_STATUS_FAILED,
+        pb.EXECUTION_STATUS_CANCELLED,
+    )
+)
+
+
+class PlanError(ValueError):
+    """A plan file or dict that is not a valid ExecutablePlan in proto3 JSON."""
+
+
+def load_plan(plan: PlanSource) -> pb.ExecutablePlan:
+    """An ExecutablePlan from a message, a proto3 JSON dict, or the path of a JSON file."""
+    if isinstance(plan, pb.ExecutablePlan):
+        return plan
+    if isinstance(plan, Mapping):
+        data: Any = plan
+        origin = "plan"
+    else:
+        path = Path(plan)
+        origin = str(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as err:
+            raise PlanError(f"{origin}: {err.strerror or err}") from err
+        except json.JSONDecodeError as err:
+            raise PlanError(f"{origin}: not JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise PlanError(f"{origin}: a plan is a JSON object")
+    try:
+        return json_format.ParseDict(dict(data), pb.ExecutablePlan())
+    except json_format.ParseError as err:
+        raise PlanError(f"{origin}: not an ExecutablePlan: {err}") from err
+
+
+def to_value(value: Any) -> struct_pb2.Value:
+    """Any JSON value (None, bool, number, str, list, dict) as a google.protobuf.Value."""
+    if isinstance(value, struct_pb2.Value):
+        return value
+    return json_format.ParseDict(value, struct_pb2.Value())
+
+
+def to_struct(values: StructLike | None) -> struct_pb2.Struct | None:
+    """A JSON object as a google.protobuf.Struct (None stays None)."""
+    if values is None or isinstance(values, struct_pb2.Struct):
+        return values
+    return json_format.ParseDict(dict(values), struct_pb2.Struct())
+
+
+def to_duration(value: DurationLike) -> duration_pb2.Duration:
+    """Seconds, a timedelta or a Duration as a Duration."""
+    if isinstance(value, duration_pb2.Duration):
+        return value
+    out = duration_pb2.Duration()
+    if isinstance(value, timedelta):
+        out.FromTimedelta(value)
+    else:
+        out.FromNanoseconds(round(value * 1e9))
+    return out
+
+
+def to_status(status: StatusLike) -> pb.ExecutionStatus.ValueType:
+    """An ExecutionStatus from its number or name: `COMPLETED`, `completed`,
+    `EXECUTION_STATUS_COMPLETED`."""
+    if isinstance(status, int):
+        return pb.ExecutionStatus.ValueType(status)
+    name = status.strip().upper()
+    if not name.startswith("EXECUTION_STATUS_"):
+        name = f"EXECUTION_STATUS_{name}"
+    try:
+        return pb.ExecutionStatus.Value(name)
+    except ValueError:
+        raise ValueError(f"unknown status {status!r}; one of {', '.join(status_names())}") from None
+
+
+def status_names() -> list[str]:
+    """The statuses a run can be in, short and lower case (`pending`, `running`, ...)."""
+    return [
+        n.removeprefix("EXECUTION_STATUS_").lower()
+        for n in pb.ExecutionStatus.keys()
+        if not n.endswith("UNSPECIFIED")
+    ]
+
+
+def status_name(status: pb.ExecutionStatus.ValueType) -> str:
+    """`COMPLETED` for EXECUTION_STATUS_COMPLETED."""
+    return pb.ExecutionStatus.Name(status).removeprefix("EXECUTION_STATUS_")
+
+
+def execute_request(
+    plan: PlanSource,
+    *,
+    parameters: StructLike | None = None,
+    variables: StructLike | None = None,
+    dry_run: bool = False,
+    idempotency_key: str = "",
+    wait: bool = False,
+    timeout: DurationLike | None = None,
+    triggered_by: str = "",
+    validate_capabilities: bool | None = None,
+    plan_hash: str = "",
+) -> pb.ExecuteRequest:
+    """An ExecuteRequest; `wait=True` asks the server to answer once the run is terminal."""
+    request = pb.ExecuteRequest(
+        executable_plan=load_plan(plan),
+        dry_run=dry_run,
+        idempotency_key=idempotency_key,
+        triggered_by=triggered_by,
+        plan_hash=plan_hash,
+        parameters=to_struct(parameters),
+        variables=to_struct(variables),
+    )
+    if wait:
+        request.async_execution = False
+    if validate_capabilities is not None:
+        request.validate_capabilities = validate_capabilities
+    if timeout is not None:
+        request.timeout.CopyFrom(to_duration(timeout))
+    return request
+
+
+def execution_filter(
+    statuses: Iterable[StatusLike] = (),
+    plan_hash: str = "",
+    triggered_by: str = "",
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+) -> pb.ExecutionFilter:
+    """An ExecutionFilter; empty fields match everything."""
+    out = pb.ExecutionFilter(
+        statuses=[to_status(s) for s in statuses],
+        plan_hash=plan_hash,
+        triggered_by=triggered_by,
+    )
+    if created_after is not None:
+        out.created_after.FromDatetime(created_after)
+    if created_before is not None:
+        out.created_before.FromDatetime(created_before)
+    return out
+
+
+def is_terminal_event(event: pb.ExecutionEvent) -> bool:
+    """The event after which a run's stream ends: its terminal status change, or a snapshot
+    of a run already finished."""
+    if event.type in (pb.EVENT_TYPE_RUN_STATUS_CHANGED, pb.EVENT_TYPE_SNAPSHOT):
+        return event.execution.status in TERMINAL
+    return False

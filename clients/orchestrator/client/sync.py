@@ -1,0 +1,266 @@
+"""`SyncOrchestratorClient`: the blocking (grpc) client, the same calls as `OrchestratorClient`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from orchestrator.client.connection import Connection
+from orchestrator.client.errors import Unavailable, from_call_error
+from orchestrator.client.messages import (
+    DurationLike,
+    PlanSource,
+    StatusLike,
+    StructLike,
+    execute_request,
+    execution_filter,
+    to_value,
+)
+from orchestrator.client.streams import (
+    EXECUTE_ATTEMPTS,
+    RECONNECT_TIMEOUT,
+    Backoff,
+    WatchCursor,
+    WatchRetry,
+)
+from orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from orchestrator.v1.orchestrator_pb2_grpc import OrchestratorServiceStub
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
+_UNSET: Any = object()
+
+
+class SyncOrchestratorClient:
+    """Blocking client of one tenant on one server.
+
+    Use it as `with SyncOrchestratorClient("host:port", tenant) as client:`. Every failed
+    call raises an `OrchestratorError` subclass carrying the server's reason and details.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        tenant: str,
+        *,
+        correlation_id: str | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        private_key: str | Path | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        rpc_timeout: float | None = 30.0,
+    ) -> None:
+        self.connection = Connection(
+            address=address,
+            tenant=tenant,
+            correlation_id=correlation_id,
+            api_key=api_key,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            options=tuple(options),
+        )
+        #: Deadline of each unary call in seconds (None: none). Execute(wait=True) has none.
+        self.rpc_timeout = rpc_timeout
+        self._metadata = self.connection.metadata()
+        if self.connection.secure:
+            self._channel = grpc.secure_channel(
+                address, self.connection.credentials(), self.connection.channel_options()
+            )
+        else:
+            self._channel = grpc.insecure_channel(address, self.connection.channel_options())
+        self._stub: OrchestratorServiceStub = pb_grpc.OrchestratorServiceStub(self._channel)
+
+    def __enter__(self) -> SyncOrchestratorClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def _call(
+        self,
+        rpc: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        deadline: float | None = _UNSET,
+    ) -> ResponseT:
+        try:
+            return rpc(
+                request,
+                metadata=self._metadata,
+                timeout=self.rpc_timeout if deadline is _UNSET else deadline,
+            )
+        except grpc.RpcError as err:
+            raise from_call_error(err) from err
+
+    def execute(
+        self,
+        plan: PlanSource,
+        *,
+        parameters: StructLike | None = None,
+        variables: StructLike | None = None,
+        dry_run: bool = False,
+        idempotency_key: str = "",
+        wait: bool = False,
+        timeout: DurationLike | None = None,
+        triggered_by: str = "",
+        validate_capabilities: bool | None = None,
+    ) -> pb.ExecuteResponse:
+        """Submit `plan` (a message, a proto3 JSON dict or a JSON file's path) as a new run.
+
+        `wait=True` returns once the run is terminal (`async_execution=false`); `timeout` is
+        the run's timeout. With an `idempotency_key` the call is retried when the server is
+        unavailable: the key makes the server return the first run rather than a second.
+        """
+        request = execute_request(
+            plan,
+            parameters=parameters,
+            variables=variables,
+            dry_run=dry_run,
+            idempotency_key=idempotency_key,
+            wait=wait,
+            timeout=timeout,
+            triggered_by=triggered_by,
+            validate_capabilities=validate_capabilities,
+        )
+        backoff = Backoff(initial=0.2, maximum=2.0)
+        attempt = 1
+        while True:
+            try:
+                return self._call(self._stub.Execute, request, None if wait else self.rpc_timeout)
+            except Unavailable:
+                if not idempotency_key or attempt >= EXECUTE_ATTEMPTS:
+                    raise
+            attempt += 1
+            time.sleep(backoff.delay())
+
+    def get(self, run_id: str) -> pb.Execution:
+        """The current state of one run."""
+        response = self._call(self._stub.GetExecution, pb.GetExecutionRequest(run_id=run_id))
+        return response.execution
+
+    def list(
+        self,
+        *,
+        statuses: Iterable[StatusLike] = (),
+        plan_hash: str = "",
+        triggered_by: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        page_size: int = 100,
+        limit: int | None = None,
+    ) -> Iterator[pb.Execution]:
+        """The tenant's runs, newest first, fetched a page at a time; at most `limit`."""
+        flt = execution_filter(statuses, plan_hash, triggered_by, created_after, created_before)
+        token = ""
+        seen = 0
+        while limit is None or seen < limit:
+            size = page_size if limit is None else min(page_size, limit - seen)
+            page = self._call(
+                self._stub.ListExecutions,
+                pb.ListExecutionsRequest(filter=flt, page_size=size, page_token=token),
+            )
+            for execution in page.executions:
+                yield execution
+                seen += 1
+            token = page.next_page_token
+            if not token:
+                return
+
+    def pause(self, run_id: str, reason: str = "") -> pb.PauseResponse:
+        """Stop new steps from starting (PENDING or RUNNING runs)."""
+        return self._call(self._stub.Pause, pb.PauseRequest(run_id=run_id, reason=reason))
+
+    def resume(self, run_id: str, reason: str = "") -> pb.ResumeResponse:
+        """Continue a PAUSED run."""
+        return self._call(self._stub.Resume, pb.ResumeRequest(run_id=run_id, reason=reason))
+
+    def cancel(self, run_id: str, reason: str = "") -> pb.CancelResponse:
+        """Cancel a PENDING, RUNNING or PAUSED run."""
+        return self._call(self._stub.Cancel, pb.CancelRequest(run_id=run_id, reason=reason))
+
+    def respond(
+        self, run_id: str, clarification_id: str, value: Any, responded_by: str = ""
+    ) -> pb.Execution:
+        """Answer a pending clarification with any JSON value; returns the run after it."""
+        response = self._call(
+            self._stub.RespondToClarification,
+            pb.RespondToClarificationRequest(
+                run_id=run_id,
+                clarification_id=clarification_id,
+                response=to_value(value),
+                responded_by=responded_by,
+            ),
+        )
+        return response.execution
+
+    def watch(
+        self,
+        run_id: str,
+        after_sequence: int = 0,
+        *,
+        heartbeats: bool = False,
+        timeout: float | None = None,
+        reconnect_timeout: float | None = RECONNECT_TIMEOUT,
+    ) -> Iterator[pb.ExecutionEvent]:
+        """Every event of a run, each once and in order, until its terminal event.
+
+        From `after_sequence=0`: a SNAPSHOT first, then each later event. A dropped stream
+        (server restarting, connection reset) is reopened with back-off from the last
+        sequence seen. HEARTBEATs are skipped unless `heartbeats`. Raises TimeoutError after
+        `timeout` seconds in all, and the last error once reconnecting failed for
+        `reconnect_timeout` seconds.
+        """
+        cursor = WatchCursor(position=after_sequence, heartbeats=heartbeats)
+        retry = WatchRetry(run_id, timeout, reconnect_timeout)
+        while True:
+            call = self._stub.WatchExecution(
+                pb.WatchExecutionRequest(run_id=run_id, after_sequence=cursor.position),
+                metadata=self._metadata,
+                timeout=retry.remaining(),
+            )
+            try:
+                for response in call:
+                    retry.received()
+                    if cursor.accept(response.event):
+                        yield response.event
+                    if cursor.done:
+                        return
+                return  # ended OK: the server has nothing more for this run
+            except grpc.RpcError as err:
+                error = from_call_error(err)
+                error.__cause__ = err
+                delay = retry.failed(error)
+            finally:
+                call.cancel()
+            time.sleep(delay)
+
+    def wait(self, run_id: str, timeout: float | None = None) -> pb.Execution:
+        """The run once it is terminal (watched, not polled). TimeoutError after `timeout`."""
+        last: pb.ExecutionEvent | None = None
+        for event in self.watch(run_id, timeout=timeout):
+            last = event
+        if last is not None and last.type == pb.EVENT_TYPE_SNAPSHOT:
+            return last.execution  # already terminal: the snapshot is the full run
+        return self.get(run_id)
