@@ -80,12 +80,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def summary(values: Sequence[float]) -> str:
-    return (
-        f"p50 {percentile(values, 0.5) * 1000:.1f} ms, p99 {percentile(values, 0.99) * 1000:.1f} ms, "
-        f"mean {statistics.fmean(values) * 1000:.1f} ms"
-        if values
-        else "no samples"
-    )
+    if not values:
+        return "no samples"
+    p50, p99 = percentile(values, 0.5) * 1000, percentile(values, 0.99) * 1000
+    return f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, mean {statistics.fmean(values) * 1000:.1f} ms"
 
 
 def table(rows: list[tuple[str, str, str]]) -> str:

@@ -10,7 +10,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 import pytest
@@ -91,6 +91,17 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.OrchestratorServiceAsyncStub:
 @pytest.fixture
 def tenant() -> str:
     return str(uuid.uuid4())
+
+
+ResponseT = TypeVar("ResponseT")
+
+
+async def read_message(stream: grpc.aio.UnaryStreamCall[Any, ResponseT]) -> ResponseT:
+    """The stream's next message, where the test expects one (not EOF). grpc-stubs type
+    `read()` as `object`, since their EOF type is `object`."""
+    message = await stream.read()
+    assert message is not grpc.aio.EOF, "the stream ended"
+    return cast(ResponseT, message)
 
 
 def md(tenant: str, **extra: str) -> tuple[tuple[str, str], ...]:

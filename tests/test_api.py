@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import pytest
@@ -17,14 +17,13 @@ from orchestrator.server.plan import plan_hash
 from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import echo_plan, load_plan, make_settings, md, plan_of
+from tests.conftest import echo_plan, load_plan, make_settings, md, plan_of, read_message
 from tests.errors import details_of
 
 if TYPE_CHECKING:
     Stub = pb_grpc.OrchestratorServiceAsyncStub
 
 Metadata = tuple[tuple[str, str], ...]
-ResponseT = TypeVar("ResponseT")
 
 
 @pytest.fixture
@@ -237,12 +236,6 @@ async def _first(stream: grpc.aio.UnaryStreamCall[Any, Any]) -> object:
         stream.cancel()
         return item
     return None
-
-
-async def _read(stream: grpc.aio.UnaryStreamCall[Any, ResponseT]) -> ResponseT:
-    """The stream's next message, where the test expects one (not EOF). grpc-stubs type
-    `read()` as `object`, since their EOF type is `object`."""
-    return cast(ResponseT, await stream.read())
 
 
 @pytest.mark.parametrize(
@@ -549,7 +542,7 @@ async def test_watch_snapshot_then_events_until_terminal(stub: Stub, tenant: str
     run = await execute(stub, tenant)
     m = md(tenant)
     stream = stub.WatchExecution(pb.WatchExecutionRequest(run_id=run.run_id), metadata=m)
-    first = (await _read(stream)).event
+    first = (await read_message(stream)).event
     assert first.type == pb.EVENT_TYPE_SNAPSHOT
     assert first.sequence == 1
     assert first.execution.status == pb.EXECUTION_STATUS_PENDING
@@ -605,8 +598,8 @@ async def test_watch_executions_streams_status_changes_and_resumes_by_cursor(
     await asyncio.sleep(0.2)
     run = await execute(stub, tenant)
     await stub.Pause(pb.PauseRequest(run_id=run.run_id), metadata=m)
-    first = await _read(stream)
-    second = await _read(stream)
+    first = await read_message(stream)
+    second = await read_message(stream)
     stream.cancel()
     assert first.event.run_id == run.run_id
     assert first.event.execution.status == pb.EXECUTION_STATUS_PENDING
@@ -617,7 +610,7 @@ async def test_watch_executions_streams_status_changes_and_resumes_by_cursor(
     resumed = stub.WatchExecutions(
         pb.WatchExecutionsRequest(after_cursor=second.cursor), metadata=m
     )
-    got = [(await _read(resumed)).event.execution.status for _ in range(2)]
+    got = [(await read_message(resumed)).event.execution.status for _ in range(2)]
     resumed.cancel()
     assert got == [pb.EXECUTION_STATUS_RUNNING, pb.EXECUTION_STATUS_CANCELLED]
     # Another tenant's cursor or a forged one is refused.

@@ -100,6 +100,19 @@ def wait_for(check: Callable[[], Any], limit: float, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def finished(
+    cluster: Cluster, name: str, run_id: str, tenant: str, limit: float = 30
+) -> pb.Execution:
+    """The run once it is terminal (asked of replica `name`)."""
+
+    def terminal() -> pb.Execution | None:
+        got = execution(cluster, name, run_id, tenant)
+        return got if got.status in TERMINAL else None
+
+    result: pb.Execution = wait_for(terminal, limit, f"run {run_id} to finish")
+    return result
+
+
 def execution(cluster: Cluster, name: str, run_id: str, tenant: str) -> pb.Execution:
     got: pb.Execution = call(
         cluster, name, "GetExecution", pb.GetExecutionRequest(run_id=run_id), tenant
@@ -144,21 +157,21 @@ def test_kill_9_at_random_moments_loses_nothing(cluster: Cluster) -> None:
         before = execution_from_store(cluster.url, run_id)
         restarted = time.monotonic()
         cluster.start("r1")
+
         # Recovery: from the restart to the run moving again (a new event in the store).
-        wait_for(
-            lambda b=before: (
-                last_sequence(cluster.url, run_id) > b
+        def moved(before: int = before) -> bool:
+            return (
+                last_sequence(cluster.url, run_id) > before
                 or execution(cluster, "r1", run_id, tenant).status in TERMINAL
-            ),
+            )
+
+        wait_for(
+            moved,
             30,
             "the run to move after a restart",
         )
         recoveries.append(time.monotonic() - restarted)
-    done = wait_for(
-        lambda: (e := execution(cluster, "r1", run_id, tenant)).status in TERMINAL and e,
-        60,
-        "the run to finish",
-    )
+    done = finished(cluster, "r1", run_id, tenant, 60)
     assert done.status == pb.EXECUTION_STATUS_COMPLETED, done.error_message
     log = events(cluster, "r1", run_id, tenant)
     assert [e.sequence for e in log] == list(range(2, done.last_sequence + 1)), "no gap"
@@ -246,11 +259,7 @@ def test_a_paused_run_and_a_pending_clarification_survive_restarts(cluster: Clus
         tenant,
     )
     for run_id in (paused, asking):
-        done = wait_for(
-            lambda r=run_id: (e := execution(cluster, "r1", r, tenant)).status in TERMINAL and e,
-            30,
-            "the run to finish",
-        )
+        done = finished(cluster, "r1", run_id, tenant, 30)
         assert done.status == pb.EXECUTION_STATUS_COMPLETED, done.error_message
     final = execution(cluster, "r1", asking, tenant)
     assert final.steps[1].output.struct_value["got"] == "b"
@@ -337,11 +346,7 @@ def test_two_replicas_share_take_over_and_hand_over(tmp_path: Path) -> None:
         )
         takeover = time.monotonic() - killed
         for run_id in more:
-            done = wait_for(
-                lambda r=run_id: (e := execution(cluster, "B", r, tenant)).status in TERMINAL and e,
-                30,
-                "the run to finish",
-            )
+            done = finished(cluster, "B", run_id, tenant, 30)
             assert done.status == pb.EXECUTION_STATUS_COMPLETED
         print(f"takeover after SIGKILL ({len(on_a)} runs, lease 2 s): {takeover:.2f}s")
 
@@ -359,11 +364,7 @@ def test_two_replicas_share_take_over_and_hand_over(tmp_path: Path) -> None:
         leaving.signal(signal.SIGTERM)
         assert leaving.wait(30) == 0
         for run_id in handed:
-            done = wait_for(
-                lambda r=run_id: (e := execution(cluster, "A", r, tenant)).status in TERMINAL and e,
-                30,
-                "the run to finish",
-            )
+            done = finished(cluster, "A", run_id, tenant, 30)
             assert done.status == pb.EXECUTION_STATUS_COMPLETED
             assert all(s.attempts == 1 for s in done.steps), [s.attempts for s in done.steps]
             started_events = Counter(
