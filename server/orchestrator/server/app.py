@@ -15,6 +15,7 @@ import sqlalchemy as sa
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from orchestrator.server.api.interceptors import (
@@ -27,6 +28,7 @@ from orchestrator.server.control import ControlPlane
 from orchestrator.server.engine import Engine, Journal
 from orchestrator.server.engine.journal import Answer
 from orchestrator.server.lifecycle import RunStatus
+from orchestrator.server.metrics import Metrics
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.cluster import CHANNEL, ClusterBus
 from orchestrator.server.store.database import Database
@@ -69,6 +71,7 @@ class Server:
     health: health.aio.HealthServicer
     port: int = 0
     bus: ClusterBus | None = None
+    metrics: Metrics | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -81,6 +84,8 @@ class Server:
         if self.bus is not None:
             await self.bus.start()
         recovered = await self.engine.start()
+        if self.metrics is not None and self.settings.metrics_port:
+            self.metrics.serve(self.settings.metrics_port, self.settings.host)
         if self.settings.retention_seconds > 0:
             self._background.append(asyncio.create_task(self._retention(), name="retention"))
         for name in ("", SERVICE_NAME):
@@ -108,6 +113,8 @@ class Server:
             await self.bus.stop()
         await self.writer.stop()
         await self.db.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("server.stopped")
 
     async def wait(self) -> None:
@@ -190,12 +197,18 @@ def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> No
     )
 
 
-async def build_server(settings: Settings, registry: ToolRegistry | None = None) -> Server:
-    """Open the store (migrating it), wire the service and bind the port (0 = any free one)."""
+async def build_server(
+    settings: Settings,
+    registry: ToolRegistry | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> Server:
+    """Open the store (migrating it), wire the service and bind the port (0 = any free one).
+    Tracing uses `tracer_provider`, else the global one (see tracing.configure_tracing)."""
+    metrics = Metrics()
     grpc_server = grpc.aio.server(
         interceptors=[
-            aio_server_interceptor(),  # type: ignore[no-untyped-call]
-            CallContextInterceptor(),
+            aio_server_interceptor(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
+            CallContextInterceptor(metrics),
             ErrorInterceptor(),
             TenantInterceptor(),
         ],
@@ -209,6 +222,7 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
     writer.start()
     hub = Hub(settings.max_watchers_per_tenant)
     writer.add_listener(hub.on_commit)
+    writer.add_listener(metrics.on_commit)
     store = RunStore(db, writer)
     tokens = TokenCodec(await _signing_key(writer))
     registry = registry or default_registry()
@@ -220,7 +234,10 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
         enabled=settings.execute,
         lease_seconds=settings.lease_seconds,
         single_replica=db.is_sqlite,
+        tracer=trace.get_tracer("orchestrator.engine", tracer_provider=tracer_provider),
+        metrics=metrics,
     )
+    metrics.watch_gauges(lambda: len(engine.runs), lambda: hub.watchers)
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal)
     bus = None
     if not db.is_sqlite:
@@ -243,4 +260,5 @@ async def build_server(settings: Settings, registry: ToolRegistry | None = None)
         health=health_servicer,
         port=port,
         bus=bus,
+        metrics=metrics,
     )

@@ -33,6 +33,7 @@ from orchestrator.server.store.runs import (
 )
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry
+from orchestrator.server.tracing import current_traceparent
 from orchestrator.server.watch import TERMINAL_PB, Hub, Watcher
 from orchestrator.v1 import orchestrator_pb2 as pb
 
@@ -95,6 +96,7 @@ class ControlPlane:
             idempotency_key=request.idempotency_key,
             request_digest=request_digest(request) if request.idempotency_key else "",
             dry_run_order=validated.order if request.dry_run else None,
+            trace_parent=current_traceparent(),
         )
         if self.engine.enabled and self.engine.single_replica and not request.dry_run:
             # One replica on its own store runs what it accepts, without a claim round trip.

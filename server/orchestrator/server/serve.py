@@ -10,6 +10,7 @@ import structlog
 from orchestrator.server.app import build_server
 from orchestrator.server.logs import configure_logging
 from orchestrator.server.settings import Settings
+from orchestrator.server.tracing import configure_tracing
 
 log = structlog.get_logger("orchestrator.server")
 
@@ -17,6 +18,7 @@ log = structlog.get_logger("orchestrator.server")
 async def serve(settings: Settings) -> None:
     """Start the server and stop it gracefully on the first signal, at once on the second."""
     configure_logging(settings.log_format, settings.log_level)
+    configure_tracing()
     server = await build_server(settings)
     await server.start()
     loop = asyncio.get_running_loop()

@@ -26,6 +26,7 @@ from orchestrator.server.errors import (
     OrchestratorError,
     Unauthenticated,
 )
+from orchestrator.server.metrics import Metrics
 
 SERVICE_PREFIX = "/orchestrator.v1.OrchestratorService/"
 # Status details travel in trailing metadata, which gRPC caps (8-16 KiB by default): a plan
@@ -78,7 +79,10 @@ def _rewrap(
 
 class CallContextInterceptor(grpc.aio.ServerInterceptor):
     """Takes or makes the correlation id, binds it (and later the tenant) to every log line,
-    returns it in initial metadata, and writes one access-log line per call."""
+    returns it in initial metadata, and writes one access-log line (and metric) per call."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -100,13 +104,17 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
             code = context.code() if context.code() is not None else call.code
             if isinstance(code, int):
                 code = grpc.StatusCode.UNKNOWN
+            elapsed = time.perf_counter() - started
             log.info(
                 "rpc",
                 method=method,
                 code=code.name,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                duration_ms=round(elapsed * 1000, 3),
                 tenant_id=call.tenant_id,
             )
+            if self._metrics is not None:
+                self._metrics.rpcs.labels(method, code.name).inc()
+                self._metrics.rpc_latency.labels(method).observe(elapsed)
 
         def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
             async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 from orchestrator.server.engine.journal import Answer, Journal, LeaseLost, Outcome
 from orchestrator.server.errors import OrchestratorError
 from orchestrator.server.expressions import ExpressionError, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
+from orchestrator.server.metrics import Metrics
 from orchestrator.server.plan import StepInfo, ValidatedPlan, validate_request
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
+from orchestrator.server.tracing import parent_context
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 JSON = Any
@@ -97,6 +100,8 @@ class Engine:
     # One replica on its own store (SQLite): it takes every unfinished run at start and runs
     # the runs it accepts itself. Several (PostgreSQL): runs are claimed, so they spread.
     single_replica: bool = True
+    tracer: trace.Tracer = field(default_factory=lambda: trace.get_tracer("orchestrator.engine"))
+    metrics: Metrics | None = None
     runs: dict[str, RunTask] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -174,6 +179,8 @@ class Engine:
             if run_id in self.runs:
                 continue
             self.takeovers += 1
+            if self.metrics is not None:
+                self.metrics.takeovers.inc()
             log.info("engine.claimed_run", run_id=run_id)
             self.submit(run_id)
         return len(run_ids)
@@ -302,6 +309,7 @@ class RunTask:
         self.plan: ValidatedPlan = validate_request(
             pb.ExecuteRequest(executable_plan=plan), self.engine.registry
         )
+        self.trace_parent = parent_context(row["trace_parent"])
         self.params: dict[str, JSON] = row["parameters"] or {}
         self.vars: dict[str, JSON] = row["variables"] or {}
         for s in step_rows:
@@ -650,21 +658,34 @@ class RunTask:
                 logger=self.log.bind(step_id=step_id, attempt=started.attempt),
                 first_started_at=started.first_started_at,
             )
+            span = self.engine.tracer.start_span(
+                f"step {step_id}",
+                context=self.trace_parent,
+                attributes={
+                    "orchestrator.run_id": self.run_id,
+                    "orchestrator.step_id": step_id,
+                    "orchestrator.tool": tool.name,
+                    "orchestrator.attempt": started.attempt,
+                    "orchestrator.tenant_id": self.tenant_id,
+                },
+            )
+            began = time.monotonic()
             try:
-                async with self.engine.slots:
-                    call = tool.call(ctx, params if isinstance(params, dict) else {})
-                    output = await (asyncio.wait_for(call, timeout) if timeout else call)
-            except ToolError as exc:
-                error, retryable, reason = str(exc), exc.retryable and tool.retryable, exc.reason
-            except TimeoutError:
-                error, retryable, reason = (
-                    f"timed out after {timeout:g}s",
-                    tool.retryable,
-                    "TIMEOUT",
-                )
-            except OrchestratorError as exc:
-                error, retryable, reason = exc.message, False, exc.reason
+                with trace.use_span(span, end_on_exit=True, record_exception=False):
+                    async with self.engine.slots:
+                        call = tool.call(ctx, params if isinstance(params, dict) else {})
+                        output = await (asyncio.wait_for(call, timeout) if timeout else call)
+            except (ToolError, TimeoutError, OrchestratorError) as exc:
+                span.set_status(trace.StatusCode.ERROR, str(exc) or type(exc).__name__)
+                error, retryable, reason = self._attempt_error(exc, tool, timeout)
             else:
+                error = ""
+            finally:
+                if self.engine.metrics is not None:
+                    self.engine.metrics.step_duration.labels(tool.name).observe(
+                        time.monotonic() - began
+                    )
+            if not error:
                 variables = output if tool.sets_variables and isinstance(output, dict) else None
                 if variables:
                     self.vars = {**self.vars, **variables}
@@ -681,6 +702,17 @@ class RunTask:
                 reason = "RETRIES_EXHAUSTED"
             await self._fail(step_id, f"{error}{attempts}", reason)
             return
+
+    @staticmethod
+    def _attempt_error(
+        exc: ToolError | TimeoutError | OrchestratorError, tool: Tool, timeout: float | None
+    ) -> tuple[str, bool, str]:
+        """(error, retryable, reason) of a failed attempt."""
+        if isinstance(exc, ToolError):
+            return str(exc), exc.retryable and tool.retryable, exc.reason
+        if isinstance(exc, TimeoutError):
+            return f"timed out after {timeout or 0:g}s", tool.retryable, "TIMEOUT"
+        return exc.message, False, exc.reason
 
     def _capability_problem(self, tool: Tool) -> str:
         """The engine checks again before each call (the plan was checked at submit)."""

@@ -89,6 +89,8 @@ class NewRun:
     # Set when the accepting replica runs it itself (single-replica stores).
     owner: str = ""
     lease_expires_at: float | None = None
+    # W3C traceparent of the submitting call: the run's step spans join that trace.
+    trace_parent: str = ""
 
 
 @dataclass(frozen=True)
@@ -462,6 +464,7 @@ class RunStore:
             "last_sequence": 0,
             "results": None,
             "owner": new.owner or None,
+            "trace_parent": new.trace_parent,
             "lease_expires_at": new.lease_expires_at,
         }
         step_rows: list[dict[str, Any]] = [
@@ -568,6 +571,7 @@ class RunStore:
                 run_id=row["run_id"],
                 last_sequence=first_sequence + len(specs) - 1,
                 status_changed=status_changed,
+                status=row["status"],
                 events=tuple(
                     EventRecord(
                         v["sequence"],

@@ -46,6 +46,7 @@ runs = sa.Table(
     # The replica executing the run, until lease_expires_at; renewed by its heartbeat.
     sa.Column("owner", sa.String(128)),
     sa.Column("lease_expires_at", sa.Float),
+    sa.Column("trace_parent", sa.String(64), nullable=False, server_default=""),
 )
 sa.Index("ix_runs_tenant_pk", runs.c.tenant_id, runs.c.pk)
 sa.Index("ix_runs_tenant_status", runs.c.tenant_id, runs.c.status, runs.c.pk)

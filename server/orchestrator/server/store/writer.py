@@ -43,6 +43,7 @@ class Change:
     last_sequence: int
     status_changed: bool
     events: tuple[EventRecord, ...] = ()
+    status: str = ""  # the run's status after the change
 
 
 @dataclass

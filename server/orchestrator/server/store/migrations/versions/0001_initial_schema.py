@@ -46,6 +46,7 @@ def upgrade() -> None:
     sa.Column('results', sa.JSON(), nullable=True),
     sa.Column('owner', sa.String(length=128), nullable=True),
     sa.Column('lease_expires_at', sa.Float(), nullable=True),
+    sa.Column('trace_parent', sa.String(length=64), server_default='', nullable=False),
     sa.PrimaryKeyConstraint('pk'),
     sa.UniqueConstraint('run_id')
     )
