@@ -102,11 +102,11 @@ async def fanout(address: str, watchers: int, steps: int, channels: int = 4) -> 
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with serve(ORCHESTRATOR_MAX_WATCHERS_PER_TENANT=str(args.watchers + 10)) as (address, _pid):
         asyncio.run(fanout(address, args.watchers, args.steps))
 

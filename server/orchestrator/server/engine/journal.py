@@ -446,6 +446,11 @@ class Journal:
                             "status": StepStatus.WAITING.value,
                             "started_at": step["started_at"] or tx.now,
                             "first_started_at": step["first_started_at"] or tx.now,
+                            # Asking is core.clarify's one attempt (an approval's attempts are
+                            # its tool calls, counted when they start).
+                            "attempts": max(step["attempts"], 1)
+                            if step["tool"] == "core.clarify"
+                            else step["attempts"],
                         },
                     )
                 ]
