@@ -72,7 +72,7 @@ async def test_step_spans_join_the_callers_trace(
     assert rpc[0].context.trace_id == trace_id
     assert rpc[0].parent is not None and rpc[0].parent.span_id == caller.get_span_context().span_id
     steps = [s for s in finished if s.name.startswith("step ")]
-    assert sorted((s.attributes or {})["orchestrator.step_id"] for s in steps) == [
+    assert sorted(str((s.attributes or {})["orchestrator.step_id"]) for s in steps) == [
         "first",
         "second",
         "second",
@@ -84,11 +84,11 @@ async def test_step_spans_join_the_callers_trace(
         assert attributes["orchestrator.run_id"] == response.run_id
         assert attributes["orchestrator.tool"] in ("core.echo", "core.fail")
     attempts = sorted(
-        (int((s.attributes or {})["orchestrator.attempt"]), s.status.status_code)
+        (str((s.attributes or {})["orchestrator.attempt"]), s.status.status_code)
         for s in steps
         if (s.attributes or {})["orchestrator.step_id"] == "second"
     )
-    assert attempts == [(1, trace.StatusCode.ERROR), (2, trace.StatusCode.UNSET)]
+    assert attempts == [("1", trace.StatusCode.ERROR), ("2", trace.StatusCode.UNSET)]
 
 
 async def test_metrics_move_after_a_run(traced: Server) -> None:
