@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -35,6 +33,7 @@ from orchestrator.server.app import Server
 from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import EXAMPLES, load_plan, make_settings, plan_of, sqlite_url
+from tests.pki import make_pki
 from tests.process import ServeProcess, free_port
 
 TERMINAL = (
@@ -518,72 +517,6 @@ async def test_tenant_correlation_id_and_api_key_go_with_every_call(tenant: str)
         assert "authorization" not in recorder.metadata[1]
     finally:
         await srv.stop(0)
-
-
-def make_pki(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, by openssl."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    )
-    for name in ("server", "client"):
-        openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-        )
-        (directory / f"{name}.ext").write_text(
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-            + (
-                "extendedKeyUsage=serverAuth\n"
-                if name == "server"
-                else "extendedKeyUsage=clientAuth\n"
-            )
-        )
-        openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            f"{name}.ext",
-            "-out",
-            f"{name}.pem",
-        )
-    return {
-        n: directory / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
-    }
 
 
 async def test_mutual_tls_with_certificate_files(tmp_path: Path, tenant: str) -> None:

@@ -21,13 +21,19 @@ from orchestrator.server.app import Server
 from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import load_plan, md, plan_of
+from tests.conftest import load_plan, make_settings, md, plan_of
 from tests.errors import details_of
 
 if TYPE_CHECKING:
     Stub = pb_grpc.OrchestratorServiceAsyncStub
 
 S = pb.StepStatus
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """The engine tests call a local HTTP server on 127.0.0.1, so loopback is allowed."""
+    return make_settings(tmp_path, database_url, http_allow="127.0.0.1/32")
 
 
 async def run_sync(stub: Stub, tenant: str, plan: pb.ExecutablePlan, **fields: Any) -> pb.Execution:

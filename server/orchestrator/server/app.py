@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +30,7 @@ from orchestrator.server.engine import Engine, Journal
 from orchestrator.server.engine.journal import Answer
 from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.metrics import Metrics
+from orchestrator.server.security import KeyRing, TenantPolicy
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.cluster import CHANNEL, ClusterBus
 from orchestrator.server.store.database import Database
@@ -37,6 +39,7 @@ from orchestrator.server.store.schema import server_settings
 from orchestrator.server.store.writer import Tx, Writer
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry, default_registry
+from orchestrator.server.tools.network import parse_networks
 from orchestrator.server.watch import Hub
 from orchestrator.v1 import orchestrator_pb2
 
@@ -52,8 +55,19 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 ]
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is given; mutual TLS when a client CA is given too."""
+    if not settings.tls_cert:
+        return None
+    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 @dataclass
@@ -72,6 +86,8 @@ class Server:
     port: int = 0
     bus: ClusterBus | None = None
     metrics: Metrics | None = None
+    keys: KeyRing | None = None
+    policy: TenantPolicy | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -116,6 +132,16 @@ class Server:
         if self.metrics is not None:
             self.metrics.close()
         log.info("server.stopped")
+
+    def reload(self) -> None:
+        """Re-read the API keys and the tenant policy (SIGHUP). A broken file keeps the old."""
+        for source in (self.keys, self.policy):
+            if source is None:
+                continue
+            try:
+                source.reload()
+            except (OSError, ValueError, KeyError, TypeError):
+                log.exception("server.reload_failed", path=str(source.path))
 
     async def wait(self) -> None:
         await self.grpc_server.wait_for_termination()
@@ -205,16 +231,26 @@ async def build_server(
     """Open the store (migrating it), wire the service and bind the port (0 = any free one).
     Tracing uses `tracer_provider`, else the global one (see tracing.configure_tracing)."""
     metrics = Metrics()
+    keys = KeyRing(Path(settings.auth_keys)) if settings.auth_keys else None
+    policy = TenantPolicy(Path(settings.tenant_policy)) if settings.tenant_policy else None
     grpc_server = grpc.aio.server(
         interceptors=[
             aio_server_interceptor(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
             CallContextInterceptor(metrics),
             ErrorInterceptor(),
-            TenantInterceptor(),
+            TenantInterceptor(keys),
         ],
-        options=SERVER_OPTIONS,
+        options=[
+            *SERVER_OPTIONS,
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ],
     )
-    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = _credentials(settings)
+    if credentials is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, credentials)
     replica = settings.replica_id or f"{socket.gethostname()}:{port}"
     db = Database(settings.database_url)
     await db.migrate()
@@ -225,7 +261,7 @@ async def build_server(
     writer.add_listener(metrics.on_commit)
     store = RunStore(db, writer)
     tokens = TokenCodec(await _signing_key(writer))
-    registry = registry or default_registry()
+    registry = registry or default_registry(http_allow=parse_networks(settings.http_allow))
     journal = Journal(store, owner=replica)
     engine = Engine(
         journal,
@@ -236,9 +272,11 @@ async def build_server(
         single_replica=db.is_sqlite,
         tracer=trace.get_tracer("orchestrator.engine", tracer_provider=tracer_provider),
         metrics=metrics,
+        policy=policy,
+        max_template_output_bytes=settings.max_template_output_bytes,
     )
     metrics.watch_gauges(lambda: len(engine.runs), lambda: hub.watchers)
-    control = ControlPlane(settings, store, hub, tokens, registry, engine, journal)
+    control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)
     bus = None
     if not db.is_sqlite:
         bus = ClusterBus(db.url, replica, on_cluster_message(hub, engine))
@@ -261,4 +299,6 @@ async def build_server(
         port=port,
         bus=bus,
         metrics=metrics,
+        keys=keys,
+        policy=policy,
     )

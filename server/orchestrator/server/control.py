@@ -17,10 +17,19 @@ from orchestrator.server.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
     ValidationFailed,
 )
 from orchestrator.server.lifecycle import Action, RunStatus
-from orchestrator.server.plan import MAX_REQUEST_STRING, check_capabilities, validate_request
+from orchestrator.server.plan import (
+    MAX_REQUEST_STRING,
+    Limits,
+    ValidatedPlan,
+    check_capabilities,
+    validate_request,
+)
+from orchestrator.server.security import ExecuteRateLimiter, TenantPolicy
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.runs import (
     RUN_STATUS_PB,
@@ -54,9 +63,15 @@ class ControlPlane:
     registry: ToolRegistry
     engine: Engine
     journal: Journal
+    policy: TenantPolicy | None = None
 
     def __post_init__(self) -> None:
         self.watcher = Watcher(self.store, self.hub, self.tokens, self.settings.heartbeat_seconds)
+        self.limits = Limits(
+            max_steps=self.settings.max_steps_per_plan,
+            max_struct_depth=self.settings.max_struct_depth,
+        )
+        self.rate = ExecuteRateLimiter(self.settings.execute_rate, self.settings.execute_burst)
 
     async def execute(
         self,
@@ -66,9 +81,21 @@ class ControlPlane:
         call_deadline: float | None = None,
     ) -> pb.ExecuteResponse:
         """Validate, then store a run (or find the one its idempotency key names)."""
-        validated = validate_request(request, self.registry)
+        wait = self.rate.take(tenant_id, time.monotonic())
+        if wait:
+            limited = ResourceExhausted(
+                "too many Execute calls for this tenant; retry later",
+                reason="RATE_LIMITED",
+                metadata={"retry_after_seconds": f"{wait:.3f}"},
+            )
+            limited.retry_delay = wait
+            raise limited
+        validated = validate_request(request, self.registry, self.limits)
         if not request.HasField("validate_capabilities") or request.validate_capabilities:
-            check_capabilities(request.executable_plan, self.registry, None)
+            granted = self.policy.granted(tenant_id) if self.policy is not None else None
+            check_capabilities(request.executable_plan, self.registry, granted)
+        elif self.policy is not None:
+            self._check_grants(tenant_id, validated)
         plan = request.executable_plan
         estimate = await self.store.estimate_seconds(tenant_id, validated.plan_hash)
         if estimate is None:
@@ -97,6 +124,7 @@ class ControlPlane:
             request_digest=request_digest(request) if request.idempotency_key else "",
             dry_run_order=validated.order if request.dry_run else None,
             trace_parent=current_traceparent(),
+            max_unfinished=self.settings.max_runs_per_tenant,
         )
         if self.engine.enabled and self.engine.single_replica and not request.dry_run:
             # One replica on its own store runs what it accepts, without a claim round trip.
@@ -130,6 +158,28 @@ class ControlPlane:
         )
         response.estimated_duration.FromNanoseconds(int(estimate * 1e9))
         return response
+
+    def _check_grants(self, tenant_id: str, validated: ValidatedPlan) -> None:
+        """The tenant policy holds even when the caller turns capability validation off."""
+        assert self.policy is not None
+        granted = self.policy.granted(tenant_id)
+        flow_index = {flow.flow_id: i for i, flow in enumerate(validated.plan.flows)}
+        violations = []
+        for info in validated.steps.values():
+            tool = self.registry.get(info.step.tool)
+            for capability in sorted((tool.capabilities if tool else frozenset()) - granted):
+                violations.append(
+                    FieldViolation(
+                        f"executable_plan.flows[{flow_index[info.flow_id]}].steps[{info.index}].tool",
+                        f"{info.step.tool} needs {capability}, not granted to the tenant",
+                    )
+                )
+        if violations:
+            raise PermissionDenied(
+                "capabilities not granted to the tenant",
+                reason="CAPABILITY_DENIED",
+                violations=violations,
+            )
 
     async def wait_terminal(self, tenant_id: str, run_id: str, limit: float) -> pb.Execution:
         """The run's snapshot once it is terminal, or as it is after `limit` seconds."""

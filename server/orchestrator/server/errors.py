@@ -40,6 +40,8 @@ class OrchestratorError(Exception):
             self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
         self.violations: list[FieldViolation] = list(violations)
+        # When set, the caller may retry after this many seconds (a google.rpc.RetryInfo).
+        self.retry_delay: float | None = None
 
 
 class InvalidArgument(OrchestratorError):

@@ -102,6 +102,7 @@ class _Program:
     source: str
     runner: celpy.Runner
     references: frozenset[str]
+    comprehensions: int = 0  # deepest nesting of map/filter/all/exists/exists_one
 
 
 def _is_number(value: object) -> bool:
@@ -183,13 +184,13 @@ def _compile_cached(source: str) -> _Program | str:
     except Exception as exc:  # celpy/lark raise several unrelated types on bad input
         return _syntax_message(exc)
     try:
-        references = _inspect(ast)
+        references, comprehensions = _inspect(ast)
         runner = env.program(ast, functions=_FUNCTIONS)
     except ExpressionError as exc:
         return exc.message
     except Exception as exc:
         return f"invalid expression: {_eval_message(exc)}"
-    return _Program(source, runner, references)
+    return _Program(source, runner, references, comprehensions)
 
 
 def _compile(source: str) -> _Program:
@@ -208,9 +209,11 @@ def _syntax_message(exc: Exception) -> str:
     return "syntax error"
 
 
-def _inspect(ast: lark.Tree[Any]) -> frozenset[str]:
-    """Enforce the size bounds and collect the step ids read as `steps.<id>` / `steps["id"]`."""
+def _inspect(ast: lark.Tree[Any]) -> tuple[frozenset[str], int]:
+    """Enforce the size bounds; the step ids read as `steps.<id>` / `steps["id"]`, and the
+    deepest comprehension nesting (for the cost bound at evaluation)."""
     references: set[str] = set()
+    deepest = 0
     stack: list[tuple[lark.Tree[Any], int, int]] = [(ast, 0, 0)]
     while stack:
         tree, depth, comprehensions = stack.pop()
@@ -218,6 +221,7 @@ def _inspect(ast: lark.Tree[Any]) -> frozenset[str]:
             raise ExpressionError("expression is nested too deeply")
         if tree.data == "member_dot_arg" and _token(tree.children[1]) in _COMPREHENSIONS:
             comprehensions += 1
+            deepest = max(deepest, comprehensions)
             if comprehensions > MAX_COMPREHENSION_DEPTH:
                 raise ExpressionError(
                     f"more than {MAX_COMPREHENSION_DEPTH} nested comprehensions"
@@ -230,7 +234,7 @@ def _inspect(ast: lark.Tree[Any]) -> frozenset[str]:
         for child in tree.children:
             if isinstance(child, lark.Tree):
                 stack.append((child, depth + 1, comprehensions))
-    return frozenset(references)
+    return frozenset(references), deepest
 
 
 def _token(node: object) -> str | None:
@@ -280,7 +284,45 @@ def _eval_message(exc: BaseException) -> str:
     return message
 
 
+# Nested comprehensions cost about n**depth for lists of n items; beyond this many element
+# visits an expression is refused before it runs (CEL itself has no loops, so this bounds it).
+MAX_EVALUATION_COST = 1_000_000
+
+
+def _longest_list(values: Any, budget: int = 1_000_000) -> int:
+    """The longest list anywhere in `values` (giving up, as "huge", after `budget` nodes)."""
+    longest = 0
+    stack = [values]
+    seen = 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > budget:
+            return budget
+        if isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            longest = max(longest, len(value))
+            stack.extend(value)
+    return longest
+
+
+def _check_cost(program: _Program, activation: Mapping[str, Any]) -> None:
+    if not program.comprehensions:
+        return
+    # A list literal in the source has at most (commas + 1) items.
+    items = max(_longest_list(activation), program.source.count(",") + 1)
+    cost = items**program.comprehensions
+    if cost > MAX_EVALUATION_COST:
+        raise ExpressionError(
+            f"{program.source.strip()[:80]!r}: too costly to evaluate ({program.comprehensions}"
+            f" nested comprehensions over up to {items} items; the limit is "
+            f"{MAX_EVALUATION_COST:,} element visits)"
+        )
+
+
 def _evaluate(program: _Program, activation: Mapping[str, Any]) -> Any:
+    _check_cost(program, activation)
     try:
         cel_scope = {name: _to_cel(value) for name, value in activation.items()}
         result = program.runner.evaluate(cel_scope)

@@ -159,9 +159,23 @@ class _Problems:
             )
 
 
-def validate_request(request: pb.ExecuteRequest, registry: ToolRegistry) -> ValidatedPlan:
+@dataclass(frozen=True)
+class Limits:
+    """How large a plan may be (configurable; README lists the defaults)."""
+
+    max_steps: int = 1000
+    max_struct_depth: int = 32
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def validate_request(
+    request: pb.ExecuteRequest, registry: ToolRegistry, limits: Limits = DEFAULT_LIMITS
+) -> ValidatedPlan:
     """Validate an ExecuteRequest's plan; ValidationFailed lists every problem found."""
     problems = _Problems()
+    _check_size(problems, request, limits)
     request_timeout: float | None = None
     for name in ("triggered_by", "correlation_id", "idempotency_key"):
         if len(getattr(request, name)) > MAX_REQUEST_STRING:
@@ -609,6 +623,46 @@ def _config_seconds(value: struct_pb2.Value) -> float | None:
     if not math.isfinite(seconds) or seconds > _MAX_DURATION_SECONDS:
         return None
     return seconds
+
+
+def _check_size(problems: _Problems, request: pb.ExecuteRequest, limits: Limits) -> None:
+    """Too many steps or too deeply nested Structs: refused before anything walks them."""
+    plan = request.executable_plan
+    steps = sum(len(flow.steps) for flow in plan.flows)
+    if steps > limits.max_steps:
+        problems.add(f"{_PLAN}.flows", f"{steps} steps; a plan has at most {limits.max_steps}")
+        problems.raise_if_any()
+    structs: list[tuple[str, struct_pb2.Struct]] = [
+        ("parameters", request.parameters),
+        ("variables", request.variables),
+        (f"{_PLAN}.variables", plan.variables),
+        (f"{_PLAN}.configuration", plan.configuration),
+    ]
+    for i, flow in enumerate(plan.flows):
+        for j, step in enumerate(flow.steps):
+            structs.append((f"{_PLAN}.flows[{i}].steps[{j}].parameters", step.parameters))
+            structs.append((f"{_PLAN}.flows[{i}].steps[{j}].metadata", step.metadata))
+    for path, struct in structs:
+        if _struct_depth(struct, limits.max_struct_depth) > limits.max_struct_depth:
+            problems.add(path, f"nested deeper than {limits.max_struct_depth} levels")
+    problems.raise_if_any()
+
+
+def _struct_depth(struct: struct_pb2.Struct, limit: int) -> int:
+    """Nesting depth of a Struct, walked iteratively and only as deep as `limit` + 1."""
+    deepest = 0
+    stack: list[tuple[struct_pb2.Value, int]] = [(value, 1) for value in struct.fields.values()]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return depth
+        kind = value.WhichOneof("kind")
+        if kind == "struct_value":
+            stack.extend((v, depth + 1) for v in value.struct_value.fields.values())
+        elif kind == "list_value":
+            stack.extend((v, depth + 1) for v in value.list_value.values)
+    return deepest
 
 
 def _check_finite(problems: _Problems, path: str, value: Any) -> None:

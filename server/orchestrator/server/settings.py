@@ -47,6 +47,30 @@ class Settings:
     retention_seconds: float = field(default_factory=lambda: float(_env("RETENTION_SECONDS", "0")))
     # Prometheus metrics on this port (0 = off).
     metrics_port: int = field(default_factory=lambda: int(_env("METRICS_PORT", "0")))
+    # Security (README "Security"): API keys bound to tenants, TLS, tenant capability policy.
+    auth_keys: str = field(default_factory=lambda: _env("AUTH_KEYS", ""))
+    tls_cert: str = field(default_factory=lambda: _env("TLS_CERT", ""))
+    tls_key: str = field(default_factory=lambda: _env("TLS_KEY", ""))
+    tls_client_ca: str = field(default_factory=lambda: _env("TLS_CLIENT_CA", ""))
+    tenant_policy: str = field(default_factory=lambda: _env("TENANT_POLICY", ""))
+    # Limits (README "Limits").
+    max_request_bytes: int = field(
+        default_factory=lambda: int(_env("MAX_REQUEST_BYTES", str(4 * 1024 * 1024)))
+    )
+    max_steps_per_plan: int = field(default_factory=lambda: int(_env("MAX_STEPS_PER_PLAN", "1000")))
+    max_struct_depth: int = field(default_factory=lambda: int(_env("MAX_STRUCT_DEPTH", "32")))
+    max_template_output_bytes: int = field(
+        default_factory=lambda: int(_env("MAX_TEMPLATE_OUTPUT_BYTES", str(1024 * 1024)))
+    )
+    # Unfinished runs a tenant may have at once (beyond: RESOURCE_EXHAUSTED); 0 = no limit.
+    max_runs_per_tenant: int = field(
+        default_factory=lambda: int(_env("MAX_RUNS_PER_TENANT", "10000"))
+    )
+    # Execute calls per second per tenant and replica (token bucket), and the burst allowed.
+    execute_rate: float = field(default_factory=lambda: float(_env("EXECUTE_RATE", "200")))
+    execute_burst: int = field(default_factory=lambda: int(_env("EXECUTE_BURST", "400")))
+    # http.request may reach these networks (CIDRs, comma-separated) despite being private.
+    http_allow: str = field(default_factory=lambda: _env("HTTP_ALLOW", ""))
     max_page_size: int = 500
     default_page_size: int = 50
     default_run_timeout: float = 600.0

@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 import grpc
 import structlog
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from orchestrator.server.errors import (
@@ -27,6 +28,7 @@ from orchestrator.server.errors import (
     Unauthenticated,
 )
 from orchestrator.server.metrics import Metrics
+from orchestrator.server.security import KeyRing
 
 SERVICE_PREFIX = "/orchestrator.v1.OrchestratorService/"
 # Status details travel in trailing metadata, which gRPC caps (8-16 KiB by default): a plan
@@ -151,7 +153,7 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
         info.metadata["correlation_id"] = call.correlation_id
     for key, value in error.metadata.items():
         info.metadata[key] = value
-    details = [info]
+    details: list[Message] = [info]
     if error.violations:
         shown = error.violations[:MAX_VIOLATIONS]
         bad = error_details_pb2.BadRequest(
@@ -169,6 +171,10 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
                 description=f"... and {len(error.violations) - len(shown)} more problems",
             )
         details.append(bad)
+    if error.retry_delay is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(error.retry_delay * 1e9))
+        details.append(retry)
     status = status_pb2.Status(code=code.value[0], message=error.message)
     for detail in details:
         packed = any_pb2.Any()
@@ -247,7 +253,11 @@ def tenant_from(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 class TenantInterceptor(grpc.aio.ServerInterceptor):
     """Requires a valid x-tenant-id on OrchestratorService calls (health and reflection are
-    open) and binds it to the call and its log lines."""
+    open), and with API keys configured an `authorization: Bearer` key bound to that tenant;
+    binds the tenant to the call and its log lines."""
+
+    def __init__(self, keys: KeyRing | None = None) -> None:
+        self._keys = keys
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -258,6 +268,9 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):
 
         def bind(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             tenant = tenant_from(context)
+            if self._keys is not None:
+                key = self._keys.authorize(_metadata(context, "authorization"), tenant)
+                structlog.contextvars.bind_contextvars(api_key=key)
             call = current_call.get(None)
             if call is not None:
                 call.tenant_id = tenant

@@ -8,6 +8,7 @@ control plane commits and then tells it about.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Coroutine, Mapping
@@ -17,12 +18,14 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 
+from orchestrator.server.engine import secrets
 from orchestrator.server.engine.journal import Answer, Journal, LeaseLost, Outcome
 from orchestrator.server.errors import OrchestratorError
 from orchestrator.server.expressions import ExpressionError, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.plan import StepInfo, ValidatedPlan, validate_request
+from orchestrator.server.security import TenantPolicy
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
 from orchestrator.server.tracing import parent_context
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -101,7 +104,9 @@ class Engine:
     # the runs it accepts itself. Several (PostgreSQL): runs are claimed, so they spread.
     single_replica: bool = True
     tracer: trace.Tracer = field(default_factory=lambda: trace.get_tracer("orchestrator.engine"))
+    policy: TenantPolicy | None = None
     metrics: Metrics | None = None
+    max_template_output_bytes: int = 1024 * 1024
     runs: dict[str, RunTask] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -310,8 +315,10 @@ class RunTask:
             pb.ExecuteRequest(executable_plan=plan), self.engine.registry
         )
         self.trace_parent = parent_context(row["trace_parent"])
-        self.params: dict[str, JSON] = row["parameters"] or {}
-        self.vars: dict[str, JSON] = row["variables"] or {}
+        self.secrets: set[str] = set()
+        self.params: dict[str, JSON] = secrets.unwrap(row["parameters"] or {}, self.secrets)
+        self.vars: dict[str, JSON] = secrets.unwrap(row["variables"] or {}, self.secrets)
+        self.restricted = plan.security_context.data_classification.lower() == "restricted"
         for s in step_rows:
             self.rows[s["step_id"]] = s
             self.status[s["step_id"]] = StepStatus(s["status"])
@@ -399,6 +406,7 @@ class RunTask:
         if self.fatal is not None:
             step_id, error = self.fatal
             message = f"step {step_id} failed: {error}" if step_id else error
+            message = secrets.redact(message, self.secrets)
             await self.journal.finish_run(
                 self.run_id, Action.FAIL, error_message=message, error_reason=self.fatal_reason
             )
@@ -479,6 +487,19 @@ class RunTask:
     async def _record(
         self, outcomes: list[Outcome], variables: Mapping[str, JSON] | None = None
     ) -> None:
+        if self.secrets:
+            outcomes = [
+                Outcome(
+                    o.step_id,
+                    o.status,
+                    secrets.redact(o.output, self.secrets),
+                    secrets.redact(o.error, self.secrets),
+                    o.reason,
+                )
+                for o in outcomes
+            ]
+            if variables:
+                variables = secrets.redact(dict(variables), self.secrets)
         await self.journal.steps_finished(self.run_id, outcomes, variables=variables)
         for outcome in outcomes:
             self.status[outcome.step_id] = outcome.status
@@ -636,6 +657,18 @@ class RunTask:
                     step_id, f"parameters could not be resolved: {exc}", "TEMPLATE_ERROR"
                 )
                 return
+            params = secrets.unwrap(params, self.secrets)
+            if self.restricted:
+                secrets.collect_strings(params, self.secrets)
+            size = len(json.dumps(params, separators=(",", ":")))
+            if size > self.engine.max_template_output_bytes:
+                await self._fail(
+                    step_id,
+                    f"resolved parameters are {size:,} bytes; the limit is "
+                    f"{self.engine.max_template_output_bytes:,}",
+                    "TEMPLATE_TOO_LARGE",
+                )
+                return
             started = await self.journal.step_started(self.run_id, step_id)
             if started is None:
                 # Paused (or cancelled) between our check and the commit: wait and retry.
@@ -693,7 +726,9 @@ class RunTask:
                 return
             if retryable and started.attempt < retry.max_attempts:
                 delay = retry.delay(started.attempt)
-                await self.journal.step_retrying(self.run_id, step_id, error, time.time() + delay)
+                await self.journal.step_retrying(
+                    self.run_id, step_id, secrets.redact(error, self.secrets), time.time() + delay
+                )
                 self.status[step_id] = StepStatus.PENDING
                 await asyncio.sleep(delay)
                 continue
@@ -717,12 +752,20 @@ class RunTask:
     def _capability_problem(self, tool: Tool) -> str:
         """The engine checks again before each call (the plan was checked at submit)."""
         ctx = self.plan.plan.security_context
-        if not ctx.allowed_tools and not ctx.required_capabilities:
-            return ""
-        if ctx.allowed_tools and tool.name not in ctx.allowed_tools:
-            return f"tool {tool.name!r} is not in the plan's allowed_tools"
-        missing = sorted(tool.capabilities - set(ctx.required_capabilities))
-        return f"capabilities not declared: {', '.join(missing)}" if missing else ""
+        # A plan that declares nothing was submitted with validate_capabilities=false.
+        if ctx.allowed_tools or ctx.required_capabilities:
+            if ctx.allowed_tools and tool.name not in ctx.allowed_tools:
+                return f"tool {tool.name!r} is not in the plan's allowed_tools"
+            missing = sorted(tool.capabilities - set(ctx.required_capabilities))
+            if missing:
+                return f"capabilities not declared: {', '.join(missing)}"
+        # The tenant policy holds whatever the caller asked to skip.
+        if self.engine.policy is not None:
+            # The tenant's grants may have shrunk since submit (the policy file is re-read).
+            denied = sorted(tool.capabilities - self.engine.policy.granted(self.tenant_id))
+            if denied:
+                return f"capabilities not granted to the tenant: {', '.join(denied)}"
+        return ""
 
     async def _rollback(self) -> None:
         """Compensation: each failed flow's rollback steps, in order."""

@@ -16,7 +16,13 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from orchestrator.server.errors import AlreadyExists, Conflict, InvalidTransition, NotFound
+from orchestrator.server.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidTransition,
+    NotFound,
+    ResourceExhausted,
+)
 from orchestrator.server.lifecycle import (
     REFUSAL_REASONS,
     TERMINAL,
@@ -91,6 +97,8 @@ class NewRun:
     lease_expires_at: float | None = None
     # W3C traceparent of the submitting call: the run's step spans join that trace.
     trace_parent: str = ""
+    # Unfinished runs the tenant may have (0 = no limit), checked in the creating transaction.
+    max_unfinished: int = 0
 
 
 @dataclass(frozen=True)
@@ -430,6 +438,29 @@ class RunStore:
                         )
                     execution = await self._load_execution(tx.conn, new.tenant_id, existing.run_id)
                     return Created(execution, created=False)
+            if new.max_unfinished:
+                unfinished = (
+                    await tx.conn.execute(
+                        sa.select(sa.func.count())
+                        .select_from(runs)
+                        .where(
+                            runs.c.tenant_id == new.tenant_id,
+                            runs.c.status.in_(
+                                [
+                                    RunStatus.PENDING.value,
+                                    RunStatus.RUNNING.value,
+                                    RunStatus.PAUSED.value,
+                                ]
+                            ),
+                        )
+                    )
+                ).scalar_one()
+                if unfinished >= new.max_unfinished:
+                    raise ResourceExhausted(
+                        f"the tenant has {unfinished} unfinished runs, the most allowed",
+                        reason="TENANT_QUOTA_EXCEEDED",
+                        metadata={"limit": str(new.max_unfinished)},
+                    )
             if not new.owner:
                 tx.notify("claim")  # an unowned run: whichever replica is free takes it
             return Created(await self._insert_run(tx, new), created=True)

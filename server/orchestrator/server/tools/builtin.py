@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 import httpx
 
+from orchestrator.server.tools.network import Network, resolve_allowed
 from orchestrator.server.tools.registry import JSON, Tool, ToolContext, ToolError
 
 # http.request reads at most this much of a response body.
@@ -81,11 +82,16 @@ async def clarify(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
     raise ToolError("core.clarify is handled by the engine", retryable=False)
 
 
-class HttpRequest:
-    """http.request with one shared connection pool, timeouts and a response size cap."""
+MAX_REDIRECTS = 5
 
-    def __init__(self) -> None:
+
+class HttpRequest:
+    """http.request: one shared connection pool, timeouts, a response size cap, and only the
+    destinations `network.resolve_allowed` permits (redirects followed and checked here)."""
+
+    def __init__(self, allow: Sequence[Network] = ()) -> None:
         self._client: httpx.AsyncClient | None = None
+        self.allow = tuple(allow)
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -109,15 +115,53 @@ class HttpRequest:
         timeout = min(
             float(params.get("timeout_seconds") or DEFAULT_HTTP_TIMEOUT), MAX_HTTP_TIMEOUT
         )
-        kwargs: dict[str, Any] = {}
+        content: bytes | None = None
         if "json" in params:
-            kwargs["json"] = params["json"]
+            content = json.dumps(params["json"]).encode()
+            headers.setdefault("Content-Type", "application/json")
         elif "body" in params:
-            kwargs["content"] = str(params["body"]).encode()
+            content = str(params["body"]).encode()
+        target = httpx.URL(url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            response, body = await self._send(method, target, headers, content, timeout)
+            location = response.headers.get("location")
+            if response.status_code in (301, 302, 303, 307, 308) and location:
+                target = target.join(location)
+                if response.status_code == 303 or (
+                    response.status_code in (301, 302) and method == "POST"
+                ):
+                    method, content = "GET", None
+                continue
+            return self._output(method, str(target), response, body, params)
+        raise ToolError(
+            f"more than {MAX_REDIRECTS} redirects", retryable=False, reason="TOO_MANY_REDIRECTS"
+        )
+
+    async def _send(
+        self,
+        method: str,
+        target: httpx.URL,
+        headers: dict[str, str],
+        content: bytes | None,
+        seconds: float,
+    ) -> tuple[httpx.Response, bytes]:
+        host = target.host
+        port = target.port or (443 if target.scheme == "https" else 80)
+        address = await resolve_allowed(host, port, self.allow)
+        pinned = target.copy_with(host=address)
+        extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+        request_headers = {**headers, "Host": target.netloc.decode()}
         try:
-            async with self.client().stream(
-                method, url, headers=headers, timeout=timeout, **kwargs
-            ) as response:
+            request = self.client().build_request(
+                method,
+                pinned,
+                headers=request_headers,
+                content=content,
+                timeout=seconds,
+                extensions=extensions,
+            )
+            response = await self.client().send(request, stream=True)
+            try:
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body.extend(chunk)
@@ -127,12 +171,20 @@ class HttpRequest:
                             retryable=False,
                             reason="RESPONSE_TOO_LARGE",
                         )
+            finally:
+                await response.aclose()
         except httpx.TimeoutException:
             raise ToolError(
-                f"{method} {url} timed out after {timeout}s", reason="HTTP_TIMEOUT"
+                f"{method} {target} timed out after {seconds}s", reason="HTTP_TIMEOUT"
             ) from None
         except httpx.HTTPError as exc:
-            raise ToolError(f"{method} {url} failed: {exc}", reason="HTTP_ERROR") from None
+            raise ToolError(f"{method} {target} failed: {exc}", reason="HTTP_ERROR") from None
+        return response, bytes(body)
+
+    @staticmethod
+    def _output(
+        method: str, url: str, response: httpx.Response, body: bytes, params: dict[str, JSON]
+    ) -> JSON:
         status = response.status_code
         expected = params.get("expected_status")
         ok = status == expected if isinstance(expected, int | float) else 200 <= status < 300
@@ -154,8 +206,9 @@ class HttpRequest:
         return output
 
 
-def builtin_tools() -> list[Tool]:
-    """Every built-in tool."""
+def builtin_tools(http_allow: Sequence[Network] = ()) -> list[Tool]:
+    """Every built-in tool; http.request may reach the `http_allow` networks even when they
+    are private or loopback."""
     return [
         Tool("core.echo", echo, description="returns its parameters"),
         Tool(
@@ -175,7 +228,7 @@ def builtin_tools() -> list[Tool]:
         ),
         Tool(
             "http.request",
-            HttpRequest(),
+            HttpRequest(http_allow),
             capabilities=frozenset({"network.http"}),
             description="calls an HTTP endpoint with an Idempotency-Key header",
         ),

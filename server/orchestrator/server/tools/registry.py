@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+
+if TYPE_CHECKING:
+    from orchestrator.server.tools.network import Network
 
 ENTRY_POINT_GROUP = "orchestrator.tools"
 
@@ -88,11 +91,13 @@ def load_entry_point_tools() -> list[Tool]:
     return found
 
 
-def default_registry(*, load_entry_points: bool = True) -> ToolRegistry:
+def default_registry(
+    *, load_entry_points: bool = True, http_allow: Sequence[Network] = ()
+) -> ToolRegistry:
     """The built-in tools plus every tool registered through the entry-point group."""
     from orchestrator.server.tools.builtin import builtin_tools
 
-    registry = ToolRegistry(builtin_tools())
+    registry = ToolRegistry(builtin_tools(http_allow))
     if load_entry_points:
         for tool in load_entry_point_tools():
             registry.register(tool)

@@ -1,0 +1,116 @@
+"""Who may do what: API keys bound to tenants, and tenant capability policies (issue 7).
+
+Both come from JSON files named in the settings and are re-read on SIGHUP. Keys are kept only
+as SHA-256 digests and compared in constant time; they are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from orchestrator.server.errors import PermissionDenied, Unauthenticated
+
+log = structlog.get_logger("orchestrator.security")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key's name, the SHA-256 digest of its secret, and the tenants it may act for."""
+
+    name: str
+    digest: bytes
+    tenants: frozenset[str]
+
+
+class KeyRing:
+    """The API keys of `--auth-keys`: `{"keys": [{"name", "sha256", "tenants": [...]}]}`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: tuple[ApiKey, ...] = ()
+        self.reload()
+
+    def reload(self) -> None:
+        data = json.loads(self.path.read_text())
+        keys = []
+        for entry in data["keys"]:
+            digest = bytes.fromhex(entry["sha256"])
+            if len(digest) != 32:
+                raise ValueError(f"key {entry.get('name')!r}: sha256 must be 64 hex digits")
+            tenants = frozenset(str(uuid.UUID(t)) for t in entry["tenants"])
+            keys.append(ApiKey(str(entry.get("name", "")), digest, tenants))
+        self.keys = tuple(keys)
+        log.info("security.keys_loaded", keys=len(self.keys))
+
+    def authorize(self, authorization: str, tenant_id: str) -> str:
+        """The name of the key `authorization` carries, if it may act for `tenant_id`."""
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise Unauthenticated(
+                "an API key is required: authorization: Bearer <key>", reason="API_KEY_INVALID"
+            )
+        presented = hashlib.sha256(secret.strip().encode()).digest()
+        found: ApiKey | None = None
+        # Compare with every key, in constant time, so timing says nothing about which matched.
+        for key in self.keys:
+            if hmac.compare_digest(presented, key.digest):
+                found = key
+        if found is None:
+            raise Unauthenticated("the API key is not valid", reason="API_KEY_INVALID")
+        if tenant_id not in found.tenants:
+            raise PermissionDenied(
+                "the API key may not act for this tenant", reason="TENANT_NOT_ALLOWED"
+            )
+        return found.name
+
+
+class TenantPolicy:
+    """Capabilities granted per tenant (`--tenant-policy`):
+    `{"tenants": {"<uuid>": {"capabilities": [...]}}, "default": {"capabilities": [...]}}`.
+    A tenant not listed gets the default, or nothing when there is no default."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._grants: dict[str, frozenset[str]] = {}
+        self._default: frozenset[str] = frozenset()
+        self.reload()
+
+    def reload(self) -> None:
+        data = json.loads(self.path.read_text())
+        self._grants = {
+            str(uuid.UUID(tenant)): frozenset(entry.get("capabilities", []))
+            for tenant, entry in data.get("tenants", {}).items()
+        }
+        self._default = frozenset(data.get("default", {}).get("capabilities", []))
+        log.info("security.policy_loaded", tenants=len(self._grants))
+
+    def granted(self, tenant_id: str) -> frozenset[str]:
+        return self._grants.get(tenant_id, self._default)
+
+
+class ExecuteRateLimiter:
+    """Execute calls per tenant: a token bucket per tenant, per replica."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, tenant_id: str, now: float) -> float:
+        """0 when the call may go ahead, else the seconds until it may."""
+        if self.rate <= 0:
+            return 0.0
+        tokens, last = self._buckets.get(tenant_id, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self._buckets[tenant_id] = (tokens - 1, now)
+            return 0.0
+        self._buckets[tenant_id] = (tokens, now)
+        return (1 - tokens) / self.rate
