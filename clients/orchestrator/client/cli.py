@@ -239,8 +239,33 @@ def serve(
         str | None,
         typer.Option(help="debug, info, warning, error or critical [env ORCHESTRATOR_LOG_LEVEL]."),
     ] = None,
+    auth_keys: Annotated[
+        str | None,
+        typer.Option(help="JSON file of API keys bound to tenants [env ORCHESTRATOR_AUTH_KEYS]."),
+    ] = None,
+    tls_cert: Annotated[
+        str | None, typer.Option(help="PEM server certificate [env ORCHESTRATOR_TLS_CERT].")
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option(help="PEM key of --tls-cert [env ORCHESTRATOR_TLS_KEY].")
+    ] = None,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(help="PEM CA for client certificates: mTLS [env ORCHESTRATOR_TLS_CLIENT_CA]."),
+    ] = None,
+    tenant_policy: Annotated[
+        str | None,
+        typer.Option(help="JSON file of capabilities per tenant [env ORCHESTRATOR_TENANT_POLICY]."),
+    ] = None,
+    http_allow: Annotated[
+        str | None,
+        typer.Option(
+            help="CIDRs http.request may reach though private, comma-separated "
+            "[env ORCHESTRATOR_HTTP_ALLOW]."
+        ),
+    ] = None,
 ) -> None:
-    """Run the gRPC server until SIGTERM."""
+    """Run the gRPC server until SIGTERM (SIGHUP re-reads the key and policy files)."""
     from orchestrator.server.serve import run
     from orchestrator.server.settings import Settings
 
@@ -271,6 +296,18 @@ def serve(
         settings.heartbeat_seconds = heartbeat_seconds
     if max_steps_in_flight is not None:
         settings.max_steps_in_flight = max_steps_in_flight
+    for name, value in (
+        ("auth_keys", auth_keys),
+        ("tls_cert", tls_cert),
+        ("tls_key", tls_key),
+        ("tls_client_ca", tls_client_ca),
+        ("tenant_policy", tenant_policy),
+        ("http_allow", http_allow),
+    ):
+        if value is not None:
+            setattr(settings, name, value)
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise typer.BadParameter("--tls-cert and --tls-key go together", param_hint="--tls-cert")
     if log_level is not None:
         if log_level.lower() not in LOG_LEVELS:
             raise typer.BadParameter(
