@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -66,14 +67,21 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
     return make_settings(tmp_path, database_url)
 
 
-@pytest.fixture
-async def server(settings: Settings) -> AsyncIterator[Server]:
-    srv = await build_server(settings)
+@asynccontextmanager
+async def running(settings: Settings, **kwargs: Any) -> AsyncIterator[Server]:
+    """A started server, stopped on exit (build_server's keyword arguments pass through)."""
+    srv = await build_server(settings, **kwargs)
     await srv.start()
     try:
         yield srv
     finally:
         await srv.stop(grace=0.2)
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[Server]:
+    async with running(settings) as srv:
+        yield srv
 
 
 @pytest.fixture

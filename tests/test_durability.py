@@ -18,7 +18,7 @@ from google.protobuf import struct_pb2
 
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import plan_of, sqlite_url
+from tests.conftest import plan_of
 from tests.process import ServeProcess, free_port
 from tests.stores import drop_postgres_database, fetch, postgres_database
 
@@ -28,18 +28,6 @@ TERMINAL = (
     pb.EXECUTION_STATUS_FAILED,
     pb.EXECUTION_STATUS_CANCELLED,
 )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield sqlite_url(tmp_path / "o.db")
-        return
-    url = postgres_database()
-    try:
-        yield url
-    finally:
-        drop_postgres_database(url)
 
 
 class Cluster:
@@ -73,8 +61,8 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(store_url: str, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(store_url, tmp_path)
+def cluster(database_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(database_url, tmp_path)
     try:
         yield c
     finally:

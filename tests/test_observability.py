@@ -14,11 +14,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from orchestrator.server.app import Server, build_server
+from orchestrator.server.app import Server
 from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import md, plan_of
+from tests.conftest import md, plan_of, running
 from tests.process import free_port
 
 
@@ -32,12 +32,8 @@ async def traced(settings: Settings, spans: InMemorySpanExporter) -> AsyncIterat
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
     settings.metrics_port = free_port()
-    srv = await build_server(settings, tracer_provider=provider)
-    await srv.start()
-    try:
+    async with running(settings, tracer_provider=provider) as srv:
         yield srv
-    finally:
-        await srv.stop(grace=0.2)
 
 
 async def test_step_spans_join_the_callers_trace(

@@ -8,8 +8,7 @@ import hashlib
 import json
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,9 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.server.app import Server, build_server
-from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import make_settings, md, plan_of
+from tests.conftest import make_settings, md, plan_of, running
 from tests.errors import details_of
 from tests.pki import make_pki
 from tests.process import ServeProcess
@@ -34,16 +31,6 @@ TERMINAL = (
     pb.EXECUTION_STATUS_FAILED,
     pb.EXECUTION_STATUS_CANCELLED,
 )
-
-
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Server]:
-    srv = await build_server(settings)
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop(grace=0.2)
 
 
 async def finished(stub: Any, tenant: str, run_id: str, *extra: tuple[str, str]) -> pb.Execution:

@@ -629,23 +629,3 @@ class Journal:
                     .all()
                 )
         return dict(row), [dict(s) for s in step_rows]
-
-    async def unfinished_runs(self) -> list[str]:
-        """Runs that are not terminal, oldest first (what a restart picks up)."""
-        async with self.store.db.reader.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(runs.c.run_id)
-                    .where(
-                        runs.c.status.in_(
-                            [
-                                RunStatus.PENDING.value,
-                                RunStatus.RUNNING.value,
-                                RunStatus.PAUSED.value,
-                            ]
-                        )
-                    )
-                    .order_by(runs.c.pk)
-                )
-            ).all()
-        return [r.run_id for r in rows]
