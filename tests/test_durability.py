@@ -3,6 +3,7 @@ same store, SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
 import time
@@ -364,3 +365,46 @@ def test_two_replicas_share_take_over_and_hand_over(tmp_path: Path) -> None:
     finally:
         cluster.stop_all()
         drop_postgres_database(url)
+
+
+async def test_retention_deletes_finished_runs_with_their_events(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Off by default; when set, finished runs older than the period go, unfinished stay."""
+    tenant = str(uuid.uuid4())
+    settings = make_settings(tmp_path, database_url, retention_seconds=0.5)
+    async with running(settings) as srv, grpc.aio.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.OrchestratorServiceStub(ch)
+        done = await stub.Execute(
+            pb.ExecuteRequest(executable_plan=waits(1, 0.01), dry_run=True, idempotency_key="k"),
+            metadata=md(tenant),
+        )
+        waiting = await stub.Execute(
+            pb.ExecuteRequest(
+                executable_plan=plan_of(
+                    {"stepId": "ask", "tool": "core.clarify", "parameters": {"prompt": "?"}}
+                )
+            ),
+            metadata=md(tenant),
+        )
+        for _ in range(100):
+            rows = fetch(
+                database_url, "SELECT count(*) AS n FROM events WHERE run_id = $1", done.run_id
+            )
+            if rows[0]["n"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetExecution(pb.GetExecutionRequest(run_id=done.run_id), metadata=md(tenant))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (
+            fetch(database_url, "SELECT count(*) AS n FROM events WHERE run_id = $1", done.run_id)[
+                0
+            ]["n"]
+            == 0
+        )
+        assert fetch(database_url, "SELECT count(*) AS n FROM idempotency_keys")[0]["n"] == 0
+        kept = await stub.GetExecution(
+            pb.GetExecutionRequest(run_id=waiting.run_id), metadata=md(tenant)
+        )
+        assert kept.execution.status == pb.EXECUTION_STATUS_RUNNING
