@@ -19,7 +19,7 @@ from google.protobuf import struct_pb2
 
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import plan_of
+from tests.conftest import make_settings, md, plan_of, running
 from tests.process import ServeProcess, free_port
 from tests.stores import drop_postgres_database, fetch, postgres_database
 
