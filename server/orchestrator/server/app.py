@@ -254,7 +254,12 @@ async def build_server(
     replica = settings.replica_id or f"{socket.gethostname()}:{port}"
     db = Database(settings.database_url)
     await db.migrate()
-    writer = Writer(db.writer, notify_channel="" if db.is_sqlite else CHANNEL, origin=replica)
+    writer = Writer(
+        db.writer,
+        sync_engine=db.sync_writer,
+        notify_channel="" if db.is_sqlite else CHANNEL,
+        origin=replica,
+    )
     writer.start()
     hub = Hub(settings.max_watchers_per_tenant)
     writer.add_listener(hub.on_commit)

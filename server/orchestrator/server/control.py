@@ -50,6 +50,8 @@ PB_RUN_STATUS = {v: k for k, v in RUN_STATUS_PB.items()}
 
 # Without history for a plan, a run is estimated at this many seconds per step.
 FALLBACK_SECONDS_PER_STEP = 1.0
+ESTIMATE_TTL = 10.0
+ESTIMATE_CACHE_SIZE = 10_000
 
 
 @dataclass
@@ -72,6 +74,7 @@ class ControlPlane:
             max_struct_depth=self.settings.max_struct_depth,
         )
         self.rate = ExecuteRateLimiter(self.settings.execute_rate, self.settings.execute_burst)
+        self._estimates: dict[tuple[str, str], tuple[float, float]] = {}
 
     async def execute(
         self,
@@ -97,9 +100,7 @@ class ControlPlane:
         elif self.policy is not None:
             self._check_grants(tenant_id, validated)
         plan = request.executable_plan
-        estimate = await self.store.estimate_seconds(tenant_id, validated.plan_hash)
-        if estimate is None:
-            estimate = FALLBACK_SECONDS_PER_STEP * len(validated.steps)
+        estimate = await self._estimate(tenant_id, validated.plan_hash, len(validated.steps))
         variables = json_format.MessageToDict(plan.variables)
         variables.update(json_format.MessageToDict(request.variables))
         new = NewRun(
@@ -158,6 +159,21 @@ class ControlPlane:
         )
         response.estimated_duration.FromNanoseconds(int(estimate * 1e9))
         return response
+
+    async def _estimate(self, tenant_id: str, plan_hash: str, steps: int) -> float:
+        """Expected duration: the median of recent completed runs of the plan (cached for a
+        few seconds: an estimate needs no fresher data, and Execute should not pay a read)."""
+        key = (tenant_id, plan_hash)
+        now = time.monotonic()
+        cached = self._estimates.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        measured = await self.store.estimate_seconds(tenant_id, plan_hash)
+        estimate = measured if measured is not None else FALLBACK_SECONDS_PER_STEP * steps
+        if len(self._estimates) > ESTIMATE_CACHE_SIZE:
+            self._estimates.clear()
+        self._estimates[key] = (estimate, now + ESTIMATE_TTL)
+        return estimate
 
     def _check_grants(self, tenant_id: str, validated: ValidatedPlan) -> None:
         """The tenant policy holds even when the caller turns capability validation off."""

@@ -15,10 +15,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x6F726369
 
 
-def _sqlite_pragmas(engine: AsyncEngine, begin: str) -> None:
+def _sqlite_pragmas(engine: sa.Engine, begin: str) -> None:
     # pysqlite's own transaction handling gets in the way of SAVEPOINT and of BEGIN IMMEDIATE;
     # the SQLAlchemy-documented fix is to turn it off and emit BEGIN ourselves.
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -30,7 +30,7 @@ def _sqlite_pragmas(engine: AsyncEngine, begin: str) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql(begin)
 
@@ -42,11 +42,17 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = sa.make_url(url)
         self.dialect = self.url.get_backend_name()
+        # SQLite's group commits run on the writer thread through the stdlib driver.
+        self.sync_writer: sa.Engine | None = None
         if self.is_sqlite:
             self.writer: AsyncEngine = create_async_engine(self.url, pool_size=1, max_overflow=0)
-            _sqlite_pragmas(self.writer, "BEGIN IMMEDIATE")
+            _sqlite_pragmas(self.writer.sync_engine, "BEGIN IMMEDIATE")
             self.reader: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=8)
-            _sqlite_pragmas(self.reader, "BEGIN")
+            _sqlite_pragmas(self.reader.sync_engine, "BEGIN")
+            self.sync_writer = sa.create_engine(
+                self.url.set(drivername="sqlite+pysqlite"), pool_size=1, max_overflow=0
+            )
+            _sqlite_pragmas(self.sync_writer, "BEGIN IMMEDIATE")
         else:
             self.writer = create_async_engine(
                 self.url, pool_size=4, max_overflow=4, pool_pre_ping=True
@@ -75,6 +81,8 @@ class Database:
                     await conn.commit()
 
     async def close(self) -> None:
+        if self.sync_writer is not None:
+            self.sync_writer.dispose()
         await self.writer.dispose()
         await self.reader.dispose()
 

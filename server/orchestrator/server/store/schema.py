@@ -52,6 +52,7 @@ sa.Index("ix_runs_tenant_pk", runs.c.tenant_id, runs.c.pk)
 sa.Index("ix_runs_tenant_status", runs.c.tenant_id, runs.c.status, runs.c.pk)
 sa.Index("ix_runs_status", runs.c.status, runs.c.lease_expires_at)
 sa.Index("ix_runs_owner", runs.c.owner)
+sa.Index("ix_runs_tenant_plan", runs.c.tenant_id, runs.c.plan_hash, runs.c.status, runs.c.pk)
 
 steps = sa.Table(
     "steps",

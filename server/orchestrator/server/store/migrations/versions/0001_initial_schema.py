@@ -53,6 +53,7 @@ def upgrade() -> None:
     with op.batch_alter_table('runs', schema=None) as batch_op:
         batch_op.create_index('ix_runs_status', ['status', 'lease_expires_at'], unique=False)
         batch_op.create_index('ix_runs_owner', ['owner'], unique=False)
+        batch_op.create_index('ix_runs_tenant_plan', ['tenant_id', 'plan_hash', 'status', 'pk'], unique=False)
         batch_op.create_index('ix_runs_tenant_pk', ['tenant_id', 'pk'], unique=False)
         batch_op.create_index('ix_runs_tenant_status', ['tenant_id', 'status', 'pk'], unique=False)
 
@@ -143,5 +144,6 @@ def downgrade() -> None:
         batch_op.drop_index('ix_runs_tenant_pk')
         batch_op.drop_index('ix_runs_status')
         batch_op.drop_index('ix_runs_owner')
+        batch_op.drop_index('ix_runs_tenant_plan')
 
     op.drop_table('runs')
