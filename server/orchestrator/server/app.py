@@ -279,6 +279,7 @@ async def build_server(
         metrics=metrics,
         policy=policy,
         max_template_output_bytes=settings.max_template_output_bytes,
+        max_value_depth=settings.max_struct_depth,
     )
     metrics.watch_gauges(lambda: len(engine.runs), lambda: hub.watchers)
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)

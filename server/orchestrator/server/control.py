@@ -17,6 +17,7 @@ from orchestrator.server.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
     ValidationFailed,
@@ -27,7 +28,10 @@ from orchestrator.server.plan import (
     Limits,
     ValidatedPlan,
     check_capabilities,
+    finite,
+    json_depth,
     validate_request,
+    value_to_python,
 )
 from orchestrator.server.security import ExecuteRateLimiter, TenantPolicy
 from orchestrator.server.settings import Settings
@@ -38,6 +42,7 @@ from orchestrator.server.store.runs import (
     RunFilter,
     RunStore,
     Transitioned,
+    not_found,
     timestamp,
 )
 from orchestrator.server.tokens import TokenCodec
@@ -276,6 +281,18 @@ class ControlPlane:
                 "clarification_id is required",
                 violations=[FieldViolation("clarification_id", "required")],
             )
+        if not _is_uuid(request.clarification_id):
+            await self.store.run_status(tenant_id, request.run_id)  # NotFound for the run first
+            raise NotFound(
+                f"clarification {request.clarification_id!r} not found",
+                reason="CLARIFICATION_NOT_FOUND",
+                metadata={"run_id": request.run_id},
+            )
+        if "\x00" in request.responded_by:
+            raise ValidationFailed(
+                "responded_by has a NUL character",
+                violations=[FieldViolation("responded_by", "must not contain NUL characters")],
+            )
         row = await self.store.clarification(tenant_id, request.run_id, request.clarification_id)
         if row["status"] != "PENDING":
             raise FailedPrecondition(
@@ -287,9 +304,18 @@ class ControlPlane:
                     "current_status": row["status"],
                 },
             )
-        response = (
-            json_format.MessageToDict(request.response) if request.HasField("response") else None
-        )
+        response = value_to_python(request.response) if request.HasField("response") else None
+        depth = self.settings.max_struct_depth
+        if not finite(response) or json_depth(response, depth) > depth:
+            raise ValidationFailed(
+                "the response cannot be stored",
+                violations=[
+                    FieldViolation(
+                        "response",
+                        f"must be JSON nested at most {depth} deep, without NaN or infinity",
+                    )
+                ],
+            )
         check_answer(row["category"], [str(o) for o in row["options"]], response)
         answer = await self.journal.answer(
             tenant_id, request.run_id, request.clarification_id, response, request.responded_by
@@ -346,6 +372,9 @@ def run_filter(flt: pb.ExecutionFilter, path: str) -> RunFilter:
             statuses.append(PB_RUN_STATUS[status])
     after = flt.created_after.ToNanoseconds() / 1e9 if flt.HasField("created_after") else None
     before = flt.created_before.ToNanoseconds() / 1e9 if flt.HasField("created_before") else None
+    for name in ("plan_hash", "triggered_by"):
+        if "\x00" in getattr(flt, name):
+            violations.append(FieldViolation(f"{path}.{name}", "must not contain NUL characters"))
     if after is not None and before is not None and after > before:
         violations.append(FieldViolation(f"{path}.created_before", "is before created_after"))
     if violations:
@@ -364,6 +393,16 @@ def _require_run_id(run_id: str) -> None:
         raise ValidationFailed(
             "run_id is required", violations=[FieldViolation("run_id", "required")]
         )
+    if not _is_uuid(run_id):
+        raise not_found(run_id)  # run ids are UUIDs: anything else names no run
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def transition_response(result: Transitioned, verb: str) -> dict[str, Any]:

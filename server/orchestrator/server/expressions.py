@@ -310,13 +310,16 @@ def _longest_list(values: Any, budget: int = 1_000_000) -> int:
 def _check_cost(program: _Program, activation: Mapping[str, Any]) -> None:
     if not program.comprehensions:
         return
-    # A list literal in the source has at most (commas + 1) items.
+    # A list literal in the source has at most (commas + 1) items; and inside comprehensions
+    # every `+` can multiply what a level builds (strings and lists grow, not just loop), so
+    # each level is charged items * (pluses + 1).
     items = max(_longest_list(activation), program.source.count(",") + 1)
-    cost = items**program.comprehensions
+    growth = program.source.count("+") + 1
+    cost = (items * growth) ** program.comprehensions
     if cost > MAX_EVALUATION_COST:
         raise ExpressionError(
             f"{program.source.strip()[:80]!r}: too costly to evaluate ({program.comprehensions}"
-            f" nested comprehensions over up to {items} items; the limit is "
+            f" nested comprehensions over up to {items} items, {growth - 1} '+'; the limit is "
             f"{MAX_EVALUATION_COST:,} element visits)"
         )
 

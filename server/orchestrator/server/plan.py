@@ -164,7 +164,7 @@ class Limits:
     """How large a plan may be (configurable; README lists the defaults)."""
 
     max_steps: int = 1000
-    max_struct_depth: int = 32
+    max_struct_depth: int = 24
 
 
 DEFAULT_LIMITS = Limits()
@@ -180,6 +180,8 @@ def validate_request(
     for name in ("triggered_by", "correlation_id", "idempotency_key"):
         if len(getattr(request, name)) > MAX_REQUEST_STRING:
             problems.add(name, f"must be at most {MAX_REQUEST_STRING} characters")
+        elif "\x00" in getattr(request, name):
+            problems.add(name, "must not contain NUL characters")
     if request.HasField("timeout"):
         request_timeout = _check_duration(problems, "timeout", request.timeout, positive=True)
     for name in ("parameters", "variables"):
@@ -295,6 +297,8 @@ class _PlanValidator:
                 add(f"{path}.flow_id", "must not be empty")
             elif len(flow.flow_id) > MAX_ID:
                 add(f"{path}.flow_id", f"must be at most {MAX_ID} characters")
+            elif "\x00" in flow.flow_id:
+                add(f"{path}.flow_id", "must not contain NUL characters")
             elif flow.flow_id in seen:
                 add(
                     f"{path}.flow_id",
@@ -646,6 +650,42 @@ def _check_size(problems: _Problems, request: pb.ExecuteRequest, limits: Limits)
         if _struct_depth(struct, limits.max_struct_depth) > limits.max_struct_depth:
             problems.add(path, f"nested deeper than {limits.max_struct_depth} levels")
     problems.raise_if_any()
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a plain JSON value (a scalar is 0), walked iteratively and only as deep
+    as `limit` + 1: values nested past protobuf's decoding limit cannot be stored or sent."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return depth
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def finite(value: Any) -> bool:
+    """Whether a plain JSON value holds no NaN or infinity (proto3 JSON cannot carry them)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def value_to_python(value: struct_pb2.Value) -> Any:
+    """A protobuf Value as plain Python, never raising."""
+    return _value_to_python(value)
 
 
 def _struct_depth(struct: struct_pb2.Struct, limit: int) -> int:

@@ -58,7 +58,9 @@ class Settings:
         default_factory=lambda: int(_env("MAX_REQUEST_BYTES", str(4 * 1024 * 1024)))
     )
     max_steps_per_plan: int = field(default_factory=lambda: int(_env("MAX_STEPS_PER_PLAN", "1000")))
-    max_struct_depth: int = field(default_factory=lambda: int(_env("MAX_STRUCT_DEPTH", "32")))
+    # Nesting of Structs, outputs and answers: a stored Execution (wrappers included) must stay
+    # within protobuf's decoding limit of 100 message levels.
+    max_struct_depth: int = field(default_factory=lambda: int(_env("MAX_STRUCT_DEPTH", "24")))
     max_template_output_bytes: int = field(
         default_factory=lambda: int(_env("MAX_TEMPLATE_OUTPUT_BYTES", str(1024 * 1024)))
     )

@@ -23,9 +23,11 @@ from google.rpc import error_details_pb2, status_pb2
 
 from orchestrator.server.errors import (
     DOMAIN,
+    FieldViolation,
     InvalidArgument,
     OrchestratorError,
     Unauthenticated,
+    ValidationFailed,
 )
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.security import KeyRing
@@ -36,6 +38,33 @@ SERVICE_PREFIX = "/orchestrator.v1.OrchestratorService/"
 MAX_VIOLATIONS = 50
 MAX_DESCRIPTION = 200
 log = structlog.get_logger("orchestrator.rpc")
+
+
+class Undecodable:
+    """A request whose bytes did not parse (garbage, or nested past protobuf's limit). The
+    deserializer returns this instead of raising, which grpc.aio would answer as UNKNOWN."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.type_name = type_name
+        self.error = error
+
+    def problem(self) -> ValidationFailed:
+        return ValidationFailed(
+            f"the request is not a valid {self.type_name}",
+            violations=[FieldViolation("", f"cannot be decoded: {str(self.error)[:200]}")],
+        )
+
+
+def decoder(message_type: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # DecodeError, RecursionError on deep nesting
+            return Undecodable(message_type.DESCRIPTOR.full_name, exc)
+
+    return decode
 
 
 @dataclass
@@ -214,6 +243,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
             async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 try:
+                    if isinstance(request, Undecodable):
+                        raise request.problem()
                     return await inner(request, context)
                 except grpc.aio.AbortError:
                     raise
@@ -227,6 +258,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 try:
+                    if isinstance(request, Undecodable):
+                        raise request.problem()
                     async for item in inner(request, context):
                         yield item
                 except grpc.aio.AbortError:

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import structlog
 
-from orchestrator.server.api.interceptors import call_correlation_id, call_tenant
+from orchestrator.server.api.interceptors import call_correlation_id, call_tenant, decoder
 from orchestrator.server.control import ControlPlane, transition_response
 from orchestrator.server.lifecycle import Action
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -118,7 +118,7 @@ def register(servicer: OrchestratorServicer, server: grpc.aio.Server) -> None:
         )
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=_message(method.input_type.full_name).FromString,
+            request_deserializer=decoder(_message(method.input_type.full_name)),
             response_serializer=_serialize,
         )
     server.add_generic_rpc_handlers(

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from orchestrator.server.errors import FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
-from orchestrator.server.store.runs import EventSpec, RunStore, not_found
+from orchestrator.server.store.runs import EventSpec, RunStore, clean_text, not_found
 from orchestrator.server.store.schema import clarifications, runs, steps
 from orchestrator.server.store.writer import Tx
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -257,7 +257,7 @@ class Journal:
                 step,
                 {
                     "status": StepStatus.PENDING.value,
-                    "error": error,
+                    "error": clean_text(error),
                     "error_reason": "RETRYING",
                     "wake_at": wake_at,
                 },
@@ -307,7 +307,7 @@ class Journal:
                         "status": outcome.status.value,
                         "completed_at": tx.now,
                         "output": outcome.output,
-                        "error": outcome.error,
+                        "error": clean_text(outcome.error),
                         "error_reason": outcome.reason,
                         "wake_at": None,
                     },
@@ -382,7 +382,7 @@ class Journal:
                     "status": target.value,
                     "completed_at": tx.now,
                     "steps_finished": row["steps_total"],
-                    "error_message": error_message,
+                    "error_message": clean_text(error_message),
                     "error_reason": error_reason,
                     "started_at": row["started_at"] or tx.now,
                 },
@@ -427,9 +427,9 @@ class Journal:
                     run_id=run_id,
                     step_id=step_id,
                     category=category,
-                    prompt=prompt,
+                    prompt=clean_text(prompt),
                     options=options,
-                    argument_name=argument_name,
+                    argument_name=clean_text(argument_name),
                     status="PENDING",
                     created_at=tx.now,
                 )

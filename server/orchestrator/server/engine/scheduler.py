@@ -24,7 +24,13 @@ from orchestrator.server.errors import OrchestratorError
 from orchestrator.server.expressions import ExpressionError, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
 from orchestrator.server.metrics import Metrics
-from orchestrator.server.plan import StepInfo, ValidatedPlan, validate_request
+from orchestrator.server.plan import (
+    StepInfo,
+    ValidatedPlan,
+    finite,
+    json_depth,
+    validate_request,
+)
 from orchestrator.server.security import TenantPolicy
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
 from orchestrator.server.tracing import parent_context
@@ -107,6 +113,9 @@ class Engine:
     policy: TenantPolicy | None = None
     metrics: Metrics | None = None
     max_template_output_bytes: int = 1024 * 1024
+    # Outputs and resolved parameters nest at most this deep (a stored Execution must stay
+    # within protobuf's decoding limit of 100 message levels).
+    max_value_depth: int = 24
     runs: dict[str, RunTask] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -660,6 +669,13 @@ class RunTask:
             params = secrets.unwrap(params, self.secrets)
             if self.restricted:
                 secrets.collect_strings(params, self.secrets)
+            if json_depth(params, self.engine.max_value_depth) > self.engine.max_value_depth:
+                await self._fail(
+                    step_id,
+                    f"resolved parameters nest deeper than {self.engine.max_value_depth} levels",
+                    "TEMPLATE_TOO_DEEP",
+                )
+                return
             size = len(json.dumps(params, separators=(",", ":")))
             if size > self.engine.max_template_output_bytes:
                 await self._fail(
@@ -718,6 +734,17 @@ class RunTask:
                     self.engine.metrics.step_duration.labels(tool.name).observe(
                         time.monotonic() - began
                     )
+            if not error and (
+                json_depth(output, self.engine.max_value_depth) > self.engine.max_value_depth
+                or not finite(output)
+            ):
+                await self._fail(
+                    step_id,
+                    f"the output nests deeper than {self.engine.max_value_depth} levels or "
+                    "holds a number JSON cannot carry",
+                    "OUTPUT_INVALID",
+                )
+                return
             if not error:
                 variables = output if tool.sets_variables and isinstance(output, dict) else None
                 if variables:

@@ -51,6 +51,11 @@ CLARIFICATION_STATUS_PB = {
 }
 
 
+def clean_text(text: str) -> str:
+    """Text for a text column: PostgreSQL's cannot hold NUL, which tools and callers may send."""
+    return text.replace("\x00", "\ufffd")
+
+
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     """Epoch seconds as a Timestamp."""
     ts = timestamp_pb2.Timestamp()
@@ -680,7 +685,9 @@ class RunStore:
             if target is RunStatus.CANCELLED:
                 changed_steps, clar_specs = await self._cancel_open_work(tx, run_id, reason)
                 changes["steps_finished"] = row["steps_total"]
-                changes["error_message"] = f"cancelled: {reason}" if reason else "cancelled"
+                changes["error_message"] = clean_text(
+                    f"cancelled: {reason}" if reason else "cancelled"
+                )
                 changes["error_reason"] = "CANCELLED"
             message = f"{action.value}: {reason}" if reason else f"run {target.value.lower()}"
             specs = [

@@ -166,10 +166,21 @@ class Writer:
                 batch.append(nxt)
             try:
                 await self._commit(batch)
-            except Exception:  # pragma: no cover - _commit settles every future itself
-                log.exception("writer.batch_failed")
+            except asyncio.CancelledError:
+                self._settle(batch, Unavailable("the writer stopped"))
+                raise
+            except BaseException as exc:
+                # The loop must outlive any failure, or every later write would wait forever.
+                self._settle(batch, exc if isinstance(exc, Exception) else Unavailable(str(exc)))
+                _quietly(log.exception, "writer.batch_failed")
             if stop:
                 return
+
+    @staticmethod
+    def _settle(batch: list[_Job[Any]], exc: Exception) -> None:
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(exc)
 
     async def _transact(self, units: list[Unit[Any]]) -> tuple[Tx, list[Any]]:
         """Run `units` in one transaction and commit it."""
@@ -226,10 +237,18 @@ class Writer:
                 try:
                     listener(tx.changes)
                 except Exception:
-                    log.exception("writer.listener_failed")
+                    _quietly(log.exception, "writer.listener_failed")
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
+
+
+def _quietly(report: Callable[..., Any], event: str) -> None:
+    """Log, but never let a broken log sink take the writer down with it."""
+    try:
+        report(event)
+    except Exception:
+        pass
 
 
 # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
