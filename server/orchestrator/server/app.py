@@ -256,7 +256,6 @@ async def build_server(
     await db.migrate()
     writer = Writer(
         db.writer,
-        sync_engine=db.sync_writer,
         notify_channel="" if db.is_sqlite else CHANNEL,
         origin=replica,
     )

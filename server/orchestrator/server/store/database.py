@@ -42,17 +42,11 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = sa.make_url(url)
         self.dialect = self.url.get_backend_name()
-        # SQLite's group commits run on the writer thread through the stdlib driver.
-        self.sync_writer: sa.Engine | None = None
         if self.is_sqlite:
             self.writer: AsyncEngine = create_async_engine(self.url, pool_size=1, max_overflow=0)
             _sqlite_pragmas(self.writer.sync_engine, "BEGIN IMMEDIATE")
             self.reader: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=8)
             _sqlite_pragmas(self.reader.sync_engine, "BEGIN")
-            self.sync_writer = sa.create_engine(
-                self.url.set(drivername="sqlite+pysqlite"), pool_size=1, max_overflow=0
-            )
-            _sqlite_pragmas(self.sync_writer, "BEGIN IMMEDIATE")
         else:
             self.writer = create_async_engine(
                 self.url, pool_size=4, max_overflow=4, pool_pre_ping=True
@@ -81,8 +75,6 @@ class Database:
                     await conn.commit()
 
     async def close(self) -> None:
-        if self.sync_writer is not None:
-            self.sync_writer.dispose()
         await self.writer.dispose()
         await self.reader.dispose()
 

@@ -11,13 +11,12 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.server.errors import Unavailable
 
@@ -47,25 +46,11 @@ class Change:
     status: str = ""  # the run's status after the change
 
 
-class _SyncConnection:
-    """The writer thread's connection, with AsyncConnection's `execute` (statements run at
-    once on this thread: the units do not know the difference)."""
-
-    def __init__(self, conn: sa.Connection) -> None:
-        self._conn = conn
-
-    async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        if parameters is None:
-            return self._conn.execute(statement)
-        return self._conn.execute(statement, parameters)
-
-
 @dataclass
 class Tx:
     """What a unit of work gets: the open connection, the commit's clock and a change log."""
 
-    # An AsyncConnection (PostgreSQL) or the SQLite writer thread's _SyncConnection.
-    conn: Any
+    conn: AsyncConnection
     now: float
     changes: list[Change] = field(default_factory=list)
     notices: list[list[Any]] = field(default_factory=list)
@@ -99,18 +84,11 @@ class Writer:
         self,
         engine: AsyncEngine,
         *,
-        sync_engine: sa.Engine | None = None,
         max_batch: int = 512,
         notify_channel: str = "",
         origin: str = "",
     ) -> None:
         self._engine = engine
-        # SQLite: a batch runs on the writer's own thread through the stdlib driver, one thread
-        # hop per batch instead of several per statement (aiosqlite's cost). The units stay
-        # coroutines, driven there by a private event loop.
-        self._sync_engine = sync_engine
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        self._thread_loop: asyncio.AbstractEventLoop | None = None
         # PostgreSQL: changes and notices go out with NOTIFY inside the commit, so other
         # replicas hear of exactly what was committed.
         self.notify_channel = notify_channel
@@ -138,9 +116,6 @@ class Writer:
         await self._queue.put(None)
         await self._task
         self._task = None
-        if self._thread_loop is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._thread_loop.close)
-        self._thread.shutdown(wait=True)
 
     async def run(self, unit: Unit[T]) -> T:
         """Run `unit` in the next group commit and return its result once committed."""
@@ -184,11 +159,7 @@ class Writer:
 
     async def _transact(self, units: list[Unit[Any]]) -> tuple[Tx, list[Any]]:
         """Run `units` in one transaction and commit it."""
-        if self._sync_engine is not None:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._thread, self._transact_on_thread, units
-            )
-        tx = Tx(conn=None, now=time.time())
+        tx = Tx(conn=None, now=time.time())  # type: ignore[arg-type]
         async with self._engine.begin() as conn:
             tx.conn = conn
             results = [await unit(tx) for unit in units]
@@ -198,20 +169,6 @@ class Writer:
                         sa.text("SELECT pg_notify(:channel, :payload)"),
                         {"channel": self.notify_channel, "payload": payload},
                     )
-        return tx, results
-
-    def _transact_on_thread(self, units: list[Unit[Any]]) -> tuple[Tx, list[Any]]:
-        assert self._sync_engine is not None
-        if self._thread_loop is None:
-            self._thread_loop = asyncio.new_event_loop()
-        tx = Tx(conn=None, now=time.time())
-        with self._sync_engine.begin() as conn:
-            tx.conn = _SyncConnection(conn)
-
-            async def run_all() -> list[Any]:
-                return [await unit(tx) for unit in units]
-
-            results = self._thread_loop.run_until_complete(run_all())
         return tx, results
 
     async def _commit(self, batch: list[_Job[Any]]) -> None:
