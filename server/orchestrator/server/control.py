@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf import json_format
 
@@ -370,8 +370,8 @@ def run_filter(flt: pb.ExecutionFilter, path: str) -> RunFilter:
             violations.append(FieldViolation(f"{path}.statuses[{i}]", "not a run status"))
         else:
             statuses.append(PB_RUN_STATUS[status])
-    after = flt.created_after.ToNanoseconds() / 1e9 if flt.HasField("created_after") else None
-    before = flt.created_before.ToNanoseconds() / 1e9 if flt.HasField("created_before") else None
+    after = _filter_time(flt, "created_after", path, violations)
+    before = _filter_time(flt, "created_before", path, violations)
     for name in ("plan_hash", "triggered_by"):
         if "\x00" in getattr(flt, name):
             violations.append(FieldViolation(f"{path}.{name}", "must not contain NUL characters"))
@@ -386,6 +386,23 @@ def run_filter(flt: pb.ExecutionFilter, path: str) -> RunFilter:
         created_after=after,
         created_before=before,
     )
+
+
+def _filter_time(
+    flt: pb.ExecutionFilter,
+    name: Literal["created_after", "created_before"],
+    path: str,
+    violations: list[FieldViolation],
+) -> float | None:
+    """A filter timestamp in epoch seconds; a violation when it is not a valid Timestamp."""
+    if not flt.HasField(name):
+        return None
+    stamp = getattr(flt, name)
+    # google.protobuf.Timestamp: 0001-01-01 to 9999-12-31, nanos in [0, 1e9).
+    if not (-62135596800 <= stamp.seconds <= 253402300799 and 0 <= stamp.nanos < 10**9):
+        violations.append(FieldViolation(f"{path}.{name}", "not a valid Timestamp"))
+        return None
+    return float(stamp.ToNanoseconds()) / 1e9
 
 
 def _require_run_id(run_id: str) -> None:

@@ -307,7 +307,41 @@ def _longest_list(values: Any, budget: int = 1_000_000) -> int:
     return longest
 
 
+def _largest_value(values: Any, budget: int = 1_000_000) -> int:
+    """The length of the longest string or list anywhere in `values`."""
+    largest = 0
+    stack = [values]
+    seen = 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > budget:
+            return budget
+        if isinstance(value, str | bytes):
+            largest = max(largest, len(value))
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            largest = max(largest, len(value))
+            stack.extend(value)
+    return largest
+
+
+# What one expression may build by concatenation: (`+` count + 1) * the largest value it
+# can read. Bigger results are refused before evaluation.
+MAX_EVALUATION_SIZE = 4 * 1024 * 1024
+
+
 def _check_cost(program: _Program, activation: Mapping[str, Any]) -> None:
+    pluses = program.source.count("+")
+    if pluses and not program.comprehensions:
+        size = (pluses + 1) * max(_largest_value(activation), len(program.source))
+        if size > MAX_EVALUATION_SIZE:
+            raise ExpressionError(
+                f"{program.source.strip()[:80]!r}: too costly to evaluate (concatenation could "
+                f"build {size:,} items; the limit is {MAX_EVALUATION_SIZE:,})"
+            )
+        return
     if not program.comprehensions:
         return
     # A list literal in the source has at most (commas + 1) items; and inside comprehensions

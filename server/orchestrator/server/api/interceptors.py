@@ -37,6 +37,14 @@ SERVICE_PREFIX = "/orchestrator.v1.OrchestratorService/"
 # with thousands of problems reports the first ones and how many there were.
 MAX_VIOLATIONS = 50
 MAX_DESCRIPTION = 200
+MAX_MESSAGE = 1000
+
+
+def _clip(text: str, limit: int) -> str:
+    """User input quoted in an error, cut so the status always fits in the trailers."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 log = structlog.get_logger("orchestrator.rpc")
 
 
@@ -181,14 +189,15 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
     if call is not None:
         info.metadata["correlation_id"] = call.correlation_id
     for key, value in error.metadata.items():
-        info.metadata[key] = value
+        info.metadata[key[:MAX_DESCRIPTION]] = _clip(value, MAX_DESCRIPTION)
     details: list[Message] = [info]
     if error.violations:
         shown = error.violations[:MAX_VIOLATIONS]
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description[:MAX_DESCRIPTION]
+                    field=_clip(v.field, MAX_DESCRIPTION),
+                    description=_clip(v.description, MAX_DESCRIPTION),
                 )
                 for v in shown
             ]
@@ -204,7 +213,7 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromNanoseconds(int(error.retry_delay * 1e9))
         details.append(retry)
-    status = status_pb2.Status(code=code.value[0], message=error.message)
+    status = status_pb2.Status(code=code.value[0], message=_clip(error.message, MAX_MESSAGE))
     for detail in details:
         packed = any_pb2.Any()
         packed.Pack(detail)
@@ -236,7 +245,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 call.code = code
             await context.abort(
                 code,
-                error.message,
+                _clip(error.message, MAX_MESSAGE),
                 trailing_metadata=(("grpc-status-details-bin", rich_status(code, error, call)),),
             )
 

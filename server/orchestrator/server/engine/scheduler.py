@@ -605,7 +605,11 @@ class RunTask:
             return
         params = params if isinstance(params, dict) else {}
         category = CATEGORIES.get(str(params.get("category", "input")).lower(), "CUSTOM")
-        options = [str(o) for o in params.get("options") or []]
+        raw_options = params.get("options") or []
+        if not isinstance(raw_options, list):
+            await self._fail(step_id, "options must be a list", "INVALID_PARAMETERS")
+            return
+        options = [str(o) for o in raw_options]
         answer = await self._ask(
             step_id,
             category,
@@ -727,6 +731,15 @@ class RunTask:
             except (ToolError, TimeoutError, OrchestratorError) as exc:
                 span.set_status(trace.StatusCode.ERROR, str(exc) or type(exc).__name__)
                 error, retryable, reason = self._attempt_error(exc, tool, timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A tool that raises anything else met input it could not take (a wrong type,
+                # a malformed URL...): the step fails, precisely, rather than the engine.
+                span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+                self.log.warning("engine.tool_raised", step_id=step_id, error=type(exc).__name__)
+                error = f"{tool.name} could not use its parameters: {type(exc).__name__}: {exc}"
+                error, retryable, reason = error[:500], False, "TOOL_ERROR"
             else:
                 error = ""
             finally:
@@ -800,10 +813,8 @@ class RunTask:
             for sid in self.plan.flows[flow_id].rollback_steps:
                 if self.status.get(sid) is not StepStatus.PENDING or self.cancelled:
                     continue
-                tool = self.engine.registry.get(self.plan.steps[sid].step.tool)
-                if tool is None:
-                    continue
                 try:
-                    await self._call(sid, self.plan.steps[sid], tool)
+                    # The whole step path: conditions, approval, core.clarify, retries.
+                    await self._run_step(sid, self.plan.steps[sid])
                 except StepFailed:
                     self.failures.append(sid)
