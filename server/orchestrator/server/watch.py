@@ -83,6 +83,10 @@ class _RunChannel:
         while self.cache and (len(self.cache) > CACHE_FRAMES or self.cached_bytes > CACHE_BYTES):
             self.cached_bytes -= len(self.cache.popleft().data)
 
+    def clear(self) -> None:
+        self.cache.clear()
+        self.cached_bytes = 0
+
     def after(self, position: int) -> list[Frame] | None:
         """The cached frames that follow `position` without a gap, else None. (Commits of
         other replicas never enter the cache, so it can have holes.)"""
@@ -97,7 +101,10 @@ class _RunChannel:
                 break
             frames.append(frame)
             expected += 1
-        return frames or None
+        if not frames and self.cache[-1].sequence > position:
+            return None  # a hole right after `position`: read the store
+        # Caught up as far as this replica's commits go (another's clear the cache).
+        return frames
 
 
 class Hub:
@@ -127,6 +134,7 @@ class Hub:
         for message in messages:
             if message[0] == "resync":
                 for channel in self._runs.values():
+                    channel.clear()
                     for wake in channel.watchers:
                         wake.set()
                 for subscribers in self._tenants.values():
@@ -136,6 +144,8 @@ class Hub:
                 _, run_id, tenant_id, status_changed = message
                 watched = self._runs.get(str(run_id))
                 if watched is not None:
+                    # Another replica's commit is not in the cache: watchers must read the store.
+                    watched.clear()
                     for wake in watched.watchers:
                         wake.set()
                 if status_changed:
