@@ -289,42 +289,26 @@ def _eval_message(exc: BaseException) -> str:
 MAX_EVALUATION_COST = 1_000_000
 
 
-def _longest_list(values: Any, budget: int = 1_000_000) -> int:
-    """The longest list anywhere in `values` (giving up, as "huge", after `budget` nodes)."""
-    longest = 0
+def _sizes(values: Any, budget: int = 1_000_000) -> tuple[int, int]:
+    """(longest list, longest string or list) anywhere in `values`; past `budget` nodes the
+    walk gives up and reports both as `budget`."""
+    longest_list = longest = 0
     stack = [values]
     seen = 0
     while stack:
         value = stack.pop()
         seen += 1
         if seen > budget:
-            return budget
-        if isinstance(value, Mapping):
-            stack.extend(value.values())
-        elif isinstance(value, list | tuple):
-            longest = max(longest, len(value))
-            stack.extend(value)
-    return longest
-
-
-def _largest_value(values: Any, budget: int = 1_000_000) -> int:
-    """The length of the longest string or list anywhere in `values`."""
-    largest = 0
-    stack = [values]
-    seen = 0
-    while stack:
-        value = stack.pop()
-        seen += 1
-        if seen > budget:
-            return budget
+            return budget, budget
         if isinstance(value, str | bytes):
-            largest = max(largest, len(value))
+            longest = max(longest, len(value))
         elif isinstance(value, Mapping):
             stack.extend(value.values())
         elif isinstance(value, list | tuple):
-            largest = max(largest, len(value))
+            longest_list = max(longest_list, len(value))
+            longest = max(longest, len(value))
             stack.extend(value)
-    return largest
+    return longest_list, longest
 
 
 # What one expression may build by concatenation: (`+` count + 1) * the largest value it
@@ -335,7 +319,7 @@ MAX_EVALUATION_SIZE = 4 * 1024 * 1024
 def _check_cost(program: _Program, activation: Mapping[str, Any]) -> None:
     pluses = program.source.count("+")
     if pluses and not program.comprehensions:
-        size = (pluses + 1) * max(_largest_value(activation), len(program.source))
+        size = (pluses + 1) * max(_sizes(activation)[1], len(program.source))
         if size > MAX_EVALUATION_SIZE:
             raise ExpressionError(
                 f"{program.source.strip()[:80]!r}: too costly to evaluate (concatenation could "
@@ -347,7 +331,7 @@ def _check_cost(program: _Program, activation: Mapping[str, Any]) -> None:
     # A list literal in the source has at most (commas + 1) items; and inside comprehensions
     # every `+` can multiply what a level builds (strings and lists grow, not just loop), so
     # each level is charged items * (pluses + 1).
-    items = max(_longest_list(activation), program.source.count(",") + 1)
+    items = max(_sizes(activation)[0], program.source.count(",") + 1)
     growth = program.source.count("+") + 1
     cost = (items * growth) ** program.comprehensions
     if cost > MAX_EVALUATION_COST:
