@@ -35,14 +35,21 @@ from orchestrator.server.security import KeyRing
 SERVICE_PREFIX = "/orchestrator.v1.OrchestratorService/"
 # Status details travel in trailing metadata, which gRPC caps (8-16 KiB by default): a plan
 # with thousands of problems reports the first ones and how many there were.
+# Limits are in UTF-8 bytes: grpc-message is percent-encoded (3 characters per non-ASCII
+# byte) and the details are base64 (4 per 3), so 1,000 + 6,000 bytes stay under 12 KiB.
 MAX_VIOLATIONS = 50
 MAX_DESCRIPTION = 200
 MAX_MESSAGE = 1000
+MAX_DETAILS = 6000
 
 
 def _clip(text: str, limit: int) -> str:
-    """User input quoted in an error, cut so the status always fits in the trailers."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """User input quoted in an error, cut to `limit` UTF-8 bytes so the status always fits
+    in the trailers."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", "ignore") + "…"
 
 
 log = structlog.get_logger("orchestrator.rpc")
@@ -192,21 +199,22 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
         info.metadata[key[:MAX_DESCRIPTION]] = _clip(value, MAX_DESCRIPTION)
     details: list[Message] = [info]
     if error.violations:
-        shown = error.violations[:MAX_VIOLATIONS]
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=_clip(v.field, MAX_DESCRIPTION),
-                    description=_clip(v.description, MAX_DESCRIPTION),
-                )
-                for v in shown
-            ]
-        )
-        if len(error.violations) > len(shown):
+        bad = error_details_pb2.BadRequest()
+        size = info.ByteSize()
+        for v in error.violations[:MAX_VIOLATIONS]:
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=_clip(v.field, MAX_DESCRIPTION),
+                description=_clip(v.description, MAX_DESCRIPTION),
+            )
+            size += violation.ByteSize() + 4
+            if size > MAX_DETAILS:
+                break
+            bad.field_violations.append(violation)
+        shown = len(bad.field_violations)
+        if len(error.violations) > shown:
             info.metadata["violations_total"] = str(len(error.violations))
             bad.field_violations.add(
-                field="",
-                description=f"... and {len(error.violations) - len(shown)} more problems",
+                field="", description=f"... and {len(error.violations) - shown} more problems"
             )
         details.append(bad)
     if error.retry_delay is not None:

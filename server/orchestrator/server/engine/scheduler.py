@@ -402,6 +402,15 @@ class RunTask:
                 pass
         if self.cancelled:
             return
+        if not timed_out:
+            # The run's timeout holds for compensation too: a rollback step waiting on a
+            # person or a long tool is cut off like any other step.
+            try:
+                await asyncio.wait_for(self._rollback(), max(self.deadline - time.time(), 0))
+            except TimeoutError:
+                timed_out = True
+            if self.cancelled:
+                return
         if timed_out:
             await self._cancel_inflight()
             await self.journal.finish_run(
@@ -411,7 +420,6 @@ class RunTask:
                 error_reason="DEADLINE_EXCEEDED",
             )
             return
-        await self._rollback()
         if self.fatal is not None:
             step_id, error = self.fatal
             message = f"step {step_id} failed: {error}" if step_id else error
