@@ -318,8 +318,8 @@ async def test_watch_exit_codes_completed_failed_cancelled(
 
     slow = await client.execute(plans["slow"])
     watcher = asyncio.create_task(invoke("watch", slow.run_id, "-o", "json"))
-    async for event in client.watch(slow.run_id):
-        if event.type == pb.EVENT_TYPE_STEP_STARTED:
+    async for event in client.watch(slow.run_id):  # until the step runs, whenever we joined
+        if any(s.status == pb.STEP_STATUS_RUNNING for s in event.execution.steps):
             break
     await client.cancel(slow.run_id, reason="enough")
     cancelled = ok(await watcher, 2)
@@ -361,8 +361,11 @@ async def test_pause_resume_cancel_in_both_formats(
 
 
 async def clarification_of(client: OrchestratorClient, run_id: str) -> str:
-    async for event in client.watch(run_id):
-        if event.type == pb.EVENT_TYPE_CLARIFICATION_REQUESTED:
+    async for event in client.watch(run_id):  # the request, or a snapshot taken after it
+        if (
+            event.type == pb.EVENT_TYPE_CLARIFICATION_REQUESTED
+            or event.execution.pending_clarifications
+        ):
             break
     (clar,) = (await client.get(run_id)).pending_clarifications
     return clar.clarification_id

@@ -313,8 +313,11 @@ async def test_pause_of_a_completed_run_is_failed_precondition(
 
 async def test_respond_answers_with_any_json(client: OrchestratorClient) -> None:
     run = await client.execute(CLARIFY)
-    async for event in client.watch(run.run_id):
-        if event.type == pb.EVENT_TYPE_CLARIFICATION_REQUESTED:
+    async for event in client.watch(run.run_id):  # the request, or a snapshot after it
+        if (
+            event.type == pb.EVENT_TYPE_CLARIFICATION_REQUESTED
+            or event.execution.pending_clarifications
+        ):
             break
     else:
         pytest.fail("no clarification was requested")
@@ -453,8 +456,11 @@ async def test_sync_client_does_everything_the_async_one_does(
 def sync_respond(address: str, tenant: str) -> None:
     with SyncOrchestratorClient(address, tenant) as c:
         asking = c.execute(CLARIFY)
-        for event in c.watch(asking.run_id):
-            if event.type == pb.EVENT_TYPE_CLARIFICATION_REQUESTED:
+        for event in c.watch(asking.run_id):  # the request, or a snapshot after it
+            if (
+                event.type == pb.EVENT_TYPE_CLARIFICATION_REQUESTED
+                or event.execution.pending_clarifications
+            ):
                 break
         (clar,) = c.get(asking.run_id).pending_clarifications
         after = c.respond(asking.run_id, clar.clarification_id, [1, "x"])

@@ -19,6 +19,7 @@ from orchestrator.client import render
 from orchestrator.client.connection import DEFAULT_ADDRESS
 from orchestrator.client.errors import OrchestratorError
 from orchestrator.client.messages import (
+    TERMINAL,
     PlanError,
     load_plan,
     status_name,
@@ -374,18 +375,40 @@ def pairs(items: list[str], option: str) -> dict[str, Any]:
 
 
 def follow(
-    client: SyncOrchestratorClient, run_id: str, output: Output
+    client: SyncOrchestratorClient,
+    run_id: str,
+    output: Output,
+    start: pb.Execution | None = None,
 ) -> pb.ExecutionStatus.ValueType:
     """Print a run's events until it ends: a live view on a terminal, one line per event
-    otherwise (one JSON object per line with --output json). Returns the final status."""
+    otherwise (one JSON object per line with --output json). Returns the final status.
+    With `start` (the run as Execute returned it), the first line is that snapshot and every
+    later event follows, however far the run got before the watch began."""
     out = render.console()
     view = render.RunView()
+
+    def events() -> Iterator[pb.ExecutionEvent]:
+        if start is None:
+            yield from client.watch(run_id)
+            return
+        snapshot = pb.ExecutionEvent(
+            run_id=run_id,
+            sequence=start.last_sequence,
+            type=pb.EVENT_TYPE_SNAPSHOT,
+            message="snapshot",
+            execution=start,
+        )
+        snapshot.timestamp.CopyFrom(start.created_at)
+        yield snapshot
+        if start.status not in TERMINAL:
+            yield from client.watch(run_id, after_sequence=start.last_sequence)
+
     if output is Output.table and out.is_terminal:
         with Live(view, console=out, refresh_per_second=8, transient=False):
-            for event in client.watch(run_id):
+            for event in events():
                 view.apply(event)
     else:
-        for event in client.watch(run_id):
+        for event in events():
             view.apply(event)
             if output is Output.json:
                 typer.echo(render.json_text(event, compact=True))
@@ -461,7 +484,7 @@ def execute(
             validate_capabilities=None if validate_capabilities else False,
         )
         if watch:
-            finish(follow(client, response.run_id, output))
+            finish(follow(client, response.run_id, output, start=response.execution))
         if wait:
             final = client.wait(response.run_id)
             show(output, final, Group(render.execution_view(final), render.status_line(final)))
