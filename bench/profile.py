@@ -206,6 +206,7 @@ class Sampler:
             "--rate",
             str(rate),
             "--threads",
+            "--gil",  # only the thread holding the GIL: where the one usable core goes
             "--full-filenames",
             "--format",
             "raw",

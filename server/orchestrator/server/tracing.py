@@ -40,6 +40,13 @@ def configure_tracing() -> None:
     trace.set_tracer_provider(provider)
 
 
+def tracing_on(provider: trace.TracerProvider | None = None) -> bool:
+    """Whether spans go anywhere: a provider given, or one installed globally."""
+    if provider is None:
+        provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 def current_traceparent() -> str:
     """The W3C traceparent of the current span ("" when not tracing)."""
     carrier: dict[str, str] = {}

@@ -29,6 +29,7 @@ TERMINAL_PB = frozenset(
 # behind reads the store.
 CACHE_FRAMES = 512
 CACHE_BYTES = 512 * 1024
+STATUS_PAGE = 500  # WatchExecutions reads the store this many status changes at a time
 
 
 def _varint(n: int) -> bytes:
@@ -308,12 +309,16 @@ class Watcher:
         with self.hub.tenant(tenant_id) as wake:
             while True:
                 wake.clear()
-                rows = await self.store.read_status_events(tenant_id, position, flt)
+                rows = await self.store.read_status_events(
+                    tenant_id, position, flt, limit=STATUS_PAGE
+                )
                 for event_id, data in rows:
                     position = event_id
                     yield tenant_frame(self._cursor(tenant_id, event_id), data)
-                if rows:
+                if len(rows) == STATUS_PAGE:
                     continue
+                # Caught up as of the read: a commit after it has set `wake` (cleared before
+                # the read), so no second read is needed to be sure.
                 try:
                     await asyncio.wait_for(wake.wait(), self.heartbeat_seconds)
                 except TimeoutError:

@@ -16,7 +16,20 @@ import sqlalchemy as sa
 
 from orchestrator.server.errors import FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
-from orchestrator.server.store.runs import EventSpec, RunStore, clean_text, not_found
+from orchestrator.server.store.runs import (
+    SELECT_RUN,
+    SELECT_RUN_LOCKED,
+    SELECT_STEP,
+    SELECT_STEPS,
+    UNFINISHED,
+    EventSpec,
+    RunStore,
+    bind,
+    clean_text,
+    not_found,
+    one_of,
+    update_step_statement,
+)
 from orchestrator.server.store.schema import clarifications, runs, steps
 from orchestrator.server.store.writer import Tx
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -75,9 +88,6 @@ class LeaseLost(Exception):
     """This replica no longer holds the run's lease: another one executes it now."""
 
 
-UNFINISHED = [RunStatus.PENDING.value, RunStatus.RUNNING.value, RunStatus.PAUSED.value]
-
-
 class Journal:
     """Units of work for the engine's progress, fenced by the run's lease: a replica that lost
     a run cannot write to it."""
@@ -88,10 +98,8 @@ class Journal:
         self.owner = owner
 
     async def _run_row(self, tx: Tx, run_id: str, *, fenced: bool = True) -> dict[str, Any] | None:
-        query = sa.select(runs).where(runs.c.run_id == run_id)
-        if not self.store.db.is_sqlite:
-            query = query.with_for_update()
-        row = (await tx.conn.execute(query)).mappings().first()
+        query = SELECT_RUN if self.store.db.is_sqlite else SELECT_RUN_LOCKED
+        row = (await tx.conn.execute(query, {"w_run_id": run_id})).mappings().first()
         if row is None:
             return None
         if fenced and row["owner"] != self.owner and not RunStatus(row["status"]).terminal:
@@ -108,7 +116,7 @@ class Journal:
         every unfinished run (a single-replica store after a restart)."""
 
         async def unit(tx: Tx) -> list[str]:
-            query = sa.select(runs.c.run_id).where(runs.c.status.in_(UNFINISHED))
+            query = sa.select(runs.c.run_id).where(one_of(runs.c.status, UNFINISHED))
             if not everything:
                 free = sa.or_(runs.c.owner.is_(None), runs.c.lease_expires_at < tx.now)
                 query = query.where(sa.or_(free, runs.c.owner == self.owner) if own else free)
@@ -132,12 +140,12 @@ class Journal:
         async def unit(tx: Tx) -> set[str]:
             await tx.conn.execute(
                 sa.update(runs)
-                .where(runs.c.owner == self.owner, runs.c.status.in_(UNFINISHED))
+                .where(runs.c.owner == self.owner, one_of(runs.c.status, UNFINISHED))
                 .values(lease_expires_at=tx.now + lease)
             )
             rows = await tx.conn.execute(
                 sa.select(runs.c.run_id).where(
-                    runs.c.owner == self.owner, runs.c.status.in_(UNFINISHED)
+                    runs.c.owner == self.owner, one_of(runs.c.status, UNFINISHED)
                 )
             )
             return {r.run_id for r in rows.all()}
@@ -150,7 +158,7 @@ class Journal:
         async def unit(tx: Tx) -> int:
             result = await tx.conn.execute(
                 sa.update(runs)
-                .where(runs.c.owner == self.owner, runs.c.status.in_(UNFINISHED))
+                .where(runs.c.owner == self.owner, one_of(runs.c.status, UNFINISHED))
                 .values(owner=None, lease_expires_at=None)
             )
             tx.notify("claim")
@@ -159,48 +167,18 @@ class Journal:
         return await self.writer.run(unit)
 
     async def _step_row(self, tx: Tx, run_id: str, step_id: str) -> dict[str, Any]:
-        row = (
-            (
-                await tx.conn.execute(
-                    sa.select(steps).where(steps.c.run_id == run_id, steps.c.step_id == step_id)
-                )
-            )
-            .mappings()
-            .one()
-        )
-        return dict(row)
+        where = {"w_run_id": run_id, "w_step_id": step_id}
+        return dict((await tx.conn.execute(SELECT_STEP, where)).mappings().one())
 
     async def _set_step(
         self, tx: Tx, run_id: str, step: dict[str, Any], changes: Mapping[str, Any]
     ) -> dict[str, Any]:
         await tx.conn.execute(
-            sa.update(steps)
-            .where(steps.c.run_id == run_id, steps.c.step_id == step["step_id"])
-            .values(dict(changes))
+            update_step_statement(tuple(changes)),
+            bind(changes, run_id=run_id, step_id=step["step_id"]),
         )
         step.update(changes)
         return step
-
-    async def start_run(self, run_id: str) -> RunStatus:
-        """PENDING -> RUNNING; returns the status the run has afterwards."""
-
-        async def unit(tx: Tx) -> RunStatus:
-            row = await self._run_row(tx, run_id)
-            if row is None:
-                raise not_found(run_id)
-            current = RunStatus(row["status"])
-            target = next_status(current, Action.START)
-            if target is None:
-                return current
-            await self.store.update_run(
-                tx,
-                row,
-                {"status": target.value, "started_at": row["started_at"] or tx.now},
-                [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")],
-            )
-            return target
-
-        return await self.writer.run(unit)
 
     async def step_started(self, run_id: str, step_id: str) -> Started | None:
         """Record a new attempt of a step; None when the run does not take new steps now."""
@@ -347,7 +325,7 @@ class Journal:
                 for r in (
                     await tx.conn.execute(
                         sa.select(steps)
-                        .where(steps.c.run_id == run_id, steps.c.status.in_(OPEN_STEPS))
+                        .where(steps.c.run_id == run_id, one_of(steps.c.status, OPEN_STEPS))
                         .order_by(steps.c.position)
                     )
                 ).mappings()
@@ -594,38 +572,36 @@ class Journal:
 
         return await self.writer.run(unit)
 
-    async def approvals_given(self, run_id: str) -> set[str]:
-        """Steps (and "" for the run) whose approval was answered yes."""
-        async with self.store.db.reader.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(clarifications.c.step_id, clarifications.c.response).where(
-                        clarifications.c.run_id == run_id,
-                        clarifications.c.status == "RESOLVED",
-                        clarifications.c.category == "USER_VERIFICATION",
-                    )
-                )
-            ).all()
-        return {r.step_id for r in rows if r.response is True}
+    async def open(self, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], set[str]]:
+        """What (re)starting the run's task needs, in one unit: the run row (a PENDING run is
+        started: RUNNING), its step rows, and the steps (and "" for the run) whose approval
+        was answered yes."""
 
-    async def load(self, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The run row and its step rows, for (re)starting the run's task."""
-        async with self.store.db.reader.connect() as conn:
-            async with conn.begin():
-                row = (
-                    (await conn.execute(sa.select(runs).where(runs.c.run_id == run_id)))
-                    .mappings()
-                    .one()
+        async def unit(tx: Tx) -> tuple[dict[str, Any], list[dict[str, Any]], set[str]]:
+            row = await self._run_row(tx, run_id)
+            if row is None:
+                raise not_found(run_id)
+            step_rows = [
+                dict(s)
+                for s in (await tx.conn.execute(SELECT_STEPS, {"w_run_id": run_id})).mappings()
+            ]
+            answers = await tx.conn.execute(
+                sa.select(clarifications.c.step_id, clarifications.c.response).where(
+                    clarifications.c.run_id == run_id,
+                    clarifications.c.status == "RESOLVED",
+                    clarifications.c.category == "USER_VERIFICATION",
                 )
-                step_rows = (
-                    (
-                        await conn.execute(
-                            sa.select(steps)
-                            .where(steps.c.run_id == run_id)
-                            .order_by(steps.c.position)
-                        )
-                    )
-                    .mappings()
-                    .all()
+            )
+            approved = {r.step_id for r in answers.all() if r.response is True}
+            if row["status"] == RunStatus.PENDING.value:
+                target = next_status(RunStatus.PENDING, Action.START)
+                assert target is not None
+                row = await self.store.update_run(
+                    tx,
+                    row,
+                    {"status": target.value, "started_at": row["started_at"] or tx.now},
+                    [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")],
                 )
-        return dict(row), [dict(s) for s in step_rows]
+            return row, step_rows, approved
+
+        return await self.writer.run(unit)

@@ -95,6 +95,7 @@ class StepFailed(Exception):
 
 # Runs one claim takes at a time: small, so that replicas woken together share new runs.
 CLAIM_BATCH = 8
+PLAN_CACHE = 256  # validated plans kept, by their stored bytes
 
 
 @dataclass
@@ -117,6 +118,19 @@ class Engine:
     # within protobuf's decoding limit of 100 message levels).
     max_value_depth: int = 24
     runs: dict[str, RunTask] = field(default_factory=dict)
+    plans: dict[bytes, ValidatedPlan] = field(default_factory=dict)
+
+    def validated(self, plan: bytes) -> ValidatedPlan:
+        """A stored plan, validated once however many runs share it (read-only: the tasks of
+        its runs share it too)."""
+        found = self.plans.get(plan)
+        if found is None:
+            request = pb.ExecuteRequest(executable_plan=pb.ExecutablePlan.FromString(plan))
+            found = validate_request(request, self.registry)
+            if len(self.plans) >= PLAN_CACHE:
+                del self.plans[next(iter(self.plans))]
+            self.plans[plan] = found
+        return found
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.max_steps_in_flight)
@@ -316,29 +330,23 @@ class RunTask:
             self.log.info("engine.run_task_ended", cancelled=self.cancelled, lost=self.lost)
 
     async def _main(self) -> None:
-        row, step_rows = await self.journal.load(self.run_id)
+        row, step_rows, self.approved = await self.journal.open(self.run_id)
         self.tenant_id: str = row["tenant_id"]
         self.log = self.log.bind(tenant_id=self.tenant_id)
-        plan = pb.ExecutablePlan.FromString(row["plan"])
-        self.plan: ValidatedPlan = validate_request(
-            pb.ExecuteRequest(executable_plan=plan), self.engine.registry
-        )
+        self.plan: ValidatedPlan = self.engine.validated(row["plan"])
         self.trace_parent = parent_context(row["trace_parent"])
         self.secrets: set[str] = set()
         self.params: dict[str, JSON] = secrets.unwrap(row["parameters"] or {}, self.secrets)
         self.vars: dict[str, JSON] = secrets.unwrap(row["variables"] or {}, self.secrets)
-        self.restricted = plan.security_context.data_classification.lower() == "restricted"
+        context = self.plan.plan.security_context
+        self.restricted = context.data_classification.lower() == "restricted"
         for s in step_rows:
             self.rows[s["step_id"]] = s
             self.status[s["step_id"]] = StepStatus(s["status"])
             if s["status"] == StepStatus.COMPLETED.value:
                 self.outputs[s["step_id"]] = s["output"]
-        self.approved = await self.journal.approvals_given(self.run_id)
         self.loaded = True
         status = RunStatus(row["status"])
-        if status is RunStatus.PENDING:
-            status = await self.journal.start_run(self.run_id)
-            row["started_at"] = row["started_at"] or time.time()
         if status.terminal:
             return
         self.paused = status is RunStatus.PAUSED

@@ -47,7 +47,13 @@ class Database:
             _sqlite_pragmas(self.writer.sync_engine, "BEGIN IMMEDIATE")
             self.reader: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=8)
             _sqlite_pragmas(self.reader.sync_engine, "BEGIN")
+            # The writer's batches run on the stdlib driver in one thread (store/writer.py).
+            self.sync_writer: sa.Engine | None = sa.create_engine(
+                self.url.set(drivername="sqlite"), pool_size=1, max_overflow=0
+            )
+            _sqlite_pragmas(self.sync_writer, "BEGIN IMMEDIATE")
         else:
+            self.sync_writer = None
             self.writer = create_async_engine(
                 self.url, pool_size=4, max_overflow=4, pool_pre_ping=True
             )
