@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -11,7 +15,11 @@ from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from orchestrator.server.store.direct import Direct, SyncConnection, drive
+
+T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
+READERS = 4  # reader threads (and SQLite connections) on SQLite
 MIGRATION_LOCK = 0x6F726369
 
 
@@ -52,8 +60,17 @@ class Database:
                 self.url.set(drivername="sqlite"), pool_size=1, max_overflow=0
             )
             _sqlite_pragmas(self.sync_writer, "BEGIN IMMEDIATE")
+            # Reads too: each in one hop to a reader thread (see `read`).
+            self.sync_reader: sa.Engine | None = sa.create_engine(
+                self.url.set(drivername="sqlite"), pool_size=READERS, max_overflow=0
+            )
+            _sqlite_pragmas(self.sync_reader, "BEGIN")
+            self.direct: Direct | None = Direct(self.sync_reader.dialect)
+            self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="store-reader")
         else:
             self.sync_writer = None
+            self.sync_reader = None
+            self.direct = None
             self.writer = create_async_engine(
                 self.url, pool_size=4, max_overflow=4, pool_pre_ping=True
             )
@@ -64,6 +81,23 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
+
+    async def read(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        """Run `unit(conn)` in one read transaction (one snapshot). On SQLite it runs in one
+        hop to a reader thread on the stdlib driver, however many statements it makes
+        (through aiosqlite each would be a hop of its own); on PostgreSQL, on the async pool."""
+        if self.sync_reader is None:
+            async with self.reader.connect() as conn, conn.begin():
+                return await unit(conn)
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._readers, context.run, self._read_in_thread, unit
+        )
+
+    def _read_in_thread(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        assert self.sync_reader is not None and self.direct is not None
+        with self.sync_reader.begin() as conn:
+            return drive(unit(SyncConnection(conn, self.direct)))
 
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
@@ -83,6 +117,9 @@ class Database:
     async def close(self) -> None:
         await self.writer.dispose()
         await self.reader.dispose()
+        if self.sync_reader is not None:
+            self._readers.shutdown()
+            self.sync_reader.dispose()
 
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:

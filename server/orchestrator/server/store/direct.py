@@ -11,7 +11,7 @@ and `inserted_primary_key`. Everything else (and PostgreSQL) takes the SQLAlchem
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
 Processor = Callable[[Any], Any] | None
 E = TypeVar("E", bound=sa.ClauseElement)
+T = TypeVar("T")
 _DIRECT: dict[int, sa.ClauseElement] = {}  # id -> statement (held, so ids are not reused)
 
 
@@ -139,3 +140,32 @@ class Direct:
             return DirectResult(rows, cursor.rowcount, cursor.lastrowid)
         finally:
             cursor.close()
+
+
+class SyncConnection:
+    """AsyncConnection's `execute` over a sync Connection, for units driven in the writer
+    thread: the awaitable completes without suspending. Statements marked `direct` go
+    straight to the driver (store/direct.py)."""
+
+    def __init__(self, conn: sa.Connection, direct: Direct) -> None:
+        self.sync = conn
+        self._direct = direct
+        self._dbapi: Any = None
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        if self._direct.handles(statement):
+            if self._dbapi is None:
+                self._dbapi = self.sync.connection.dbapi_connection
+            return self._direct.execute(self._dbapi, statement, parameters)
+        return self.sync.execute(statement, parameters)
+
+
+def drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends to its end, without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+    coro.close()
+    raise RuntimeError("a unit of work awaited something other than the store")

@@ -33,12 +33,11 @@ from orchestrator.server.lifecycle import (
     next_status,
 )
 from orchestrator.server.store.database import Database
-from orchestrator.server.store.direct import direct
+from orchestrator.server.store.direct import SyncConnection, direct
 from orchestrator.server.store.schema import clarifications, events, idempotency_keys, runs, steps
 from orchestrator.server.store.writer import (
     Change,
     EventRecord,
-    SyncConnection,
     T,
     Tx,
     Unit,
@@ -86,6 +85,17 @@ SELECT_PENDING_CLARIFICATIONS = direct(
         clarifications.c.run_id == sa.bindparam("w_run_id"), clarifications.c.status == "PENDING"
     )
     .order_by(clarifications.c.created_at)
+)
+SELECT_RUN_STATUS = direct(
+    sa.select(runs.c.status, runs.c.last_sequence).where(
+        runs.c.run_id == sa.bindparam("w_run_id"), runs.c.tenant_id == sa.bindparam("w_tenant_id")
+    )
+)
+SELECT_EVENTS = direct(
+    sa.select(events.c.sequence, events.c.status_changed, events.c.status, events.c.payload)
+    .where(events.c.run_id == sa.bindparam("w_run_id"), events.c.sequence > sa.bindparam("w_after"))
+    .order_by(events.c.sequence)
+    .limit(sa.bindparam("w_limit"))
 )
 INSERT_RUN = direct(sa.insert(runs))
 INSERT_STEPS = direct(sa.insert(steps))
@@ -339,9 +349,7 @@ class RunStore:
 
     async def get_execution(self, tenant_id: str, run_id: str) -> pb.Execution:
         """The run's snapshot; NotFound for unknown runs and other tenants' runs alike."""
-        async with self.db.reader.connect() as conn:
-            async with conn.begin():
-                return await self._load_execution(conn, tenant_id, run_id)
+        return await self.db.read(lambda conn: self._load_execution(conn, tenant_id, run_id))
 
     async def _load_execution(
         self, conn: AsyncConnection | SyncConnection, tenant_id: str, run_id: str
@@ -367,37 +375,39 @@ class RunStore:
         if before_pk is not None:
             query = query.where(runs.c.pk < before_pk)
         query = query.order_by(runs.c.pk.desc()).limit(limit + 1)
-        async with self.db.reader.connect() as conn:
-            async with conn.begin():
-                rows = (await conn.execute(query)).mappings().all()
-                more = len(rows) > limit
-                rows = rows[:limit]
-                if not rows:
-                    return ListPage([], None)
-                ids = [r["run_id"] for r in rows]
-                by_run: dict[str, list[Row]] = {i: [] for i in ids}
-                for srow in (
-                    await conn.execute(
-                        sa.select(steps).where(steps.c.run_id.in_(ids)).order_by(steps.c.position)
+
+        async def read(conn: Any) -> ListPage:
+            rows = (await conn.execute(query)).mappings().all()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            if not rows:
+                return ListPage([], None)
+            ids = [r["run_id"] for r in rows]
+            by_run: dict[str, list[Row]] = {i: [] for i in ids}
+            for srow in (
+                await conn.execute(
+                    sa.select(steps).where(steps.c.run_id.in_(ids)).order_by(steps.c.position)
+                )
+            ).mappings():
+                by_run[srow["run_id"]].append(srow)
+            clar_by_run: dict[str, list[Row]] = {i: [] for i in ids}
+            for crow in (
+                await conn.execute(
+                    sa.select(clarifications)
+                    .where(
+                        clarifications.c.run_id.in_(ids),
+                        clarifications.c.status == "PENDING",
                     )
-                ).mappings():
-                    by_run[srow["run_id"]].append(srow)
-                clar_by_run: dict[str, list[Row]] = {i: [] for i in ids}
-                for crow in (
-                    await conn.execute(
-                        sa.select(clarifications)
-                        .where(
-                            clarifications.c.run_id.in_(ids),
-                            clarifications.c.status == "PENDING",
-                        )
-                        .order_by(clarifications.c.created_at)
-                    )
-                ).mappings():
-                    clar_by_run[crow["run_id"]].append(crow)
-        executions = [
-            build_execution(r, by_run[r["run_id"]], clar_by_run[r["run_id"]]) for r in rows
-        ]
-        return ListPage(executions, rows[-1]["pk"] if more else None)
+                    .order_by(clarifications.c.created_at)
+                )
+            ).mappings():
+                clar_by_run[crow["run_id"]].append(crow)
+            executions = [
+                build_execution(r, by_run[r["run_id"]], clar_by_run[r["run_id"]]) for r in rows
+            ]
+            return ListPage(executions, rows[-1]["pk"] if more else None)
+
+        return await self.db.read(read)
 
     async def estimate_seconds(self, tenant_id: str, plan_hash: str) -> float | None:
         """Median wall time of the tenant's last completed runs of this plan, if any."""
@@ -413,27 +423,28 @@ class RunStore:
             .order_by(runs.c.pk.desc())
             .limit(20)
         )
-        async with self.db.reader.connect() as conn:
-            durations = [r.completed_at - r.started_at for r in (await conn.execute(query)).all()]
+
+        async def read(conn: Any) -> list[float]:
+            return [r.completed_at - r.started_at for r in (await conn.execute(query)).all()]
+
+        durations = await self.db.read(read)
         return statistics.median(durations) if durations else None
 
     async def read_events(self, run_id: str, after: int, limit: int = 500) -> list[EventRecord]:
         """Events of a run with sequence > `after`, in order."""
-        query = (
-            sa.select(events.c.sequence, events.c.status_changed, events.c.status, events.c.payload)
-            .where(events.c.run_id == run_id, events.c.sequence > after)
-            .order_by(events.c.sequence)
-            .limit(limit)
-        )
-        async with self.db.reader.connect() as conn:
+        where = {"w_run_id": run_id, "w_after": after, "w_limit": limit}
+
+        async def read(conn: Any) -> list[EventRecord]:
             return [
                 EventRecord(
-                    int(r.sequence),
-                    bool(r.status_changed) and RunStatus(r.status) in TERMINAL,
-                    r.payload,
+                    int(r["sequence"]),
+                    bool(r["status_changed"]) and RunStatus(r["status"]) in TERMINAL,
+                    r["payload"],
                 )
-                for r in (await conn.execute(query)).all()
+                for r in (await conn.execute(SELECT_EVENTS, where)).mappings()
             ]
+
+        return await self.db.read(read)
 
     async def read_status_events(
         self, tenant_id: str, after_id: int, flt: RunFilter, limit: int = 500
@@ -454,32 +465,32 @@ class RunStore:
             query = query.join(runs, runs.c.run_id == events.c.run_id)
             query = _apply_filter(query, flt, status_from_event=True)
         query = query.order_by(events.c.id).limit(limit)
-        async with self.db.reader.connect() as conn:
+
+        async def read(conn: Any) -> list[tuple[int, bytes]]:
             return [(r.id, r.payload) for r in (await conn.execute(query)).all()]
+
+        return await self.db.read(read)
 
     async def last_event_id(self, tenant_id: str) -> int:
         """The newest global event id of the tenant (a WatchExecutions start point)."""
-        async with self.db.reader.connect() as conn:
-            value = (
-                await conn.execute(
-                    sa.select(sa.func.max(events.c.id)).where(events.c.tenant_id == tenant_id)
-                )
-            ).scalar()
-        return int(value or 0)
+        query = sa.select(sa.func.max(events.c.id)).where(events.c.tenant_id == tenant_id)
+
+        async def read(conn: Any) -> Any:
+            return (await conn.execute(query)).scalar()
+
+        return int(await self.db.read(read) or 0)
 
     async def run_status(self, tenant_id: str, run_id: str) -> tuple[RunStatus, int]:
         """The run's status and last sequence; NotFound as for snapshots."""
-        async with self.db.reader.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(runs.c.status, runs.c.last_sequence).where(
-                        runs.c.run_id == run_id, runs.c.tenant_id == tenant_id
-                    )
-                )
-            ).first()
+        where = {"w_run_id": run_id, "w_tenant_id": tenant_id}
+
+        async def read(conn: Any) -> Any:
+            return (await conn.execute(SELECT_RUN_STATUS, where)).mappings().first()
+
+        row = await self.db.read(read)
         if row is None:
             raise not_found(run_id)
-        return RunStatus(row.status), int(row.last_sequence)
+        return RunStatus(row["status"]), int(row["last_sequence"])
 
     # ---------------------------------------------------------------- writes
 
@@ -845,30 +856,28 @@ class RunStore:
 
     async def clarification(self, tenant_id: str, run_id: str, clarification_id: str) -> RowMapping:
         """A clarification of the tenant's run; NotFound for the run or the clarification."""
-        async with self.db.reader.connect() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        sa.select(clarifications, runs.c.status.label("run_status"))
-                        .join(runs, runs.c.run_id == clarifications.c.run_id)
-                        .where(
-                            runs.c.run_id == run_id,
-                            runs.c.tenant_id == tenant_id,
-                            clarifications.c.clarification_id == clarification_id,
-                        )
-                    )
-                )
-                .mappings()
-                .first()
+        query = (
+            sa.select(clarifications, runs.c.status.label("run_status"))
+            .join(runs, runs.c.run_id == clarifications.c.run_id)
+            .where(
+                runs.c.run_id == run_id,
+                runs.c.tenant_id == tenant_id,
+                clarifications.c.clarification_id == clarification_id,
             )
-            if row is None:
-                await self.run_status(tenant_id, run_id)  # NotFound for the run first
-                raise NotFound(
-                    f"clarification {clarification_id!r} not found in run {run_id!r}",
-                    reason="CLARIFICATION_NOT_FOUND",
-                    metadata={"run_id": run_id, "clarification_id": clarification_id},
-                )
-        return row
+        )
+
+        async def read(conn: Any) -> Any:
+            return (await conn.execute(query)).mappings().first()
+
+        row = await self.db.read(read)
+        if row is None:
+            await self.run_status(tenant_id, run_id)  # NotFound for the run first
+            raise NotFound(
+                f"clarification {clarification_id!r} not found in run {run_id!r}",
+                reason="CLARIFICATION_NOT_FOUND",
+                metadata={"run_id": run_id, "clarification_id": clarification_id},
+            )
+        return row  # type: ignore[no-any-return]
 
     async def _with_retry(self, unit: Unit[T]) -> T:
         # A Conflict means another replica changed the run between our read and our write:

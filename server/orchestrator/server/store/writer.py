@@ -27,7 +27,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.server.errors import Unavailable
-from orchestrator.server.store.direct import Direct
+from orchestrator.server.store.direct import Direct, SyncConnection, drive
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -53,35 +53,6 @@ class Change:
     status_changed: bool
     events: tuple[EventRecord, ...] = ()
     status: str = ""  # the run's status after the change
-
-
-class SyncConnection:
-    """AsyncConnection's `execute` over a sync Connection, for units driven in the writer
-    thread: the awaitable completes without suspending. Statements marked `direct` go
-    straight to the driver (store/direct.py)."""
-
-    def __init__(self, conn: sa.Connection, direct: Direct) -> None:
-        self.sync = conn
-        self._direct = direct
-        self._dbapi: Any = None
-
-    async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        if self._direct.handles(statement):
-            if self._dbapi is None:
-                self._dbapi = self.sync.connection.dbapi_connection
-            return self._direct.execute(self._dbapi, statement, parameters)
-        return self.sync.execute(statement, parameters)
-
-
-def _drive(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends to its end, without an event loop."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        result: T = stop.value
-        return result
-    coro.close()
-    raise RuntimeError("a unit of work awaited something other than the store")
 
 
 @dataclass
@@ -240,9 +211,9 @@ class Writer:
         tx = Tx(conn=None, now=time.time())  # type: ignore[arg-type]
         with self._sync_engine.begin() as conn:
             tx.conn = SyncConnection(conn, self._direct)
-            results = [_drive(unit(tx)) for unit in units]
+            results = [drive(unit(tx)) for unit in units]
             for statement, rows in tx.staged.items():
-                _drive(tx.conn.execute(statement, rows or None))
+                drive(tx.conn.execute(statement, rows or None))
         return tx, results
 
     async def _commit(self, batch: list[_Job[Any]]) -> None:
