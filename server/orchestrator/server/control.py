@@ -214,7 +214,8 @@ class ControlPlane:
                 if execution.status in TERMINAL_PB or remaining <= 0:
                     return execution
                 try:
-                    await asyncio.wait_for(wake.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await wake.wait()
                 except TimeoutError:
                     pass
 

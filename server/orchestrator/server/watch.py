@@ -269,7 +269,10 @@ class Watcher:
                 if frames:
                     continue
                 try:
-                    await asyncio.wait_for(wake.wait(), self.heartbeat_seconds)
+                    # asyncio.timeout, not wait_for: no task per wait (a wake-up is one per
+                    # watcher and event, a thousand at a time in a fan-out).
+                    async with asyncio.timeout(self.heartbeat_seconds):
+                        await wake.wait()
                 except TimeoutError:
                     heartbeat = pb.ExecutionEvent(
                         type=pb.EVENT_TYPE_HEARTBEAT, sequence=position, run_id=run_id
@@ -320,7 +323,8 @@ class Watcher:
                 # Caught up as of the read: a commit after it has set `wake` (cleared before
                 # the read), so no second read is needed to be sure.
                 try:
-                    await asyncio.wait_for(wake.wait(), self.heartbeat_seconds)
+                    async with asyncio.timeout(self.heartbeat_seconds):
+                        await wake.wait()
                 except TimeoutError:
                     heartbeat = pb.ExecutionEvent(type=pb.EVENT_TYPE_HEARTBEAT)
                     heartbeat.timestamp.GetCurrentTime()

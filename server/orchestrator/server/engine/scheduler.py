@@ -177,7 +177,8 @@ class Engine:
         interval = max(self.lease_seconds / 3, 0.05)
         while not self.closing:
             try:
-                await asyncio.wait_for(self._claim_wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._claim_wake.wait()
             except TimeoutError:
                 pass
             self._claim_wake.clear()
@@ -405,7 +406,8 @@ class RunTask:
                 timed_out = True
                 break
             try:
-                await asyncio.wait_for(self.wake.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self.wake.wait()
             except TimeoutError:
                 pass
         if self.cancelled:
