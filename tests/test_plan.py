@@ -16,6 +16,7 @@ from orchestrator.server.errors import FieldViolation, PermissionDenied, Validat
 from orchestrator.server.plan import (
     DEFAULT_TIMEOUT_SECONDS,
     ValidatedPlan,
+    ValidationCache,
     check_capabilities,
     plan_hash,
     validate_request,
@@ -97,6 +98,35 @@ def test_valid_plan_yields_steps_order_hash_and_defaults() -> None:
     scope = {"params": {}, "vars": {}, "steps": {"fetch": {"output": {"n": 1.0}}}}
     assert validated.steps["use"].parameters.render(scope) == {"v": 1.0}
     assert validated.steps["other"].conditions[0].evaluate(scope) is True
+
+
+def test_the_validation_cache_changes_no_answer() -> None:
+    """A cached plan gives what a fresh validation gives; request-level problems are still
+    found; an invalid plan is never cached; the timeout is part of the key."""
+    cache = ValidationCache()
+    plan = make_plan(flow("f", step("a"), step("b", dependsOn=["a"])))
+    fresh = validate(plan)
+    first = validate_request(request(plan), REGISTRY, cache=cache)
+    again = validate_request(request(plan), REGISTRY, cache=cache)
+    for got in (first, again):
+        assert (got.plan_hash, got.order, got.timeout_seconds) == (
+            fresh.plan_hash,
+            fresh.order,
+            fresh.timeout_seconds,
+        )
+    assert len(cache._entries) == 1
+    assert validate_request(request(plan, timeout="7s"), REGISTRY, cache=cache).timeout_seconds == 7
+    with pytest.raises(ValidationFailed) as caught:
+        validate_request(request(plan, triggeredBy="x" * 300), REGISTRY, cache=cache)
+    assert [v.field for v in caught.value.violations] == ["triggered_by"]
+    with pytest.raises(ValidationFailed) as wrong_hash:
+        validate_request(request(plan, planHash="0" * 64), REGISTRY, cache=cache)
+    assert [v.field for v in wrong_hash.value.violations] == ["plan_hash"]
+    broken = make_plan(flow("f", step("a", dependsOn=["missing"])))
+    for _ in range(2):
+        with pytest.raises(ValidationFailed):
+            validate_request(request(broken), REGISTRY, cache=cache)
+    assert len(cache._entries) == 2
 
 
 def test_step_ids_up_to_128_sane_characters_are_accepted() -> None:

@@ -27,6 +27,7 @@ from orchestrator.server.plan import (
     MAX_REQUEST_STRING,
     Limits,
     ValidatedPlan,
+    ValidationCache,
     check_capabilities,
     finite,
     json_depth,
@@ -80,6 +81,7 @@ class ControlPlane:
         )
         self.rate = ExecuteRateLimiter(self.settings.execute_rate, self.settings.execute_burst)
         self._estimates: dict[tuple[str, str], tuple[float, float]] = {}
+        self.validations = ValidationCache()
 
     async def execute(
         self,
@@ -98,7 +100,7 @@ class ControlPlane:
             )
             limited.retry_delay = wait
             raise limited
-        validated = validate_request(request, self.registry, self.limits)
+        validated = validate_request(request, self.registry, self.limits, self.validations)
         if not request.HasField("validate_capabilities") or request.validate_capabilities:
             granted = self.policy.granted(tenant_id) if self.policy is not None else None
             check_capabilities(request.executable_plan, self.registry, granted)

@@ -41,6 +41,7 @@ __all__ = [
     "STEP_ID_PATTERN",
     "StepInfo",
     "ValidatedPlan",
+    "ValidationCache",
     "check_capabilities",
     "plan_hash",
     "struct_to_python",
@@ -170,10 +171,36 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+class ValidationCache:
+    """Plans found valid, by their bytes and the request's timeout: runs of one plan (the
+    common case) pay for the plan's checks, expressions and hash once. Small plans only, so
+    the cache stays small (256 x 64 KiB at most)."""
+
+    MAX_ENTRIES = 256
+    MAX_PLAN_BYTES = 64 * 1024
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[bytes, float | None], tuple[_Result, str]] = {}
+
+    def get(self, key: tuple[bytes, float | None]) -> tuple[_Result, str] | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple[bytes, float | None], value: tuple[_Result, str]) -> None:
+        if len(key[0]) > self.MAX_PLAN_BYTES:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = value
+
+
 def validate_request(
-    request: pb.ExecuteRequest, registry: ToolRegistry, limits: Limits = DEFAULT_LIMITS
+    request: pb.ExecuteRequest,
+    registry: ToolRegistry,
+    limits: Limits = DEFAULT_LIMITS,
+    cache: ValidationCache | None = None,
 ) -> ValidatedPlan:
-    """Validate an ExecuteRequest's plan; ValidationFailed lists every problem found."""
+    """Validate an ExecuteRequest's plan; ValidationFailed lists every problem found. With
+    `cache`, a plan already found valid (with the same timeout) skips the plan checks."""
     problems = _Problems()
     _check_size(problems, request, limits)
     request_timeout: float | None = None
@@ -190,16 +217,22 @@ def validate_request(
         problems.add(_PLAN, "an executable plan is required")
         problems.raise_if_any()
     plan = request.executable_plan
-
-    validator = _PlanValidator(plan, registry, problems)
-    validated = validator.run(request_timeout)
-
+    key = (plan.SerializeToString(deterministic=True), request_timeout) if cache else None
+    hit = cache.get(key) if cache is not None and key is not None else None
     hash_error = ""
-    computed = ""
-    try:
-        computed = plan_hash(plan)
-    except ValueError as exc:
-        hash_error = str(exc)
+    if hit is not None:
+        validated: _Result | None
+        validated, computed = hit
+    else:
+        validated = _PlanValidator(plan, registry, problems).run(request_timeout)
+        computed = ""
+        try:
+            computed = plan_hash(plan)
+        except ValueError as exc:
+            hash_error = str(exc)
+        if cache is not None and key is not None and validated and computed and not hash_error:
+            if not problems.violations:
+                cache.put(key, (validated, computed))
     if request.plan_hash and computed and request.plan_hash != computed:
         problems.add("plan_hash", f"does not match the plan: expected {computed}")
     # An unhashable plan is nearly always explained by a violation found above already.
