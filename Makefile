@@ -51,7 +51,8 @@ test: install buf-lint check-generated
 	$(BIN)/pytest -q
 
 bench: install
-	$(PY) -m bench
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

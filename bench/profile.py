@@ -1,9 +1,10 @@
 """Profile the server (py-spy, sampling the `orchestrator serve` subprocess) while it accepts,
 while it runs a batch end to end, and while it fans out; print where the samples are.
 
-`python -m bench.profile [--quick] [--keep DIR]`. Needs py-spy (`.venv/bin/pip install
-py-spy`) and ptrace rights on the server process. Percentages are of the samples in which a
-thread was running (idle threads are not sampled): `self` is the leaf frame, `total` any frame.
+`python -m bench.profile [--quick] [--keep DIR]`. Needs py-spy (the `bench` extra, which
+`make bench` installs) and ptrace rights on the server process. Only the thread holding the
+GIL is sampled (`--gil`): percentages say where the one usable core goes. `self` is the leaf
+frame, `total` any frame.
 """
 
 from __future__ import annotations
