@@ -102,34 +102,25 @@ INSERT_STEPS = direct(sa.insert(steps))
 INSERT_EVENTS = direct(sa.insert(events))
 
 
-def _set(table: sa.Table, keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: sa.bindparam(f"v_{k}", type_=table.c[k].type) for k in keys}
+def _update(table: sa.Table, where: tuple[str, ...], keys: tuple[str, ...]) -> sa.Update:
+    """UPDATE `table` SET `keys` WHERE `where` (parameters v_<key> and w_<column>)."""
+    return direct(
+        sa.update(table)
+        .where(*(table.c[w] == sa.bindparam(f"w_{w}") for w in where))
+        .values({k: sa.bindparam(f"v_{k}", type_=table.c[k].type) for k in keys})
+    )
 
 
 @functools.cache
 def update_step_statement(keys: tuple[str, ...]) -> sa.Update:
     """UPDATE one step's `keys` (parameters w_run_id, w_step_id and v_<key>)."""
-    return direct(
-        sa.update(steps)
-        .where(
-            steps.c.run_id == sa.bindparam("w_run_id"),
-            steps.c.step_id == sa.bindparam("w_step_id"),
-        )
-        .values(_set(steps, keys))
-    )
+    return _update(steps, ("run_id", "step_id"), keys)
 
 
 @functools.cache
 def update_run_statement(keys: tuple[str, ...]) -> sa.Update:
     """Compare-and-set a run's `keys` (parameters w_run_id, w_version and v_<key>)."""
-    return direct(
-        sa.update(runs)
-        .where(
-            runs.c.run_id == sa.bindparam("w_run_id"),
-            runs.c.version == sa.bindparam("w_version"),
-        )
-        .values(_set(runs, keys))
-    )
+    return _update(runs, ("run_id", "version"), keys)
 
 
 def bind(changes: Mapping[str, Any], **where: Any) -> dict[str, Any]:
