@@ -83,12 +83,13 @@ class Database:
         return self.dialect == "sqlite"
 
     async def read(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-        """Run `unit(conn)` in one read transaction (one snapshot). On SQLite it runs in one
-        hop to a reader thread on the stdlib driver, however many statements it makes
-        (through aiosqlite each would be a hop of its own); on PostgreSQL, on the async pool."""
+        """Run `unit(conn)` in one read transaction (one snapshot), driven as the writer drives
+        its units: a read may await the store and nothing else. On SQLite it runs in one hop
+        to a reader thread on the stdlib driver, however many statements it makes (through
+        aiosqlite each would be a hop of its own); on PostgreSQL, in one greenlet on the pool."""
         if self.sync_reader is None:
             async with self.reader.connect() as conn, conn.begin():
-                return await unit(conn)
+                return await conn.run_sync(lambda sync: drive(unit(SyncConnection(sync))))
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(
             self._readers, context.run, self._read_in_thread, unit

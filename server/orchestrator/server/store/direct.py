@@ -143,17 +143,18 @@ class Direct:
 
 
 class SyncConnection:
-    """AsyncConnection's `execute` over a sync Connection, for units driven in the writer
-    thread: the awaitable completes without suspending. Statements marked `direct` go
-    straight to the driver (store/direct.py)."""
+    """AsyncConnection's `execute` over a sync Connection, for units driven without an event
+    loop (SQLite: in a store thread; PostgreSQL: inside run_sync's greenlet): the awaitable
+    completes without suspending. With `direct`, marked statements go straight to the
+    driver."""
 
-    def __init__(self, conn: sa.Connection, direct: Direct) -> None:
+    def __init__(self, conn: sa.Connection, direct: Direct | None = None) -> None:
         self.sync = conn
         self._direct = direct
         self._dbapi: Any = None
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        if self._direct.handles(statement):
+        if self._direct is not None and self._direct.handles(statement):
             if self._dbapi is None:
                 self._dbapi = self.sync.connection.dbapi_connection
             return self._direct.execute(self._dbapi, statement, parameters)

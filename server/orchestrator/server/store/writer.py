@@ -192,28 +192,28 @@ class Writer:
             return await asyncio.get_running_loop().run_in_executor(
                 self._thread, context.run, self._transact_in_thread, units
             )
-        tx = Tx(conn=None, now=time.time())  # type: ignore[arg-type]
+        # PostgreSQL: the whole batch in one greenlet (run_sync), not one per statement.
         async with self._engine.begin() as conn:
-            tx.conn = conn
-            results = [await unit(tx) for unit in units]
-            for statement, rows in tx.staged.items():
-                await conn.execute(statement, rows or None)
-            if self.notify_channel and (tx.changes or tx.notices):
-                for payload in encode_notices(self.origin, tx.changes, tx.notices):
-                    await conn.execute(
-                        sa.text("SELECT pg_notify(:channel, :payload)"),
-                        {"channel": self.notify_channel, "payload": payload},
-                    )
-        return tx, results
+            return await conn.run_sync(self._run_units, units)
 
     def _transact_in_thread(self, units: list[Unit[Any]]) -> tuple[Tx, list[Any]]:
-        assert self._sync_engine is not None and self._direct is not None
-        tx = Tx(conn=None, now=time.time())  # type: ignore[arg-type]
+        assert self._sync_engine is not None
         with self._sync_engine.begin() as conn:
-            tx.conn = SyncConnection(conn, self._direct)
-            results = [drive(unit(tx)) for unit in units]
-            for statement, rows in tx.staged.items():
-                drive(tx.conn.execute(statement, rows or None))
+            return self._run_units(conn, units)
+
+    def _run_units(self, conn: sa.Connection, units: list[Unit[Any]]) -> tuple[Tx, list[Any]]:
+        """The batch on an open transaction: its units, the statements they staged, and the
+        NOTIFYs that announce it (PostgreSQL)."""
+        tx = Tx(conn=SyncConnection(conn, self._direct), now=time.time())
+        results = [drive(unit(tx)) for unit in units]
+        for statement, rows in tx.staged.items():
+            drive(tx.conn.execute(statement, rows or None))
+        if self.notify_channel and (tx.changes or tx.notices):
+            for payload in encode_notices(self.origin, tx.changes, tx.notices):
+                conn.execute(
+                    sa.text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": self.notify_channel, "payload": payload},
+                )
         return tx, results
 
     async def _commit(self, batch: list[_Job[Any]]) -> None:
