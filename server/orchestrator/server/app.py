@@ -263,6 +263,7 @@ async def build_server(
         notify_channel="" if db.is_sqlite else CHANNEL,
         origin=replica,
         sync_engine=db.sync_writer,
+        direct=db.direct,
     )
     writer.start()
     hub = Hub(settings.max_watchers_per_tenant)

@@ -182,10 +182,17 @@ class ValidationCache:
     def __init__(self) -> None:
         self._entries: dict[tuple[bytes, float | None], tuple[_Result, str]] = {}
 
-    def get(self, key: tuple[bytes, float | None]) -> tuple[_Result, str] | None:
-        return self._entries.get(key)
+    @staticmethod
+    def _key(plan: pb.ExecutablePlan, timeout: float | None) -> tuple[bytes, float | None]:
+        return plan.SerializeToString(deterministic=True), timeout
 
-    def put(self, key: tuple[bytes, float | None], value: tuple[_Result, str]) -> None:
+    def get(self, plan: pb.ExecutablePlan, timeout: float | None) -> tuple[_Result, str] | None:
+        return self._entries.get(self._key(plan, timeout))
+
+    def put(
+        self, plan: pb.ExecutablePlan, timeout: float | None, value: tuple[_Result, str]
+    ) -> None:
+        key = self._key(plan, timeout)
         if len(key[0]) > self.MAX_PLAN_BYTES:
             return
         if len(self._entries) >= self.MAX_ENTRIES:
@@ -217,8 +224,7 @@ def validate_request(
         problems.add(_PLAN, "an executable plan is required")
         problems.raise_if_any()
     plan = request.executable_plan
-    key = (plan.SerializeToString(deterministic=True), request_timeout) if cache else None
-    hit = cache.get(key) if cache is not None and key is not None else None
+    hit = cache.get(plan, request_timeout) if cache is not None else None
     hash_error = ""
     if hit is not None:
         validated: _Result | None
@@ -230,9 +236,8 @@ def validate_request(
             computed = plan_hash(plan)
         except ValueError as exc:
             hash_error = str(exc)
-        if cache is not None and key is not None and validated and computed and not hash_error:
-            if not problems.violations:
-                cache.put(key, (validated, computed))
+        if cache is not None and validated and computed and not problems.violations:
+            cache.put(plan, request_timeout, (validated, computed))
     if request.plan_hash and computed and request.plan_hash != computed:
         problems.add("plan_hash", f"does not match the plan: expected {computed}")
     # An unhashable plan is nearly always explained by a violation found above already.

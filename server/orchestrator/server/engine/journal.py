@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from orchestrator.server.errors import FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
 from orchestrator.server.store.runs import (
+    SELECT_APPROVALS,
     SELECT_RUN,
     SELECT_RUN_LOCKED,
     SELECT_STEP,
@@ -585,14 +586,8 @@ class Journal:
                 dict(s)
                 for s in (await tx.conn.execute(SELECT_STEPS, {"w_run_id": run_id})).mappings()
             ]
-            answers = await tx.conn.execute(
-                sa.select(clarifications.c.step_id, clarifications.c.response).where(
-                    clarifications.c.run_id == run_id,
-                    clarifications.c.status == "RESOLVED",
-                    clarifications.c.category == "USER_VERIFICATION",
-                )
-            )
-            approved = {r.step_id for r in answers.all() if r.response is True}
+            answers = await tx.conn.execute(SELECT_APPROVALS, {"w_run_id": run_id})
+            approved = {r["step_id"] for r in answers.mappings() if r["response"] is True}
             if row["status"] == RunStatus.PENDING.value:
                 target = next_status(RunStatus.PENDING, Action.START)
                 assert target is not None

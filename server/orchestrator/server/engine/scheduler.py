@@ -27,6 +27,7 @@ from orchestrator.server.metrics import Metrics
 from orchestrator.server.plan import (
     StepInfo,
     ValidatedPlan,
+    ValidationCache,
     finite,
     json_depth,
     validate_request,
@@ -95,7 +96,6 @@ class StepFailed(Exception):
 
 # Runs one claim takes at a time: small, so that replicas woken together share new runs.
 CLAIM_BATCH = 8
-PLAN_CACHE = 256  # validated plans kept, by their stored bytes
 
 
 @dataclass
@@ -118,19 +118,8 @@ class Engine:
     # within protobuf's decoding limit of 100 message levels).
     max_value_depth: int = 24
     runs: dict[str, RunTask] = field(default_factory=dict)
-    plans: dict[bytes, ValidatedPlan] = field(default_factory=dict)
-
-    def validated(self, plan: bytes) -> ValidatedPlan:
-        """A stored plan, validated once however many runs share it (read-only: the tasks of
-        its runs share it too)."""
-        found = self.plans.get(plan)
-        if found is None:
-            request = pb.ExecuteRequest(executable_plan=pb.ExecutablePlan.FromString(plan))
-            found = validate_request(request, self.registry)
-            if len(self.plans) >= PLAN_CACHE:
-                del self.plans[next(iter(self.plans))]
-            self.plans[plan] = found
-        return found
+    # Runs of one plan (the common case) share its validation (read-only).
+    validations: ValidationCache = field(default_factory=ValidationCache)
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.max_steps_in_flight)
@@ -334,7 +323,10 @@ class RunTask:
         row, step_rows, self.approved = await self.journal.open(self.run_id)
         self.tenant_id: str = row["tenant_id"]
         self.log = self.log.bind(tenant_id=self.tenant_id)
-        self.plan: ValidatedPlan = self.engine.validated(row["plan"])
+        request = pb.ExecuteRequest(executable_plan=pb.ExecutablePlan.FromString(row["plan"]))
+        self.plan: ValidatedPlan = validate_request(
+            request, self.engine.registry, cache=self.engine.validations
+        )
         self.trace_parent = parent_context(row["trace_parent"])
         self.secrets: set[str] = set()
         self.params: dict[str, JSON] = secrets.unwrap(row["parameters"] or {}, self.secrets)

@@ -15,7 +15,6 @@ from typing import Any
 import sqlalchemy as sa
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sqlalchemy import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.server.errors import (
     AlreadyExists,
@@ -85,6 +84,13 @@ SELECT_PENDING_CLARIFICATIONS = direct(
         clarifications.c.run_id == sa.bindparam("w_run_id"), clarifications.c.status == "PENDING"
     )
     .order_by(clarifications.c.created_at)
+)
+SELECT_APPROVALS = direct(
+    sa.select(clarifications.c.step_id, clarifications.c.response).where(
+        clarifications.c.run_id == sa.bindparam("w_run_id"),
+        clarifications.c.status == "RESOLVED",
+        clarifications.c.category == "USER_VERIFICATION",
+    )
 )
 SELECT_RUN_STATUS = direct(
     sa.select(runs.c.status, runs.c.last_sequence).where(
@@ -343,7 +349,7 @@ class RunStore:
         return await self.db.read(lambda conn: self._load_execution(conn, tenant_id, run_id))
 
     async def _load_execution(
-        self, conn: AsyncConnection | SyncConnection, tenant_id: str, run_id: str
+        self, conn: SyncConnection, tenant_id: str, run_id: str
     ) -> pb.Execution:
         where = {"w_run_id": run_id}
         row = (

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.server.errors import Unavailable
 from orchestrator.server.store.direct import Direct, SyncConnection, drive
@@ -59,7 +59,7 @@ class Change:
 class Tx:
     """What a unit of work gets: the open connection, the commit's clock and a change log."""
 
-    conn: AsyncConnection | SyncConnection
+    conn: SyncConnection
     now: float
     changes: list[Change] = field(default_factory=list)
     notices: list[list[Any]] = field(default_factory=list)
@@ -103,6 +103,7 @@ class Writer:
         notify_channel: str = "",
         origin: str = "",
         sync_engine: sa.Engine | None = None,
+        direct: Direct | None = None,
     ) -> None:
         self._engine = engine
         # SQLite: batches run on this engine, in this one thread (see the module's doc).
@@ -110,7 +111,7 @@ class Writer:
         self._thread = (
             ThreadPoolExecutor(1, thread_name_prefix="store-writer") if sync_engine else None
         )
-        self._direct = Direct(sync_engine.dialect) if sync_engine else None
+        self._direct = direct  # the store's driver path (SQLite), shared with its readers
         # PostgreSQL: changes and notices go out with NOTIFY inside the commit, so other
         # replicas hear of exactly what was committed.
         self.notify_channel = notify_channel
