@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from google.protobuf import struct_pb2
 
 from orchestrator.server.app import Server
 from orchestrator.server.plan import plan_hash
 from orchestrator.server.settings import Settings
+from orchestrator.server.store.schema import runs
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import echo_plan, load_plan, make_settings, md, plan_of, read_message
@@ -297,6 +299,17 @@ async def test_missing_run_id_is_invalid_argument(stub: Stub, tenant: str) -> No
 
 
 # ---------------------------------------------------------------- ListExecutions
+
+
+async def test_a_read_is_one_snapshot(server: Server, stub: Stub, tenant: str) -> None:
+    """A read is several statements (a run, its steps, its clarifications); a commit between
+    them must not show through. At PostgreSQL's READ COMMITTED it did: a snapshot showed a
+    clarification pending beside its step still PENDING."""
+    count = sa.select(sa.func.count()).select_from(runs).where(runs.c.tenant_id == tenant)
+    async with server.db.reader.connect() as conn, conn.begin():
+        before = (await conn.execute(count)).scalar()
+        await execute(stub, tenant)  # committed by the writer while the read is open
+        assert (await conn.execute(count)).scalar() == before
 
 
 async def test_list_pages_stay_correct_while_runs_are_inserted(stub: Stub, tenant: str) -> None:

@@ -74,8 +74,16 @@ class Database:
             self.writer = create_async_engine(
                 self.url, pool_size=4, max_overflow=4, pool_pre_ping=True
             )
+            # A read is several statements (a run, its steps, its clarifications): at READ
+            # COMMITTED each would see its own snapshot, and a commit landing between them
+            # showed a clarification pending beside its step still PENDING. Readers only
+            # read, so REPEATABLE READ costs them no serialization failures.
             self.reader = create_async_engine(
-                self.url, pool_size=8, max_overflow=8, pool_pre_ping=True
+                self.url,
+                pool_size=8,
+                max_overflow=8,
+                pool_pre_ping=True,
+                isolation_level="REPEATABLE READ",
             )
 
     @property
