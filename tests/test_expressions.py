@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from orchestrator.server.expressions import (
     compile_template,
     scope,
 )
+from orchestrator.server.sandbox import Sandbox, check, render
 
 # What the engine passes in: Struct-derived JSON, where every number is a float.
 SCOPE = scope(
@@ -26,28 +28,28 @@ SCOPE = scope(
 )
 
 
-def render(value: Any) -> Any:
+def rendered(value: Any) -> Any:
     return compile_template(value).render(SCOPE)
 
 
 def test_single_template_keeps_the_json_type() -> None:
-    assert render("{{ steps.fetch.output.count }}") == 3.0
-    assert render("{{steps.fetch.output.items}}") == [1.0, 2.0, 3.0]
-    assert render("{{ steps.fetch.output.nested }}") == {"k": "v"}
-    assert render("{{ steps.fetch.output.ok }}") is True
-    assert render("{{ steps.empty.output }}") is None
-    assert render("{{ size(params.tags) }}") == 2
-    assert isinstance(render("{{ size(params.tags) }}"), int)
+    assert rendered("{{ steps.fetch.output.count }}") == 3.0
+    assert rendered("{{steps.fetch.output.items}}") == [1.0, 2.0, 3.0]
+    assert rendered("{{ steps.fetch.output.nested }}") == {"k": "v"}
+    assert rendered("{{ steps.fetch.output.ok }}") is True
+    assert rendered("{{ steps.empty.output }}") is None
+    assert rendered("{{ size(params.tags) }}") == 2
+    assert isinstance(rendered("{{ size(params.tags) }}"), int)
 
 
 def test_text_around_a_template_interpolates_compact_json() -> None:
-    assert render("hi {{ params.name }}!") == "hi ada!"
-    assert render(" {{ params.name }}") == " ada", "whitespace outside the braces is text"
-    assert render("{{ params.name }}{{ vars.greeting }}") == "adahello"
-    assert render("n={{ params.count }} r={{ params.ratio }}") == "n=3 r=2.5"
-    assert render("items={{ steps.fetch.output.items }}") == "items=[1,2,3]"
-    assert render("m={{ steps.fetch.output.nested }}") == 'm={"k":"v"}'
-    assert render("b={{ steps.fetch.output.ok }} z={{ steps.empty.output }}") == "b=true z=null"
+    assert rendered("hi {{ params.name }}!") == "hi ada!"
+    assert rendered(" {{ params.name }}") == " ada", "whitespace outside the braces is text"
+    assert rendered("{{ params.name }}{{ vars.greeting }}") == "adahello"
+    assert rendered("n={{ params.count }} r={{ params.ratio }}") == "n=3 r=2.5"
+    assert rendered("items={{ steps.fetch.output.items }}") == "items=[1,2,3]"
+    assert rendered("m={{ steps.fetch.output.nested }}") == 'm={"k":"v"}'
+    assert rendered("b={{ steps.fetch.output.ok }} z={{ steps.empty.output }}") == "b=true z=null"
 
 
 def test_nested_values_render_recursively_and_leave_plain_values_alone() -> None:
@@ -57,7 +59,7 @@ def test_nested_values_render_recursively_and_leave_plain_values_alone() -> None
         "list": ["{{ vars.greeting }}", 1.5, None, False, {"deep": "{{ params.tags }}"}],
         "plain": "no templates } here }}",
     }
-    assert render(value) == {
+    assert rendered(value) == {
         "url": "https://x/ada",
         "headers": {"x-count": 3.0},
         "list": ["hello", 1.5, None, False, {"deep": ["a", "b"]}],
@@ -73,13 +75,13 @@ def test_rendering_returns_fresh_containers() -> None:
 
 
 def test_braces_inside_cel_literals_do_not_close_the_template() -> None:
-    assert render("{{ {'a': {'b': 1}} }}") == {"a": {"b": 1}}
-    assert render("{{ '}}' }}") == "}}"
-    assert render("literal {{ '{{' }} braces") == "literal {{ braces"
+    assert rendered("{{ {'a': {'b': 1}} }}") == {"a": {"b": 1}}
+    assert rendered("{{ '}}' }}") == "}}"
+    assert rendered("literal {{ '{{' }} braces") == "literal {{ braces"
 
 
 def test_steps_with_non_identifier_ids_are_read_by_index() -> None:
-    assert render('{{ steps["step-with-dash"].output.value }}') == "dashed"
+    assert rendered('{{ steps["step-with-dash"].output.value }}') == "dashed"
 
 
 @pytest.mark.parametrize(
@@ -88,7 +90,7 @@ def test_steps_with_non_identifier_ids_are_read_by_index() -> None:
         "{{ steps.fetch.output.missing }}",
         "{{ steps.never_ran.output }}",
         "{{ params.tags[5] }}",
-        "{{ nothing_here }}",
+        "{{ 'x' * 3 }}",
         "{{ 1 / 0 }}",
         "{{ params.ratio / 0.0 }}",  # infinity has no JSON form
     ],
@@ -108,6 +110,7 @@ def test_evaluation_errors_are_expression_errors_with_the_path(source: str) -> N
         ({"headers": {"x": "{{ params.name"}}, "headers.x"),
         ({"list": ["ok", "a {{ }} b"]}, "list[1]"),
         ({"odd key": "{{ ) }}"}, '["odd key"]'),
+        ({"unknown": "{{ nothing_here }}"}, "unknown"),
         ("{{ 'unterminated }}", ""),
     ],
 )
@@ -191,8 +194,9 @@ def test_nesting_is_bounded() -> None:
         compile_condition("(" * 300 + "1" + ")" * 300 + " == 1")
 
 
-def test_json_numbers_compare_with_int_literals() -> None:
-    # The documented choice: doubles stay doubles, numeric operators mix int and double.
+def test_json_numbers_are_ints_when_whole() -> None:
+    # The documented choice (README "Expressions"): a whole JSON number is an int, any other a
+    # double; int and double compare by value, arithmetic needs one type.
     def holds(source: str) -> bool:
         return compile_condition(source).evaluate(SCOPE)
 
@@ -204,11 +208,116 @@ def test_json_numbers_compare_with_int_literals() -> None:
     assert holds("size(steps.fetch.output.items) == steps.fetch.output.count")
     assert holds("3 in steps.fetch.output.items")
     assert holds("params.count + 1 == 4")
-    assert holds("params.ratio * 2 == 5")
+    assert holds("params.ratio * 2.0 == 5.0")
+    assert holds("params.ratio > 2 && params.ratio < 3"), "int and double compare by value"
     assert holds("7 / 2 == 3"), "int arithmetic stays int"
-    assert holds("params.count / 2 == 1.5"), "a JSON number divides as a double"
-    assert render("{{ params.count + 1 }}") == 4.0
-    assert render("{{ 7 / 2 }}") == 3
+    assert holds("params.count / 2 == 1"), "a whole JSON number divides as an int"
+    assert holds("double(params.count) / 2.0 == 1.5")
+    assert rendered("{{ params.count + 1 }}") == 4
+    assert rendered("{{ 7 / 2 }}") == 3
+    assert rendered("{{ string(2.0) }}") == "2"
+
+
+def test_mixing_int_and_double_arithmetic_is_an_error_that_says_what_to_write() -> None:
+    with pytest.raises(ExpressionError, match=r"\(double, int\).*double\(x\)"):
+        compile_condition("params.ratio * 2 == 5.0").evaluate(SCOPE)
+
+
+def test_has_tests_presence_of_keys_and_steps() -> None:
+    def holds(source: str) -> bool:
+        return compile_condition(source).evaluate(SCOPE)
+
+    assert holds("has(steps.fetch)")
+    assert not holds("has(steps.never_ran)")
+    assert holds("has(params.name) && !has(params.nope)")
+    assert holds("'fetch' in steps && !('never_ran' in steps)")
+    with pytest.raises(ExpressionError, match="no such key"):
+        holds("has(steps.never_ran.output)")
+
+
+def test_paths_resolve_directly_whatever_the_size() -> None:
+    big = {"items": [{"id": float(i), "name": "x" * 50} for i in range(50_000)]}
+    partial = scope(big, {}, {"a": big})
+    assert compile_template("{{ steps.a.output.items }}").render(partial) is big["items"]
+    assert compile_template("{{ params['items'][49999].id }}").render(partial) == 49999.0
+    with pytest.raises(ExpressionError, match="index 50000 out of range"):
+        compile_template("{{ params.items[50000] }}").render(partial)
+    with pytest.raises(ExpressionError, match="cannot select"):
+        compile_template("{{ params.items.id }}").render(partial)
+
+
+def test_an_evaluation_reads_only_what_it_names() -> None:
+    # A small field beside a large one costs what the small field costs.
+    big = {"flag": True, "count": 2.0, "items": ["x" * 100] * 50_000}
+    partial = scope(big, {}, {"a": big}, budget=0.005)
+    assert compile_condition("params.flag && steps.a.output.count + 1 == 3").evaluate(partial)
+
+
+NESTED = "steps.a.output.items.all(a, steps.a.output.items.all(b, a + b >= 0))"
+
+
+def test_too_costly_evaluations_fail_with_the_estimate() -> None:
+    items = {"items": [float(i) for i in range(300)]}
+    with pytest.raises(ExpressionError, match="too costly"):
+        compile_condition(NESTED).evaluate(scope({}, {}, {"a": items}))
+
+
+async def test_what_cannot_be_priced_runs_in_the_sandbox_within_the_budget() -> None:
+    sandbox = Sandbox()
+    try:
+        await sandbox.start()
+        condition = compile_condition(NESTED)
+        small = scope({}, {}, {"a": {"items": [float(i) for i in range(50)]}})
+        with pytest.raises(ExpressionError, match="too costly"):
+            condition.evaluate(small)  # priced above the budget: not inline
+        assert await check(sandbox, condition, small) is True
+        # Past the runtime's iteration budget, or past the CPU budget: too costly.
+        large = scope({}, {}, {"a": {"items": [float(i) for i in range(300)]}})
+        with pytest.raises(ExpressionError, match="too costly"):
+            await check(sandbox, condition, large)
+        bomb = compile_condition(string_bomb(3000, 12))
+        started = time.monotonic()
+        with pytest.raises(ExpressionError, match="too costly"):
+            await check(sandbox, bomb, small)
+        assert time.monotonic() - started < 2.0
+        # An evaluation that runs on is stopped at the budget: the process is killed.
+        hundred = "[" + ", ".join(str(i) for i in range(99)) + "]"
+        slow = compile_condition(
+            f"{hundred}.all(a, {hundred}.all(b, size(params.s + params.s) > 0))"
+        )
+        started = time.monotonic()
+        with pytest.raises(ExpressionError, match="too costly"):
+            await check(sandbox, slow, scope({"s": "x" * 100_000}, {}, {}))
+        assert time.monotonic() - started < 2.0
+        assert sandbox.killed == 1
+        # A new process takes over after a kill.
+        assert await check(sandbox, condition, small) is True
+        template = compile_template({"n": "{{ size(steps.a.output.items.filter(x, x > 1)) }}"})
+        items = scope({}, {}, {"a": {"items": [float(i) for i in range(400)]}})
+        assert await render(sandbox, template, items) == {"n": 398}
+    finally:
+        await sandbox.close()
+
+
+def string_bomb(literal: int, terms: int) -> str:
+    """A condition of about 1,000 characters that builds literal * terms**3 characters."""
+
+    def cat(name: str) -> str:
+        return " + ".join([name] * terms)
+
+    return (
+        f"['{'x' * literal}'].map(a, [{cat('a')}].map(b, [{cat('b')}]"
+        f".map(c, size({cat('c')}))))[0][0][0] > 0"
+    )
+
+
+def test_the_iteration_budget_of_the_runtime_holds() -> None:
+    from orchestrator.server.expressions import ITERATION_BUDGET, _compile, evaluate_in_runtime
+
+    program = _compile("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10].all(a, params.items.all(b, b >= 0))")
+    data = {"params": {"items": list(range(ITERATION_BUDGET // 10 + 1))}}
+    with pytest.raises(ExpressionError, match="more than 10,000 comprehension iterations"):
+        evaluate_in_runtime(program, data)
 
 
 def test_scope_exposes_only_completed_steps() -> None:
@@ -222,4 +331,4 @@ def test_unsupported_values_are_expression_errors() -> None:
     with pytest.raises(ExpressionError):
         compile_template({"a": object()})
     with pytest.raises(ExpressionError):
-        scope({"a": object()}, {}, {})
+        compile_condition("size(params.a) > 0").evaluate(scope({"a": [object()]}, {}, {}))

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.server.errors import FieldViolation, PermissionDenied, ValidationFailed
+from orchestrator.server.expressions import scope as expression_scope
 from orchestrator.server.plan import (
     DEFAULT_TIMEOUT_SECONDS,
     ValidatedPlan,
@@ -95,7 +96,7 @@ def test_valid_plan_yields_steps_order_hash_and_defaults() -> None:
     assert validated.rollback == {"undo"}
     assert validated.timeout_seconds == DEFAULT_TIMEOUT_SECONDS
     assert validated.steps["use"].depends_on == ("fetch",)
-    scope = {"params": {}, "vars": {}, "steps": {"fetch": {"output": {"n": 1.0}}}}
+    scope = expression_scope({}, {}, {"fetch": {"n": 1.0}})
     assert validated.steps["use"].parameters.render(scope) == {"v": 1.0}
     assert validated.steps["other"].conditions[0].evaluate(scope) is True
 

@@ -30,6 +30,7 @@ from orchestrator.server.engine import Engine, Journal
 from orchestrator.server.engine.journal import Answer
 from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.metrics import Metrics
+from orchestrator.server.sandbox import Sandbox
 from orchestrator.server.security import KeyRing, TenantPolicy
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.cluster import CHANNEL, ClusterBus
@@ -285,6 +286,8 @@ async def build_server(
         policy=policy,
         max_template_output_bytes=settings.max_template_output_bytes,
         max_value_depth=settings.max_struct_depth,
+        expression_budget=settings.expression_budget_ms / 1000,
+        sandbox=Sandbox(),
     )
     metrics.watch_gauges(lambda: len(engine.runs), lambda: hub.watchers)
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)

@@ -73,6 +73,10 @@ class Settings:
     execute_burst: int = field(default_factory=lambda: int(_env("EXECUTE_BURST", "400")))
     # http.request may reach these networks (CIDRs, comma-separated) despite being private.
     http_allow: str = field(default_factory=lambda: _env("HTTP_ALLOW", ""))
+    # CPU one expression evaluation may take (README "Expressions"); past it: "too costly".
+    expression_budget_ms: float = field(
+        default_factory=lambda: float(_env("EXPRESSION_BUDGET_MS", "10"))
+    )
     max_page_size: int = 500
     default_page_size: int = 50
     default_run_timeout: float = 600.0

@@ -18,10 +18,11 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 
+from orchestrator.server import sandbox
 from orchestrator.server.engine import secrets
 from orchestrator.server.engine.journal import Answer, Journal, LeaseLost, Outcome
 from orchestrator.server.errors import OrchestratorError
-from orchestrator.server.expressions import ExpressionError, scope
+from orchestrator.server.expressions import DEFAULT_BUDGET_SECONDS, ExpressionError, Scope, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.plan import (
@@ -32,6 +33,7 @@ from orchestrator.server.plan import (
     json_depth,
     validate_request,
 )
+from orchestrator.server.sandbox import Sandbox
 from orchestrator.server.security import TenantPolicy
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
 from orchestrator.server.tracing import parent_context
@@ -117,6 +119,10 @@ class Engine:
     # Outputs and resolved parameters nest at most this deep (a stored Execution must stay
     # within protobuf's decoding limit of 100 message levels).
     max_value_depth: int = 24
+    # CPU one expression evaluation may take; what cannot be priced within it runs in the
+    # sandbox process (None: it fails too costly instead).
+    expression_budget: float = DEFAULT_BUDGET_SECONDS
+    sandbox: Sandbox | None = None
     runs: dict[str, RunTask] = field(default_factory=dict)
     # Runs of one plan (the common case) share its validation (read-only).
     validations: ValidationCache = field(default_factory=ValidationCache)
@@ -237,6 +243,8 @@ class Engine:
                 log.info("engine.leases_released", runs=released)
             except Exception:
                 log.exception("engine.release_failed")
+        if self.sandbox is not None:
+            await self.sandbox.close()
 
 
 class RunTask:
@@ -525,8 +533,8 @@ class RunTask:
             if outcome.status is StepStatus.COMPLETED:
                 self.outputs[outcome.step_id] = outcome.output
 
-    def _scope(self) -> dict[str, Any]:
-        return scope(self.params, self.vars, self.outputs)
+    def _scope(self) -> Scope:
+        return scope(self.params, self.vars, self.outputs, budget=self.engine.expression_budget)
 
     async def _step(self, step_id: str) -> None:
         info = self.plan.steps[step_id]
@@ -571,7 +579,11 @@ class RunTask:
         conditions_checked = self.status[step_id] is not StepStatus.PENDING
         if info.conditions and not conditions_checked:
             try:
-                holds = all(c.evaluate(self._scope()) for c in info.conditions)
+                holds = True
+                for condition in info.conditions:
+                    if not await sandbox.check(self.engine.sandbox, condition, self._scope()):
+                        holds = False
+                        break
             except ExpressionError as exc:
                 await self._fail(
                     step_id, f"condition could not be evaluated: {exc}", "CONDITION_ERROR"
@@ -609,7 +621,7 @@ class RunTask:
 
     async def _clarify(self, step_id: str, info: StepInfo) -> None:
         try:
-            params = info.parameters.render(self._scope())
+            params = await sandbox.render(self.engine.sandbox, info.parameters, self._scope())
         except ExpressionError as exc:
             await self._fail(step_id, f"parameters could not be resolved: {exc}", "TEMPLATE_ERROR")
             return
@@ -674,7 +686,7 @@ class RunTask:
         while True:
             await self._wait_resumed()
             try:
-                params = info.parameters.render(self._scope())
+                params = await sandbox.render(self.engine.sandbox, info.parameters, self._scope())
             except ExpressionError as exc:
                 await self._fail(
                     step_id, f"parameters could not be resolved: {exc}", "TEMPLATE_ERROR"
