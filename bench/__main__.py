@@ -2,8 +2,8 @@
 table of every figure with its ratio to the ceiling measured in this same run.
 
 Flags: --quick (about 2-3 minutes instead of about 10), --only NAME[,NAME] (ceilings, accept,
-end_to_end, reads, watch_fanout, memory), --no-postgres, --profile (py-spy the server after
-the benches; `make bench` installs py-spy, the `bench` extra). `make bench BENCH_ARGS=--quick`
+end_to_end, reads, watch_fanout, memory, expressions), --no-postgres, --profile (py-spy the
+server after the benches; `make bench` installs py-spy, the `bench` extra). `make bench BENCH_ARGS=--quick`
 passes flags through."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import accept, ceilings, end_to_end, memory, reads, watch_fanout
+from bench import accept, ceilings, end_to_end, expressions, memory, reads, watch_fanout
 from bench.common import summary_table
 
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
             ceiling_scale.burst_steps,
         ),
         "memory": lambda: memory.run(memory.Scale.quick() if quick else memory.Scale()),
+        "expressions": lambda: expressions.run(500 if quick else 2000),
     }
     chosen = [b for b in args.only.split(",") if b] or list(benches)
     unknown = set(chosen) - set(benches)

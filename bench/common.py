@@ -334,6 +334,8 @@ def fmt(value: float, unit: str) -> str:
         return "n/a"
     if unit == "ms":
         return f"{value * 1000:.1f} ms"
+    if unit == "µs":
+        return f"{value:,.1f} µs"
     if unit == "MB":
         return f"{value:.1f} MB"
     return f"{value:,.0f} {unit}"

@@ -189,6 +189,8 @@ def _syntax_message(exc: Exception) -> str:
 def _compile_message(text: str) -> str:
     # "INVALID_ARGUMENT: ERROR: <input>:1:5: found no matching overload ...\n | source ..."
     first = text.split("\n", 1)[0]
+    if "max recursion depth" in first or "recursion limit" in first:
+        return "expression is nested too deeply (the runtime allows 32 levels of operators)"
     match = re.search(r"<input>:(\d+):(\d+): (.*)", first)
     if not match:
         return f"invalid expression: {_clip(_STATUS_PREFIX.sub('', first))}"

@@ -16,6 +16,7 @@ import heapq
 import json
 import math
 import re
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -181,13 +182,17 @@ class ValidationCache:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[bytes, float | None], tuple[_Result, str]] = {}
+        # Execute checks large requests in a thread while the loop checks small ones.
+        self._lock = threading.Lock()
 
     @staticmethod
     def _key(plan: pb.ExecutablePlan, timeout: float | None) -> tuple[bytes, float | None]:
         return plan.SerializeToString(deterministic=True), timeout
 
     def get(self, plan: pb.ExecutablePlan, timeout: float | None) -> tuple[_Result, str] | None:
-        return self._entries.get(self._key(plan, timeout))
+        key = self._key(plan, timeout)
+        with self._lock:
+            return self._entries.get(key)
 
     def put(
         self, plan: pb.ExecutablePlan, timeout: float | None, value: tuple[_Result, str]
@@ -195,9 +200,10 @@ class ValidationCache:
         key = self._key(plan, timeout)
         if len(key[0]) > self.MAX_PLAN_BYTES:
             return
-        if len(self._entries) >= self.MAX_ENTRIES:
-            del self._entries[next(iter(self._entries))]
-        self._entries[key] = value
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = value
 
 
 def validate_request(
@@ -745,6 +751,8 @@ def _struct_depth(struct: struct_pb2.Struct, limit: int) -> int:
 
 def _check_finite(problems: _Problems, path: str, value: Any) -> None:
     # Proto3 JSON (and so the plan hash and the stored run) cannot carry NaN or infinity.
+    if finite(value):  # the common case, without building a path for every item
+        return
     if isinstance(value, float) and not math.isfinite(value):
         problems.add(path, f"{value} is not a JSON number")
     elif isinstance(value, dict):

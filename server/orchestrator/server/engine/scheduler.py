@@ -247,6 +247,26 @@ class Engine:
             await self.sandbox.close()
 
 
+# A run whose plan or values are larger than these is prepared in a thread.
+OFF_LOOP_PLAN_BYTES = 64 * 1024
+OFF_LOOP_NODES = 10_000
+
+
+def _more_nodes_than(value: Any, limit: int) -> bool:
+    stack = [value]
+    seen = 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class RunTask:
     """Schedules one run's steps until the run is finished."""
 
@@ -327,18 +347,31 @@ class RunTask:
             self.engine.runs.pop(self.run_id, None)
             self.log.info("engine.run_task_ended", cancelled=self.cancelled, lost=self.lost)
 
+    def _prepare(
+        self, row: Mapping[str, Any]
+    ) -> tuple[ValidatedPlan, dict[str, JSON], dict[str, JSON], set[str]]:
+        request = pb.ExecuteRequest(executable_plan=pb.ExecutablePlan.FromString(row["plan"]))
+        plan = validate_request(request, self.engine.registry, cache=self.engine.validations)
+        found: set[str] = set()
+        params = secrets.unwrap(row["parameters"] or {}, found)
+        variables = secrets.unwrap(row["variables"] or {}, found)
+        return plan, params, variables, found
+
     async def _main(self) -> None:
         row, step_rows, self.approved = await self.journal.open(self.run_id)
         self.tenant_id: str = row["tenant_id"]
         self.log = self.log.bind(tenant_id=self.tenant_id)
-        request = pb.ExecuteRequest(executable_plan=pb.ExecutablePlan.FromString(row["plan"]))
-        self.plan: ValidatedPlan = validate_request(
-            request, self.engine.registry, cache=self.engine.validations
+        # A large plan or large values take long Python work: off the event loop.
+        large = len(row["plan"]) > OFF_LOOP_PLAN_BYTES or any(
+            _more_nodes_than(row[name], OFF_LOOP_NODES) for name in ("parameters", "variables")
         )
+        if large:
+            self.plan, self.params, self.vars, self.secrets = await asyncio.to_thread(
+                self._prepare, row
+            )
+        else:
+            self.plan, self.params, self.vars, self.secrets = self._prepare(row)
         self.trace_parent = parent_context(row["trace_parent"])
-        self.secrets: set[str] = set()
-        self.params: dict[str, JSON] = secrets.unwrap(row["parameters"] or {}, self.secrets)
-        self.vars: dict[str, JSON] = secrets.unwrap(row["variables"] or {}, self.secrets)
         context = self.plan.plan.security_context
         self.restricted = context.data_classification.lower() == "restricted"
         for s in step_rows:
