@@ -3,8 +3,8 @@ table of every figure with its ratio to the ceiling measured in this same run.
 
 Flags: --quick (about 2-3 minutes instead of about 10), --only NAME[,NAME] (ceilings, accept,
 end_to_end, reads, watch_fanout, memory, expressions), --no-postgres, --profile (py-spy the
-server after the benches; `make bench` installs py-spy, the `bench` extra). `make bench BENCH_ARGS=--quick`
-passes flags through."""
+server after the benches; `make bench` installs py-spy, the `bench` extra).
+`make bench BENCH_ARGS=--quick` passes flags through."""
 
 from __future__ import annotations
 
