@@ -366,7 +366,7 @@ PG_ADMIN = os.environ.get("BENCH_POSTGRES_ADMIN", "postgresql://postgres@127.0.0
 
 
 async def _pg_admin(sql: str) -> None:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     conn = await asyncpg.connect(PG_ADMIN, timeout=5)
     try:

@@ -7,15 +7,23 @@ long the server's event loop can be held by one evaluation."""
 from __future__ import annotations
 
 import statistics
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import celpy
+import grpc
 from celpy import celtypes
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import Figure, record, table
+from bench.common import Figure, md, percentile, record, serve, table
 from orchestrator.server.expressions import compile_condition, compile_template, scope
+from orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
 ITEMS = [float(i) for i in range(100)]
 OUTPUT = {"count": 3.0, "name": "ada", "items": ITEMS}
@@ -49,7 +57,7 @@ def _celpy(kind: str, source: str) -> Callable[[], Any]:
     environment = celpy.Environment()
     program = environment.program(environment.compile(expression))
     activation = {
-        "steps": celpy.json_to_cel({"a": {"output": OUTPUT}}),
+        "steps": celpy.json_to_cel({"a": {"output": OUTPUT}}),  # type: ignore[attr-defined]
         "params": celtypes.MapType({}),
         "vars": celtypes.MapType({}),
     }
@@ -82,6 +90,155 @@ def run(repeat: int = 2000) -> None:
     slowest = max(_median_us(lambda: worst.evaluate(activation), 1) for _ in range(20))
     print(f"   nested comprehension 45 x 45 inline: slowest {slowest / 1000:.2f} ms")
     record(Figure("expression worst inline", slowest / 1e6, "ms", target="< 50 ms"))
+    with serve() as (address, _pid):
+        load = hostile_load(address)
+    failed = sum(step.status == pb.STEP_STATUS_FAILED for step in load.steps.values())
+    worst_call = max(seconds for _, seconds in load.latencies)
+    p99 = percentile([seconds for _, seconds in load.latencies], 99)
+    print(
+        f"   hostile tenant ({len(load.steps)} worst expressions, {failed} too costly): "
+        f"bystander calls p99 {p99 * 1000:.1f} ms, slowest {worst_call * 1000:.1f} ms"
+    )
+    record(
+        Figure(
+            "bystander call under hostile expressions, slowest",
+            worst_call,
+            "ms",
+            target="< 100 ms",
+            met=worst_call < 0.1,
+        )
+    )
+
+
+# ---------------------------------------------------------------- a hostile tenant's load
+
+# Under the 4 MiB request limit: 200,000 numbers (~1.3 MB of JSON) and a 1 MB string.
+ITEMS = list(range(200_000))
+TEXT = "y" * 1_000_000
+HUNDRED = "[" + ", ".join(str(i) for i in range(99)) + "]"
+
+
+def _cat(name: str, terms: int) -> str:
+    return " + ".join([name] * terms)
+
+
+HOSTILE_CONDITIONS = {
+    # Three nested comprehensions (the most allowed) over the largest list.
+    "nested": "params.items.all(a, params.items.all(b, params.items.all(c, a + b + c >= 0)))",
+    # map copies its accumulator: quadratic in the list.
+    "map": "size(params.items.map(x, x * 2)) > 0",
+    # A 1 MB string concatenated 25 times, outside any comprehension.
+    "concat": f"size({_cat('params.text', 25)}) > 0",
+    # Strings grown by `+` at every level of three nested comprehensions.
+    "growth": (
+        f"['{'x' * 3000}'].map(a, [{_cat('a', 12)}].map(b, [{_cat('b', 12)}]"
+        f".map(c, size({_cat('c', 12)}))))[0][0][0] > 0"
+    ),
+    # Within the iteration budget, but every iteration copies 2 MB.
+    "copies": f"{HUNDRED}.all(a, {HUNDRED}.all(b, size(params.text + params.text) > 0))",
+    # Equality of the largest values, in a loop.
+    "compare": f"{HUNDRED}.all(a, {HUNDRED}.all(b, params.items == params.items))",
+}
+HOSTILE_TEMPLATES = {
+    "template": "{{ " + _cat("params.text", 25) + " }}",
+    "template_loop": "{{ params.items.map(x, string(x) + params.text) }}",
+}
+
+
+def hostile_requests() -> Iterator[tuple[str, pb.ExecuteRequest]]:
+    """Each hostile expression in a one-step plan, with the largest parameters."""
+    parameters = struct_pb2.Struct()
+    parameters.update({"items": ITEMS, "text": TEXT})
+    for name, condition in HOSTILE_CONDITIONS.items():
+        plan = _plan({"stepId": "hostile", "tool": "core.echo", "conditions": [condition]})
+        yield name, pb.ExecuteRequest(executable_plan=plan, parameters=parameters)
+    for name, template in HOSTILE_TEMPLATES.items():
+        plan = _plan({"stepId": "hostile", "tool": "core.echo", "parameters": {"v": template}})
+        yield name, pb.ExecuteRequest(executable_plan=plan, parameters=parameters)
+
+
+@dataclass
+class HostileLoad:
+    """What a bystander saw while a hostile tenant's worst expressions ran."""
+
+    latencies: list[tuple[str, float]]  # (call, seconds) of the bystander's calls
+    steps: dict[str, pb.StepExecution]  # the hostile steps, by name, once finished
+
+
+def hostile_load(address: str) -> HostileLoad:
+    """Submit every hostile request while another tenant calls GetExecution and health every
+    50 ms on the server at `address`; wait for the hostile runs to finish."""
+    channel = grpc.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]
+    )
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    hostile, bystander = str(uuid.uuid4()), str(uuid.uuid4())
+    wait = pb.ExecuteRequest(
+        executable_plan=_plan({"stepId": "w", "tool": "core.wait", "parameters": {"seconds": 60}})
+    )
+    mine = stub.Execute(wait, metadata=md(bystander), timeout=10)
+    # Warm up what the first call pays once (the channel, the plan cache).
+    stub.GetExecution(pb.GetExecutionRequest(run_id=mine.run_id), metadata=md(bystander))
+    latencies: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            stub.GetExecution(
+                pb.GetExecutionRequest(run_id=mine.run_id), metadata=md(bystander), timeout=5
+            )
+            latencies.append(("GetExecution", time.monotonic() - started))
+            started = time.monotonic()
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            latencies.append(("health", time.monotonic() - started))
+            time.sleep(0.05)
+
+    requests = list(hostile_requests())  # built before the clock starts
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        time.sleep(0.3)
+        runs = {
+            name: stub.Execute(request, metadata=md(hostile), timeout=30).run_id
+            for name, request in requests
+        }
+        steps = {name: _finished(stub, run_id, hostile) for name, run_id in runs.items()}
+        time.sleep(0.3)
+    finally:
+        done.set()
+        poller.join()
+        channel.close()
+    return HostileLoad(latencies, steps)
+
+
+def _plan(*steps: dict[str, Any]) -> pb.ExecutablePlan:
+    tools = sorted({str(step["tool"]) for step in steps})
+    return json_format.ParseDict(
+        {
+            "planId": "hostile",
+            "flows": [{"flowId": "main", "steps": list(steps)}],
+            "securityContext": {"allowedTools": tools},
+        },
+        pb.ExecutablePlan(),
+    )
+
+
+def _finished(stub: pb_grpc.OrchestratorServiceStub, run_id: str, tenant: str) -> Any:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        execution = stub.GetExecution(
+            pb.GetExecutionRequest(run_id=run_id), metadata=md(tenant), timeout=10
+        ).execution
+        if execution.status in (
+            pb.EXECUTION_STATUS_COMPLETED,
+            pb.EXECUTION_STATUS_FAILED,
+            pb.EXECUTION_STATUS_CANCELLED,
+        ):
+            return execution.steps[0]
+        time.sleep(0.05)
+    raise AssertionError(f"run {run_id} did not finish")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from google.protobuf import json_format
-
 from orchestrator.server.engine import Engine, Journal
 from orchestrator.server.errors import (
     FailedPrecondition,
@@ -31,6 +29,7 @@ from orchestrator.server.plan import (
     check_capabilities,
     finite,
     json_depth,
+    struct_to_python,
     validate_request,
     value_to_python,
 )
@@ -174,11 +173,13 @@ class ControlPlane:
             check_capabilities(request.executable_plan, self.registry, granted)
         elif self.policy is not None:
             self._check_grants(tenant_id, validated)
-        variables = json_format.MessageToDict(request.executable_plan.variables)
-        variables.update(json_format.MessageToDict(request.variables))
+        # struct_to_python: the same JSON values as json_format.MessageToDict, several times
+        # faster on large Structs.
+        variables = struct_to_python(request.executable_plan.variables)
+        variables.update(struct_to_python(request.variables))
         return _CheckedRequest(
             validated=validated,
-            parameters=json_format.MessageToDict(request.parameters),
+            parameters=struct_to_python(request.parameters),
             variables=variables,
             digest=request_digest(request) if request.idempotency_key else "",
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import sys
 
 import structlog
 
@@ -15,6 +16,7 @@ from orchestrator.server.tracing import configure_tracing
 
 log = structlog.get_logger("orchestrator.server")
 GC_THRESHOLDS = (50_000, 20, 100)
+SWITCH_INTERVAL_SECONDS = 0.001
 
 
 async def serve(settings: Settings) -> None:
@@ -28,6 +30,9 @@ async def serve(settings: Settings) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    # Long Python work runs in threads (large requests, large runs' preparation): the event
+    # loop waits at most this long for the interpreter each time it wants it back.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     loop = asyncio.get_running_loop()
     stopping: asyncio.Task[None] | None = None
 

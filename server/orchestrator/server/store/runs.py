@@ -66,7 +66,13 @@ COUNT_UNFINISHED = direct(
     .select_from(runs)
     .where(runs.c.tenant_id == sa.bindparam("w_tenant_id"), one_of(runs.c.status, UNFINISHED))
 )
-SELECT_RUN = direct(sa.select(runs).where(runs.c.run_id == sa.bindparam("w_run_id")))
+# A run's parameters can be megabytes of JSON and only its task's start needs them: every
+# other read of a run leaves them out (decoding them holds the interpreter for as long).
+RUN_COLUMNS = tuple(column for column in runs.c if column.name != "parameters")
+SELECT_RUN = direct(sa.select(*RUN_COLUMNS).where(runs.c.run_id == sa.bindparam("w_run_id")))
+SELECT_RUN_PARAMETERS = direct(
+    sa.select(runs.c.parameters).where(runs.c.run_id == sa.bindparam("w_run_id"))
+)
 SELECT_RUN_LOCKED = SELECT_RUN.with_for_update()
 SELECT_TENANT_RUN = direct(SELECT_RUN.where(runs.c.tenant_id == sa.bindparam("w_tenant_id")))
 SELECT_TENANT_RUN_LOCKED = SELECT_TENANT_RUN.with_for_update()
@@ -367,7 +373,7 @@ class RunStore:
         self, tenant_id: str, flt: RunFilter, *, limit: int, before_pk: int | None
     ) -> ListPage:
         """Up to `limit` runs, newest first, strictly older than `before_pk` when given."""
-        query = sa.select(runs).where(runs.c.tenant_id == tenant_id)
+        query = sa.select(*RUN_COLUMNS).where(runs.c.tenant_id == tenant_id)
         query = _apply_filter(query, flt)
         if before_pk is not None:
             query = query.where(runs.c.pk < before_pk)
