@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from orchestrator.server.expressions import (
+    Evaluation,
     ExpressionError,
     compile_condition,
     compile_template,
     scope,
 )
-from orchestrator.server.sandbox import Sandbox, check, render
+from orchestrator.server.sandbox import TRANSFER_MARGIN_SECONDS, Sandbox, check, render
 
 # What the engine passes in: Struct-derived JSON, where every number is a float.
 SCOPE = scope(
@@ -332,3 +336,82 @@ def test_unsupported_values_are_expression_errors() -> None:
         compile_template({"a": object()})
     with pytest.raises(ExpressionError):
         compile_condition("size(params.a) > 0").evaluate(scope({"a": [object()]}, {}, {}))
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    """One sandbox process for every example of a test."""
+    process = Sandbox()
+    await process.start()
+    yield process
+    await process.close()
+
+
+@st.composite
+def hostile_cases(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """An expression that tries to cost a lot (nested comprehensions at the bound, long `+`
+    chains, deep nesting, big literals) over data up to the largest a request carries."""
+    n = draw(st.sampled_from([0, 1, 10, 100, 1_000, 50_000]))
+    data: dict[str, Any] = {
+        "items": [float(i) for i in range(n)],
+        "text": "x" * draw(st.sampled_from([0, 10, 10_000, 1_000_000])),
+        "nested": {"a": {"b": [{"c": "y" * 100}] * draw(st.integers(0, 2_000))}},
+    }
+    term = draw(st.sampled_from(["params.text", "params.items", "'ab'", "[1, 2]", "x"]))
+    chain = " + ".join([term] * draw(st.integers(1, 25)))
+    depth = draw(st.integers(1, 3))
+    body = draw(
+        st.sampled_from(
+            [
+                "x >= 0",
+                f"size({chain}) > 0",
+                "x in params.items",
+                "params.items == params.items",
+                "params.text.matches('(x+)+$')",
+                "string(x) + params.text != ''",
+            ]
+        )
+    )
+    source = body
+    for _ in range(depth):
+        lst = draw(st.sampled_from(["params.items", "params.nested.a.b", "[1, 2, 3]"]))
+        macro = draw(st.sampled_from(["all", "exists", "map", "filter"]))
+        inner = source if macro in ("all", "exists", "filter") else f"{source} == true"
+        source = f"{lst}.{macro}(x, {inner})"
+        if macro in ("map", "filter"):
+            source = f"size({source}) >= 0"
+    if draw(st.booleans()):
+        parens = draw(st.integers(1, 40))
+        source = "(" * parens + source + ")" * parens
+    return source, data
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=hostile_cases())
+async def test_hostile_evaluations_stay_within_the_budget(
+    sandbox: Sandbox, case: tuple[str, dict[str, Any]]
+) -> None:
+    source, data = case
+    try:
+        condition = compile_condition(source)
+    except ExpressionError:
+        event("refused at submit")
+        return
+    values = scope(data, {}, {})
+    started = time.monotonic()
+    evaluation = Evaluation(condition.program, values)
+    try:
+        done, _ = evaluation.direct()
+        event("inline" if done else "sandbox")
+    except ExpressionError as exc:
+        event("too costly inline" if "too costly" in exc.message else "error inline")
+    held = time.monotonic() - started
+    assert held < 0.05, f"{source[:200]!r} held the loop for {held * 1000:.0f} ms"
+    await sandbox.start()  # a restart after a kill is not the evaluation's time
+    started = time.monotonic()
+    try:
+        await check(sandbox, condition, values)
+    except ExpressionError as exc:
+        event("too costly" if "too costly" in exc.message else "evaluation error")
+    took = time.monotonic() - started
+    assert took < values.budget + TRANSFER_MARGIN_SECONDS + 0.5, f"{source[:200]!r}: {took:.2f}s"

@@ -184,6 +184,12 @@ class ControlPlane:
             digest=request_digest(request) if request.idempotency_key else "",
         )
 
+    def _check_answer(self, request: pb.RespondToClarificationRequest) -> tuple[Any, bool]:
+        """The answer as JSON, and whether it can be stored (finite, not too deep)."""
+        response = value_to_python(request.response) if request.HasField("response") else None
+        depth = self.settings.max_struct_depth
+        return response, finite(response) and json_depth(response, depth) <= depth
+
     async def _estimate(self, tenant_id: str, plan_hash: str, steps: int) -> float:
         """Expected duration: the median of recent completed runs of the plan (cached for a
         few seconds: an estimate needs no fresher data, and Execute should not pay a read)."""
@@ -324,9 +330,13 @@ class ControlPlane:
                     "current_status": row["status"],
                 },
             )
-        response = value_to_python(request.response) if request.HasField("response") else None
+        # A large answer's conversion and checks are long Python work: off the event loop.
+        if request.ByteSize() > OFF_LOOP_REQUEST_BYTES:
+            response, fits = await asyncio.to_thread(self._check_answer, request)
+        else:
+            response, fits = self._check_answer(request)
         depth = self.settings.max_struct_depth
-        if not finite(response) or json_depth(response, depth) > depth:
+        if not fits:
             raise ValidationFailed(
                 "the response cannot be stored",
                 violations=[

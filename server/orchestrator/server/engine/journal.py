@@ -19,8 +19,8 @@ from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatu
 from orchestrator.server.store.runs import (
     SELECT_APPROVALS,
     SELECT_RUN,
+    SELECT_RUN_INPUTS,
     SELECT_RUN_LOCKED,
-    SELECT_RUN_PARAMETERS,
     SELECT_STEP,
     SELECT_STEPS,
     UNFINISHED,
@@ -587,9 +587,8 @@ class Journal:
                 dict(s)
                 for s in (await tx.conn.execute(SELECT_STEPS, {"w_run_id": run_id})).mappings()
             ]
-            parameters = await tx.conn.execute(SELECT_RUN_PARAMETERS, {"w_run_id": run_id})
-            parameters_value = parameters.scalar_one()
-            row["parameters"] = parameters_value
+            inputs = (await tx.conn.execute(SELECT_RUN_INPUTS, {"w_run_id": run_id})).mappings()
+            run_inputs = dict(inputs.one())
             answers = await tx.conn.execute(SELECT_APPROVALS, {"w_run_id": run_id})
             approved = {r["step_id"] for r in answers.mappings() if r["response"] is True}
             if row["status"] == RunStatus.PENDING.value:
@@ -601,7 +600,6 @@ class Journal:
                     {"status": target.value, "started_at": row["started_at"] or tx.now},
                     [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")],
                 )
-                row["parameters"] = parameters_value
-            return row, step_rows, approved
+            return {**row, **run_inputs}, step_rows, approved
 
         return await self.writer.run(unit)

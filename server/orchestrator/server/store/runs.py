@@ -66,12 +66,14 @@ COUNT_UNFINISHED = direct(
     .select_from(runs)
     .where(runs.c.tenant_id == sa.bindparam("w_tenant_id"), one_of(runs.c.status, UNFINISHED))
 )
-# A run's parameters can be megabytes of JSON and only its task's start needs them: every
-# other read of a run leaves them out (decoding them holds the interpreter for as long).
-RUN_COLUMNS = tuple(column for column in runs.c if column.name != "parameters")
+# A run's plan and parameters can be megabytes and only its task's start needs them: every
+# other read of a run (each transition's among them) leaves them out; copying and decoding
+# them holds the interpreter for as long.
+RUN_INPUTS = ("plan", "parameters")
+RUN_COLUMNS = tuple(column for column in runs.c if column.name not in RUN_INPUTS)
 SELECT_RUN = direct(sa.select(*RUN_COLUMNS).where(runs.c.run_id == sa.bindparam("w_run_id")))
-SELECT_RUN_PARAMETERS = direct(
-    sa.select(runs.c.parameters).where(runs.c.run_id == sa.bindparam("w_run_id"))
+SELECT_RUN_INPUTS = direct(
+    sa.select(runs.c.plan, runs.c.parameters).where(runs.c.run_id == sa.bindparam("w_run_id"))
 )
 SELECT_RUN_LOCKED = SELECT_RUN.with_for_update()
 SELECT_TENANT_RUN = direct(SELECT_RUN.where(runs.c.tenant_id == sa.bindparam("w_tenant_id")))
