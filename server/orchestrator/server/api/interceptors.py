@@ -106,6 +106,20 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
     return ""
 
 
+async def _items(
+    inner: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[Any]:
+    """A server-streaming handler's responses, whichever style it is written in: an async
+    generator (ours), or a coroutine that writes with `context.write` (grpcio-health's
+    Watch), which yields nothing here."""
+    result = inner(request, context)
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result
+
+
 def _rewrap(
     handler: grpc.RpcMethodHandler[Any, Any],
     unary: Callable[[Callable[..., Any]], Callable[..., Any]],
@@ -180,7 +194,7 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
                 call, started = begin(context)
                 await context.send_initial_metadata((("x-correlation-id", call.correlation_id),))
                 try:
-                    async for item in inner(request, context):
+                    async for item in _items(inner, request, context):
                         yield item
                 finally:
                     end(call, started, context)
@@ -277,7 +291,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     if isinstance(request, Undecodable):
                         raise request.problem()
-                    async for item in inner(request, context):
+                    async for item in _items(inner, request, context):
                         yield item
                 except grpc.aio.AbortError:
                     raise
@@ -338,7 +352,7 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 bind(context)
-                async for item in inner(request, context):
+                async for item in _items(inner, request, context):
                     yield item
 
             return behaviour
