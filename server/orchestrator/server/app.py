@@ -28,6 +28,7 @@ from orchestrator.server.api.servicer import OrchestratorServicer, register
 from orchestrator.server.control import ControlPlane
 from orchestrator.server.engine import Engine, Journal
 from orchestrator.server.engine.journal import Answer
+from orchestrator.server.errors import STORE_OUTAGES
 from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.security import KeyRing, TenantPolicy
@@ -91,6 +92,7 @@ class Server:
     policy: TenantPolicy | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _health_updates: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def address(self) -> str:
@@ -105,8 +107,9 @@ class Server:
             self.metrics.serve(self.settings.metrics_port, self.settings.host)
         if self.settings.retention_seconds > 0:
             self._background.append(asyncio.create_task(self._retention(), name="retention"))
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._serving(self.db.health.reachable)
+        self.db.health.add_listener(self._store_reachable)
+        self.db.health.start()
         log.info(
             "server.started",
             address=self.address,
@@ -114,6 +117,24 @@ class Server:
             database=self.db.url.render_as_string(),
             recovered_runs=recovered,
         )
+
+    async def _serving(self, reachable: bool) -> None:
+        """Health follows the store: NOT_SERVING while it cannot be reached (and for good
+        once draining)."""
+        if self._stopped.is_set():
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if reachable
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def _store_reachable(self, reachable: bool) -> None:
+        update = asyncio.get_running_loop().create_task(self._serving(reachable))
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let calls and tool calls in flight finish
@@ -123,6 +144,7 @@ class Server:
         self._stopped.set()
         grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        await self.db.health.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(self.grpc_server.stop(grace), self.engine.stop(grace))
@@ -158,6 +180,8 @@ class Server:
                     continue  # more may be due: go on at once
             except asyncio.CancelledError:
                 raise
+            except STORE_OUTAGES:
+                pass  # logged once by the store's health; the next turn tries again
             except Exception:
                 log.exception("retention.failed")
             await asyncio.sleep(min(max(keep / 10, 1.0), 60.0))
@@ -264,6 +288,7 @@ async def build_server(
         origin=replica,
         sync_engine=db.sync_writer,
         direct=db.direct,
+        health=db.health,
     )
     writer.start()
     hub = Hub(settings.max_watchers_per_tenant)
@@ -286,7 +311,9 @@ async def build_server(
         max_template_output_bytes=settings.max_template_output_bytes,
         max_value_depth=settings.max_struct_depth,
     )
-    metrics.watch_gauges(lambda: len(engine.runs), lambda: hub.watchers)
+    metrics.watch_gauges(
+        lambda: len(engine.runs), lambda: hub.watchers, lambda: float(db.health.reachable)
+    )
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)
     bus = None
     if not db.is_sqlite:

@@ -32,7 +32,7 @@ from orchestrator.server.store.runs import (
     update_step_statement,
 )
 from orchestrator.server.store.schema import clarifications, runs, steps
-from orchestrator.server.store.writer import Tx
+from orchestrator.server.store.writer import T, Tx, Unit
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 JSON = Any
@@ -98,6 +98,12 @@ class Journal:
         self.writer = store.writer
         self.owner = owner
 
+    async def _durably(self, unit: Unit[T]) -> T:
+        """Run the engine's unit until it commits: a store outage delays the engine's
+        progress, never fails it (the outcome is kept here and written once the store is
+        back). LeaseLost and bugs pass through."""
+        return await self.store.health.wait_out(lambda: self.writer.run(unit))
+
     async def _run_row(self, tx: Tx, run_id: str, *, fenced: bool = True) -> dict[str, Any] | None:
         query = SELECT_RUN if self.store.db.is_sqlite else SELECT_RUN_LOCKED
         row = (await tx.conn.execute(query, {"w_run_id": run_id})).mappings().first()
@@ -133,7 +139,7 @@ class Journal:
                 )
             return run_ids
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def renew(self, lease: float) -> set[str]:
         """Extend this replica's leases; the unfinished runs it still holds."""
@@ -151,7 +157,7 @@ class Journal:
             )
             return {r.run_id for r in rows.all()}
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def release(self) -> int:
         """Hand every unfinished run back (graceful shutdown), for another replica to take."""
@@ -220,7 +226,7 @@ class Journal:
             )
             return Started(attempt, first)
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def step_retrying(self, run_id: str, step_id: str, error: str, wake_at: float) -> bool:
         """An attempt failed and another follows at `wake_at` (kept across restarts)."""
@@ -256,7 +262,7 @@ class Journal:
             )
             return True
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def steps_finished(
         self,
@@ -306,7 +312,7 @@ class Journal:
             await self.store.update_run(tx, row, changes, specs)
             return True
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def finish_run(
         self, run_id: str, action: Action, *, error_message: str = "", error_reason: str = ""
@@ -369,7 +375,7 @@ class Journal:
             )
             return True
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def request_clarification(
         self,
@@ -448,7 +454,7 @@ class Journal:
             )
             return clarification_id
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def answer(
         self,
@@ -599,4 +605,4 @@ class Journal:
                 )
             return row, step_rows, approved
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)

@@ -16,11 +16,18 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from orchestrator.server.store.direct import Direct, SyncConnection, drive
+from orchestrator.server.store.outage import StoreHealth, classify, outage_of
+from orchestrator.server.store.schema import server_settings
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 READERS = 4  # reader threads (and SQLite connections) on SQLite
 MIGRATION_LOCK = 0x6F726369
+# A connection attempt that gets no answer (a black-holed network) gives up after this long,
+# so an outage is noticed as one rather than as a hang.
+CONNECT_TIMEOUT = 5
+# The health probe: one cheap read that touches the database file or server.
+PROBE = sa.select(server_settings.c.name).limit(1)
 
 
 def _sqlite_pragmas(engine: sa.Engine, begin: str) -> None:
@@ -72,7 +79,11 @@ class Database:
             self.sync_reader = None
             self.direct = None
             self.writer = create_async_engine(
-                self.url, pool_size=4, max_overflow=4, pool_pre_ping=True
+                self.url,
+                pool_size=4,
+                max_overflow=4,
+                pool_pre_ping=True,
+                connect_args={"timeout": CONNECT_TIMEOUT},
             )
             # A read is several statements (a run, its steps, its clarifications): at READ
             # COMMITTED each would see its own snapshot, and a commit landing between them
@@ -84,7 +95,10 @@ class Database:
                 max_overflow=8,
                 pool_pre_ping=True,
                 isolation_level="REPEATABLE READ",
+                connect_args={"timeout": CONNECT_TIMEOUT},
             )
+        # Whether the store can be reached now, learnt from every call and a probe.
+        self.health = StoreHealth(self.probe)
 
     @property
     def is_sqlite(self) -> bool:
@@ -94,7 +108,22 @@ class Database:
         """Run `unit(conn)` in one read transaction (one snapshot), driven as the writer drives
         its units: a read may await the store and nothing else. On SQLite it runs in one hop
         to a reader thread on the stdlib driver, however many statements it makes (through
-        aiosqlite each would be a hop of its own); on PostgreSQL, in one greenlet on the pool."""
+        aiosqlite each would be a hop of its own); on PostgreSQL, in one greenlet on the pool.
+        A store that cannot answer raises StoreUnavailable (see store/outage.py)."""
+        try:
+            result = await self._read(unit)
+        except Exception as exc:
+            weather = classify(exc)
+            if weather is None:
+                raise
+            self.health.failed(weather, exc)
+            outage = outage_of(exc)
+            assert outage is not None
+            raise outage from exc
+        self.health.succeeded()
+        return result
+
+    async def _read(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         if self.sync_reader is None:
             async with self.reader.connect() as conn, conn.begin():
                 return await conn.run_sync(lambda sync: drive(unit(SyncConnection(sync))))
@@ -102,6 +131,14 @@ class Database:
         return await asyncio.get_running_loop().run_in_executor(
             self._readers, context.run, self._read_in_thread, unit
         )
+
+    async def probe(self) -> None:
+        """One cheap read: raises when the store cannot be reached."""
+
+        async def unit(conn: SyncConnection) -> None:
+            await conn.execute(PROBE)
+
+        await self.read(unit)
 
     def _read_in_thread(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         assert self.sync_reader is not None and self.direct is not None

@@ -33,6 +33,7 @@ from orchestrator.server.lifecycle import (
 )
 from orchestrator.server.store.database import Database
 from orchestrator.server.store.direct import SyncConnection, direct
+from orchestrator.server.store.outage import StoreHealth
 from orchestrator.server.store.schema import clarifications, events, idempotency_keys, runs, steps
 from orchestrator.server.store.writer import (
     Change,
@@ -341,6 +342,11 @@ class RunStore:
     def __init__(self, db: Database, writer: Writer) -> None:
         self.db = db
         self.writer = writer
+
+    @property
+    def health(self) -> StoreHealth:
+        """Whether the store can be reached; what waits an outage out."""
+        return self.db.health
 
     # ---------------------------------------------------------------- reads
 

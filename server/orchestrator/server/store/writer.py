@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import random
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.server.errors import Unavailable
 from orchestrator.server.store.direct import Direct, SyncConnection, drive
+from orchestrator.server.store.outage import StoreHealth, Weather, classify, outage_of
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -104,8 +106,10 @@ class Writer:
         origin: str = "",
         sync_engine: sa.Engine | None = None,
         direct: Direct | None = None,
+        health: StoreHealth | None = None,
     ) -> None:
         self._engine = engine
+        self.health = health or StoreHealth()
         # SQLite: batches run on this engine, in this one thread (see the module's doc).
         self._sync_engine = sync_engine
         self._thread = (
@@ -217,22 +221,44 @@ class Writer:
                 )
         return tx, results
 
+    # A batch that lost to another transaction (serialization failure, deadlock) runs again
+    # at once, this many times in all, before its callers hear of it.
+    CONTENTION_ATTEMPTS = 3
+
     async def _commit(self, batch: list[_Job[Any]]) -> None:
-        try:
-            tx, results = await self._transact([job.unit for job in batch])
-        except BaseException as exc:
-            if len(batch) > 1 and isinstance(exc, Exception):
-                # One unit failed and the whole transaction rolled back: run each alone so
-                # the others still commit and only the failing caller sees its error.
+        attempt = 1
+        while True:
+            try:
+                tx, results = await self._transact([job.unit for job in batch])
+                break
+            except BaseException as exc:
+                weather = classify(exc) if isinstance(exc, Exception) else None
+                if weather is Weather.CONTENTION and attempt < self.CONTENTION_ATTEMPTS:
+                    attempt += 1
+                    await asyncio.sleep(random.uniform(0.005, 0.02 * attempt))
+                    continue
+                if weather is not None:
+                    # Weather, not a unit's fault: nothing committed, and running the units
+                    # one by one would only meet it again. Each caller decides (the engine
+                    # waits it out; an RPC answers UNAVAILABLE or RESOURCE_EXHAUSTED).
+                    self.health.failed(weather, exc)
+                    for job in batch:
+                        if not job.future.done():
+                            job.future.set_exception(_outage(exc))
+                    return
+                if len(batch) > 1 and isinstance(exc, Exception):
+                    # One unit failed and the whole transaction rolled back: run each alone
+                    # so the others still commit and only the failing caller sees its error.
+                    for job in batch:
+                        await self._commit([job])
+                    return
                 for job in batch:
-                    await self._commit([job])
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
                 return
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
+        self.health.succeeded(wrote=True)
         self.commits += 1
         self.units += len(batch)
         if tx.changes:
@@ -244,6 +270,15 @@ class Writer:
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
+
+
+def _outage(exc: BaseException) -> Exception:
+    """A fresh domain error for one caller (each future raises its own), caused by `exc`."""
+    outage = outage_of(exc)
+    assert outage is not None
+    fresh = type(outage)()
+    fresh.__cause__ = exc
+    return fresh
 
 
 def _quietly(report: Callable[..., Any], event: str) -> None:
