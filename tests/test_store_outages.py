@@ -32,6 +32,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from orchestrator.client import OrchestratorClient
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import make_settings, md, plan_of, running, sqlite_url
@@ -415,3 +416,55 @@ async def test_sqlite_store_full(tmp_path: Path, small_disk: SmallDisk) -> None:
             ] * 2
         assert not srv.db.health.full
         run_ids.append(await execute())  # and Execute works again
+
+
+@pytest.mark.postgres
+async def test_the_client_library_carries_a_caller_through_a_blip(tmp_path: Path) -> None:
+    """Get and List (the channel's retry policy, paced by the server's pushback), Execute
+    with an idempotency key and watch (the client's own retries) each outlast a 1.5 s cut."""
+    url = postgres_database()
+    target = sa.make_url(url)
+    proxy = TcpProxy(target.port or 5432, target.host or "127.0.0.1")
+    await proxy.start()
+    via_proxy = target.set(port=proxy.port).render_as_string(hide_password=False)
+    plan = plan_of({"stepId": "s1", "tool": "core.wait", "parameters": {"seconds": 0.5}})
+    try:
+        async with (
+            running(make_settings(tmp_path, via_proxy)) as srv,
+            OrchestratorClient(srv.address, str(uuid.uuid4())) as client,
+        ):
+            first = await client.execute(plan, idempotency_key="blip")
+
+            async def blip() -> None:
+                await proxy.cut()
+                await asyncio.sleep(1.5)
+                await proxy.restore()
+
+            async def events() -> list[pb.ExecutionEvent]:
+                return [e async for e in client.watch(first.run_id)]
+
+            cutting = asyncio.create_task(blip())
+            await asyncio.sleep(0.1)
+            began = time.monotonic()
+            got = await client.get(first.run_id)
+            assert time.monotonic() - began > 1.0, "the call did not meet the cut"
+            assert got.run_id == first.run_id
+            await cutting
+
+            cutting = asyncio.create_task(blip())
+            await asyncio.sleep(0.1)
+            watching = asyncio.create_task(events())
+            listed = [e.run_id async for e in client.list()]
+            again = await client.execute(plan, idempotency_key="blip")
+            await cutting
+            assert listed == [first.run_id] and again.run_id == first.run_id
+            seen = await asyncio.wait_for(watching, 30)
+            assert seen[0].type == pb.EVENT_TYPE_SNAPSHOT
+            sequences = [e.sequence for e in seen[1:]]
+            assert sequences == list(
+                range(seen[0].sequence + 1, seen[0].sequence + 1 + len(sequences))
+            )
+            assert seen[-1].execution.status == pb.EXECUTION_STATUS_COMPLETED
+    finally:
+        await proxy.close()
+        drop_postgres_database(url)

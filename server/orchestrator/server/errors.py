@@ -130,7 +130,7 @@ class StoreUnavailable(Unavailable):
         self,
         message: str = "the store is unreachable; retry shortly",
         *,
-        retry_delay: float = 1.0,
+        retry_delay: float = 0.5,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message, metadata=metadata)

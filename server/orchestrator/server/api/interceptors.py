@@ -179,9 +179,15 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
         def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
             async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 call, started = begin(context)
-                await context.send_initial_metadata((("x-correlation-id", call.correlation_id),))
                 try:
-                    return await inner(request, context)
+                    response = await inner(request, context)
+                    # Headers go with the answer, not before it: a call that fails is then
+                    # trailers-only, which a channel's retry policy may still retry (headers
+                    # received commit a call). Errors carry the id in their trailers.
+                    await context.send_initial_metadata(
+                        (("x-correlation-id", call.correlation_id),)
+                    )
+                    return response
                 finally:
                     end(call, started, context)
 
@@ -265,10 +271,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             code = getattr(grpc.StatusCode, error.code)
             if call is not None:
                 call.code = code
+            trailers: list[tuple[str, str | bytes]] = [
+                ("grpc-status-details-bin", rich_status(code, error, call))
+            ]
+            if call is not None:
+                trailers.append(("x-correlation-id", call.correlation_id))
+            if error.retry_delay is not None:
+                # RetryInfo for the caller's code; the same delay as gRPC's own server
+                # pushback, which a channel retry policy (the client's Get/List) honours.
+                trailers.append(("grpc-retry-pushback-ms", str(int(error.retry_delay * 1000))))
             await context.abort(
-                code,
-                _clip(error.message, MAX_MESSAGE),
-                trailing_metadata=(("grpc-status-details-bin", rich_status(code, error, call)),),
+                code, _clip(error.message, MAX_MESSAGE), trailing_metadata=tuple(trailers)
             )
 
         def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
