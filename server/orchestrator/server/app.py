@@ -26,8 +26,7 @@ from orchestrator.server.api.interceptors import (
 )
 from orchestrator.server.api.servicer import OrchestratorServicer, register
 from orchestrator.server.control import ControlPlane
-from orchestrator.server.engine import Engine, Journal
-from orchestrator.server.engine.journal import Answer
+from orchestrator.server.engine import Engine
 from orchestrator.server.errors import STORE_OUTAGES
 from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.metrics import Metrics
@@ -35,6 +34,7 @@ from orchestrator.server.security import KeyRing, TenantPolicy
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.cluster import CHANNEL, ClusterBus
 from orchestrator.server.store.database import Database
+from orchestrator.server.store.journal import Answer, Journal
 from orchestrator.server.store.runs import RunStore
 from orchestrator.server.store.schema import server_settings
 from orchestrator.server.store.writer import Tx, Writer

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from google.protobuf import json_format
 
-from orchestrator.server.engine import Engine, Journal
+from orchestrator.server.engine import Engine
 from orchestrator.server.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -36,6 +36,7 @@ from orchestrator.server.plan import (
 )
 from orchestrator.server.security import ExecuteRateLimiter, TenantPolicy
 from orchestrator.server.settings import Settings
+from orchestrator.server.store.journal import Journal
 from orchestrator.server.store.runs import (
     RUN_STATUS_PB,
     NewRun,

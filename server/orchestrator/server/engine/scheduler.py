@@ -19,7 +19,6 @@ import structlog
 from opentelemetry import trace
 
 from orchestrator.server.engine import secrets
-from orchestrator.server.engine.journal import Answer, Journal, LeaseLost, Outcome
 from orchestrator.server.errors import STORE_OUTAGES, OrchestratorError
 from orchestrator.server.expressions import ExpressionError, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
@@ -33,6 +32,7 @@ from orchestrator.server.plan import (
     validate_request,
 )
 from orchestrator.server.security import TenantPolicy
+from orchestrator.server.store.journal import Answer, Journal, LeaseLost, Outcome
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
 from orchestrator.server.tracing import parent_context
 from orchestrator.v1 import orchestrator_pb2 as pb
