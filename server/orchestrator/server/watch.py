@@ -19,7 +19,9 @@ from typing import TypeVar
 
 from orchestrator.server.errors import InvalidArgument, OutOfRange, ResourceExhausted
 from orchestrator.server.lifecycle import RunStatus
-from orchestrator.server.store.runs import RUN_STATUS_PB, RunFilter, RunStore
+from orchestrator.server.store.records import RunFilter
+from orchestrator.server.store.runs import RunStore
+from orchestrator.server.store.snapshots import RUN_STATUS_PB
 from orchestrator.server.store.writer import Change, EventRecord
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.v1 import orchestrator_pb2 as pb

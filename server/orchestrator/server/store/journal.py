@@ -16,22 +16,20 @@ import sqlalchemy as sa
 
 from orchestrator.server.errors import FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
-from orchestrator.server.store.runs import (
+from orchestrator.server.store.records import EventSpec, clean_text
+from orchestrator.server.store.runs import RunStore, not_found
+from orchestrator.server.store.schema import clarifications, runs, steps
+from orchestrator.server.store.statements import (
     SELECT_APPROVALS,
     SELECT_RUN,
     SELECT_RUN_LOCKED,
     SELECT_STEP,
     SELECT_STEPS,
     UNFINISHED,
-    EventSpec,
-    RunStore,
     bind,
-    clean_text,
-    not_found,
     one_of,
     update_step_statement,
 )
-from orchestrator.server.store.schema import clarifications, runs, steps
 from orchestrator.server.store.writer import T, Tx, Unit
 from orchestrator.v1 import orchestrator_pb2 as pb
 
