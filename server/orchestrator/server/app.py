@@ -32,7 +32,7 @@ from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.security import KeyRing, TenantPolicy
 from orchestrator.server.settings import Settings
-from orchestrator.server.store.cluster import CHANNEL, ClusterBus
+from orchestrator.server.store.cluster import ClusterBus
 from orchestrator.server.store.database import Database
 from orchestrator.server.store.journal import Answer, Journal
 from orchestrator.server.store.runs import RunStore
@@ -284,7 +284,7 @@ async def build_server(
     await db.migrate()
     writer = Writer(
         db.writer,
-        notify_channel="" if db.is_sqlite else CHANNEL,
+        notify_channel=db.dialect.notify_channel,
         origin=replica,
         sync_engine=db.sync_writer,
         direct=db.direct,
@@ -304,7 +304,7 @@ async def build_server(
         max_steps_in_flight=settings.max_steps_in_flight,
         enabled=settings.execute,
         lease_seconds=settings.lease_seconds,
-        single_replica=db.is_sqlite,
+        single_replica=db.dialect.single_replica,
         tracer=trace.get_tracer("orchestrator.engine", tracer_provider=tracer_provider),
         metrics=metrics,
         policy=policy,
@@ -315,9 +315,7 @@ async def build_server(
         lambda: len(engine.runs), lambda: hub.watchers, lambda: float(db.health.reachable)
     )
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)
-    bus = None
-    if not db.is_sqlite:
-        bus = ClusterBus(db.url, replica, on_cluster_message(hub, engine))
+    bus = db.dialect.cluster_bus(db.url, replica, on_cluster_message(hub, engine))
     register(OrchestratorServicer(control), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

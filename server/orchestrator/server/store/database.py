@@ -1,4 +1,4 @@
-"""Engines for the store: one for the writer task, one for readers; migrations at open."""
+"""The store's database: engines (made by its dialect), reads, the probe, migrations."""
 
 from __future__ import annotations
 
@@ -12,42 +12,17 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.server.store.direct import Direct, SyncConnection, drive
+from orchestrator.server.store.dialect import READERS, dialect_for
+from orchestrator.server.store.direct import SyncConnection, drive
 from orchestrator.server.store.outage import StoreHealth, classify, outage_of
 from orchestrator.server.store.schema import server_settings
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
-READERS = 4  # reader threads (and SQLite connections) on SQLite
-MIGRATION_LOCK = 0x6F726369
-# A connection attempt that gets no answer (a black-holed network) gives up after this long,
-# so an outage is noticed as one rather than as a hang.
-CONNECT_TIMEOUT = 5
 # The health probe: one cheap read that touches the database file or server.
 PROBE = sa.select(server_settings.c.name).limit(1)
-
-
-def _sqlite_pragmas(engine: sa.Engine, begin: str) -> None:
-    # pysqlite's own transaction handling gets in the way of SAVEPOINT and of BEGIN IMMEDIATE;
-    # the SQLAlchemy-documented fix is to turn it off and emit BEGIN ourselves.
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash (kill -9); only power loss can cost the
-        # last commits. That is the durability every peer on SQLite offers.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
 
 
 class Database:
@@ -56,53 +31,16 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = sa.make_url(url)
-        self.dialect = self.url.get_backend_name()
-        if self.is_sqlite:
-            self.writer: AsyncEngine = create_async_engine(self.url, pool_size=1, max_overflow=0)
-            _sqlite_pragmas(self.writer.sync_engine, "BEGIN IMMEDIATE")
-            self.reader: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=8)
-            _sqlite_pragmas(self.reader.sync_engine, "BEGIN")
-            # The writer's batches run on the stdlib driver in one thread (store/writer.py).
-            self.sync_writer: sa.Engine | None = sa.create_engine(
-                self.url.set(drivername="sqlite"), pool_size=1, max_overflow=0
-            )
-            _sqlite_pragmas(self.sync_writer, "BEGIN IMMEDIATE")
-            # Reads too: each in one hop to a reader thread (see `read`).
-            self.sync_reader: sa.Engine | None = sa.create_engine(
-                self.url.set(drivername="sqlite"), pool_size=READERS, max_overflow=0
-            )
-            _sqlite_pragmas(self.sync_reader, "BEGIN")
-            self.direct: Direct | None = Direct(self.sync_reader.dialect)
-            self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="store-reader")
-        else:
-            self.sync_writer = None
-            self.sync_reader = None
-            self.direct = None
-            self.writer = create_async_engine(
-                self.url,
-                pool_size=4,
-                max_overflow=4,
-                pool_pre_ping=True,
-                connect_args={"timeout": CONNECT_TIMEOUT},
-            )
-            # A read is several statements (a run, its steps, its clarifications): at READ
-            # COMMITTED each would see its own snapshot, and a commit landing between them
-            # showed a clarification pending beside its step still PENDING. Readers only
-            # read, so REPEATABLE READ costs them no serialization failures.
-            self.reader = create_async_engine(
-                self.url,
-                pool_size=8,
-                max_overflow=8,
-                pool_pre_ping=True,
-                isolation_level="REPEATABLE READ",
-                connect_args={"timeout": CONNECT_TIMEOUT},
-            )
+        self.dialect = dialect_for(self.url)
+        engines = self.dialect.engines(self.url)
+        self.writer: AsyncEngine = engines.writer
+        self.reader: AsyncEngine = engines.reader
+        self.sync_writer = engines.sync_writer
+        self.sync_reader = engines.sync_reader
+        self.direct = engines.direct
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="store-reader")
         # Whether the store can be reached now, learnt from every call and a probe.
         self.health = StoreHealth(self.probe)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.dialect == "sqlite"
 
     async def read(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         """Run `unit(conn)` in one read transaction (one snapshot), driven as the writer drives
@@ -148,23 +86,18 @@ class Database:
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
         async with self.writer.connect() as conn:
-            if not self.is_sqlite:
-                # Replicas starting together must not migrate at the same time.
-                await conn.execute(sa.text(f"SELECT pg_advisory_lock({MIGRATION_LOCK})"))
-                await conn.commit()
+            await self.dialect.lock_migrations(conn)
             try:
                 await conn.run_sync(_upgrade)
                 await conn.commit()
             finally:
-                if not self.is_sqlite:
-                    await conn.execute(sa.text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
-                    await conn.commit()
+                await self.dialect.unlock_migrations(conn)
 
     async def close(self) -> None:
         await self.writer.dispose()
         await self.reader.dispose()
+        self._readers.shutdown()
         if self.sync_reader is not None:
-            self._readers.shutdown()
             self.sync_reader.dispose()
 
 

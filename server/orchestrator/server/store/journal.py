@@ -21,8 +21,6 @@ from orchestrator.server.store.runs import RunStore, not_found
 from orchestrator.server.store.schema import clarifications, runs, steps
 from orchestrator.server.store.statements import (
     SELECT_APPROVALS,
-    SELECT_RUN,
-    SELECT_RUN_LOCKED,
     SELECT_STEP,
     SELECT_STEPS,
     UNFINISHED,
@@ -103,7 +101,7 @@ class Journal:
         return await self.store.health.wait_out(lambda: self.writer.run(unit))
 
     async def _run_row(self, tx: Tx, run_id: str, *, fenced: bool = True) -> dict[str, Any] | None:
-        query = SELECT_RUN if self.store.db.is_sqlite else SELECT_RUN_LOCKED
+        query = self.store.db.dialect.select_run_for_write
         row = (await tx.conn.execute(query, {"w_run_id": run_id})).mappings().first()
         if row is None:
             return None
@@ -126,8 +124,7 @@ class Journal:
                 free = sa.or_(runs.c.owner.is_(None), runs.c.lease_expires_at < tx.now)
                 query = query.where(sa.or_(free, runs.c.owner == self.owner) if own else free)
             query = query.order_by(runs.c.pk).limit(limit)
-            if not self.store.db.is_sqlite:
-                query = query.with_for_update(skip_locked=True)
+            query = self.store.db.dialect.claimable(query)
             run_ids = [r.run_id for r in (await tx.conn.execute(query)).all()]
             if run_ids:
                 await tx.conn.execute(

@@ -48,13 +48,11 @@ from orchestrator.server.store.statements import (
     INSERT_EVENTS,
     INSERT_RUN,
     INSERT_STEPS,
-    LOCK_EVENT_ORDER,
     SELECT_EVENTS,
     SELECT_PENDING_CLARIFICATIONS,
     SELECT_RUN_STATUS,
     SELECT_STEPS,
     SELECT_TENANT_RUN,
-    SELECT_TENANT_RUN_LOCKED,
     bind,
     update_run_statement,
 )
@@ -396,10 +394,7 @@ class RunStore:
                     "payload": event.SerializeToString(),
                 }
             )
-        if not self.db.is_sqlite:
-            # Event ids are WatchExecutions' cursor: they must grow in commit order across
-            # replicas, so commits that write events take turns from first id to commit.
-            tx.stage(LOCK_EVENT_ORDER)
+        self.db.dialect.order_events(tx.stage)
         # Every event of the group commit goes in at its end, in one statement.
         tx.stage(INSERT_EVENTS, values)
         terminal = RunStatus(row["status"]) in TERMINAL
@@ -422,7 +417,7 @@ class RunStore:
         )
 
     async def _locked_row(self, tx: Tx, tenant_id: str, run_id: str) -> dict[str, Any]:
-        query = SELECT_TENANT_RUN if self.db.is_sqlite else SELECT_TENANT_RUN_LOCKED
+        query = self.db.dialect.select_tenant_run_for_write
         where = {"w_run_id": run_id, "w_tenant_id": tenant_id}
         row = (await tx.conn.execute(query, where)).mappings().first()
         if row is None:
