@@ -6,10 +6,8 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import sqlalchemy as sa
@@ -32,9 +30,10 @@ from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.security import KeyRing, TenantPolicy
 from orchestrator.server.settings import Settings
-from orchestrator.server.store.cluster import ClusterBus
+from orchestrator.server.store.cluster import ClusterBus, Handler
 from orchestrator.server.store.database import Database
-from orchestrator.server.store.journal import Answer, Journal
+from orchestrator.server.store.journal import Journal
+from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.runs import RunStore
 from orchestrator.server.store.schema import server_settings
 from orchestrator.server.store.writer import Tx, Writer
@@ -187,18 +186,17 @@ class Server:
             await asyncio.sleep(min(max(keep / 10, 1.0), 60.0))
 
 
-def on_cluster_message(hub: Hub, engine: Engine) -> Callable[[list[list[Any]]], None]:
+def on_cluster_message(hub: Hub, engine: Engine) -> Handler:
     """What another replica's commit means here."""
 
-    def handle(messages: list[list[Any]]) -> None:
-        hub.on_remote(messages)
-        for message in messages:
-            kind = message[0]
-            if kind == "control":
-                engine.control(message[1], RunStatus(message[2]))
-            elif kind == "answer":
-                engine.answered(message[1], message[2], Answer.from_json(message[3]))
-            elif kind in ("claim", "resync"):
+    def handle(notices: list[Notice]) -> None:
+        hub.on_remote(notices)
+        for notice in notices:
+            if notice.kind is NoticeKind.CONTROL:
+                engine.control(notice.run_id, RunStatus(notice.status))
+            elif notice.kind is NoticeKind.ANSWER and notice.answer is not None:
+                engine.answered(notice.run_id, notice.clarification_id, notice.answer)
+            elif notice.kind in (NoticeKind.CLAIM, NoticeKind.RESYNC):
                 engine.wake_claimer()
 
     return handle

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from orchestrator.server.errors import InvalidArgument, OutOfRange, ResourceExhausted
 from orchestrator.server.lifecycle import RunStatus
+from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.records import RunFilter
 from orchestrator.server.store.runs import RunStore
 from orchestrator.server.store.snapshots import RUN_STATUS_PB
@@ -134,11 +135,11 @@ class Hub:
                 for wake in self._tenants.get(change.tenant_id, ()):
                     wake.set()
 
-    def on_remote(self, messages: list[list[object]]) -> None:
+    def on_remote(self, notices: list[Notice]) -> None:
         """Another replica committed changes: wake whoever watches them (they read the store).
-        After a "resync" (missed messages), wake everyone."""
-        for message in messages:
-            if message[0] == "resync":
+        After a RESYNC (missed messages), wake everyone."""
+        for notice in notices:
+            if notice.kind is NoticeKind.RESYNC:
                 for channel in self._runs.values():
                     channel.clear()
                     for wake in channel.watchers:
@@ -146,16 +147,15 @@ class Hub:
                 for subscribers in self._tenants.values():
                     for wake in subscribers:
                         wake.set()
-            elif message[0] == "change":
-                _, run_id, tenant_id, status_changed = message
-                watched = self._runs.get(str(run_id))
+            elif notice.kind is NoticeKind.CHANGE:
+                watched = self._runs.get(notice.run_id)
                 if watched is not None:
                     # Another replica's commit is not in the cache: watchers must read the store.
                     watched.clear()
                     for wake in watched.watchers:
                         wake.set()
-                if status_changed:
-                    for wake in self._tenants.get(str(tenant_id), ()):
+                if notice.status_changed:
+                    for wake in self._tenants.get(notice.tenant_id, ()):
                         wake.set()
 
     @property

@@ -32,7 +32,8 @@ from orchestrator.server.plan import (
     validate_request,
 )
 from orchestrator.server.security import TenantPolicy
-from orchestrator.server.store.journal import Answer, Journal, LeaseLost, Outcome
+from orchestrator.server.store.journal import Journal, LeaseLost, Outcome
+from orchestrator.server.store.records import Answer
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
 from orchestrator.server.tracing import parent_context
 from orchestrator.v1 import orchestrator_pb2 as pb

@@ -16,6 +16,8 @@ import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
 import structlog
 
+from orchestrator.server.store.notices import Notice, NoticeKind
+
 log = structlog.get_logger("orchestrator.cluster")
 
 CHANNEL = "orchestrator"
@@ -24,7 +26,7 @@ CHANNEL = "orchestrator"
 # RECONNECT_TIMEOUT seconds.
 RECONNECT_DELAY = 0.25
 RECONNECT_TIMEOUT = 5.0
-Handler = Callable[[list[list[Any]]], None]
+Handler = Callable[[list[Notice]], None]
 
 
 def asyncpg_dsn(url: sa.URL) -> str:
@@ -57,7 +59,7 @@ class ClusterBus:
             message = json.loads(payload)
             if message.get("o") == self._origin:
                 return  # our own commits were handled where they happened
-            self._handler(message["m"])
+            self._handler([Notice.from_json(m) for m in message["m"]])
         except Exception:
             log.exception("cluster.bad_message", payload=payload[:200])
 
@@ -80,7 +82,7 @@ class ClusterBus:
                 self.listening.set()
                 if not first:
                     log.info("cluster.reconnected")
-                    self._handler([["resync"]])
+                    self._handler([Notice(NoticeKind.RESYNC)])
                 first = False
                 failing = False
                 waiters = {

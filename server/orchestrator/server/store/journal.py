@@ -16,7 +16,8 @@ import sqlalchemy as sa
 
 from orchestrator.server.errors import FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
-from orchestrator.server.store.records import EventSpec, clean_text
+from orchestrator.server.store.notices import Notice, NoticeKind
+from orchestrator.server.store.records import Answer, EventSpec, clean_text
 from orchestrator.server.store.runs import RunStore, not_found
 from orchestrator.server.store.schema import clarifications, runs, steps
 from orchestrator.server.store.statements import (
@@ -59,26 +60,6 @@ class Outcome:
     output: JSON = None
     error: str = ""
     reason: str = ""
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What answering a clarification did to its step (or, for a run approval, to the run)."""
-
-    step_id: str
-    step_status: StepStatus | None
-    output: JSON = None
-    error: str = ""
-    run_failed: bool = False
-
-    def to_json(self) -> list[JSON]:
-        status = self.step_status.value if self.step_status else None
-        return [self.step_id, status, self.output, self.error, self.run_failed]
-
-    @classmethod
-    def from_json(cls, data: list[JSON]) -> Answer:
-        step_id, status, output, error, run_failed = data
-        return cls(step_id, StepStatus(status) if status else None, output, error, run_failed)
 
 
 class LeaseLost(Exception):
@@ -163,7 +144,7 @@ class Journal:
                 .where(runs.c.owner == self.owner, one_of(runs.c.status, UNFINISHED))
                 .values(owner=None, lease_expires_at=None)
             )
-            tx.notify("claim")
+            tx.notify(Notice(NoticeKind.CLAIM))
             return int(result.rowcount or 0)
 
         return await self.writer.run(unit)
@@ -518,7 +499,7 @@ class Journal:
                 if rejected:
                     answer = Answer("", None, error="run approval rejected", run_failed=True)
                 await self.store.update_run(tx, row, changes, specs)
-                tx.notify("answer", run_id, clarification_id, answer.to_json())
+                tx.notify(Notice.answered(run_id, clarification_id, answer))
                 return answer
             step = await self._step_row(tx, run_id, step_id)
             if rejected:
@@ -569,7 +550,7 @@ class Journal:
                 specs[0].steps = [step]
                 answer = Answer(step_id, StepStatus.PENDING)
             await self.store.update_run(tx, row, changes, specs)
-            tx.notify("answer", run_id, clarification_id, answer.to_json())
+            tx.notify(Notice.answered(run_id, clarification_id, answer))
             return answer
 
         return await self.writer.run(unit)

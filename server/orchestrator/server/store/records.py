@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import RowMapping
 
-from orchestrator.server.lifecycle import RunStatus
+from orchestrator.server.lifecycle import RunStatus, StepStatus
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 JSON = Any
@@ -115,3 +115,23 @@ class ClarificationRecord:
     status: str  # PENDING, RESOLVED or WITHDRAWN
     category: str
     options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What answering a clarification did to its step (or, for a run approval, to the run)."""
+
+    step_id: str
+    step_status: StepStatus | None
+    output: JSON = None
+    error: str = ""
+    run_failed: bool = False
+
+    def to_json(self) -> list[JSON]:
+        status = self.step_status.value if self.step_status else None
+        return [self.step_id, status, self.output, self.error, self.run_failed]
+
+    @classmethod
+    def from_json(cls, data: list[JSON]) -> Answer:
+        step_id, status, output, error, run_failed = data
+        return cls(step_id, StepStatus(status) if status else None, output, error, run_failed)

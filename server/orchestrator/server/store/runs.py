@@ -29,6 +29,7 @@ from orchestrator.server.lifecycle import (
 )
 from orchestrator.server.store.database import Database
 from orchestrator.server.store.direct import SyncConnection
+from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.outage import StoreHealth
 from orchestrator.server.store.records import (
     ClarificationRecord,
@@ -267,7 +268,8 @@ class RunStore:
                         metadata={"limit": str(new.max_unfinished)},
                     )
             if not new.owner:
-                tx.notify("claim")  # an unowned run: whichever replica is free takes it
+                # An unowned run: whichever replica is free takes it.
+                tx.notify(Notice(NoticeKind.CLAIM))
             return Created(await self._insert_run(tx, new), created=True)
 
         return await self.writer.run(unit)
@@ -489,7 +491,7 @@ class RunStore:
                 EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=changed_steps),
             ]
             new = await self.update_run(tx, row, changes, specs)
-            tx.notify("control", run_id, target.value)
+            tx.notify(Notice(NoticeKind.CONTROL, run_id, status=target.value))
             return Transitioned(run_id, target, tx.now, partial_execution(new, changed_steps))
 
         return await self._with_retry(unit)

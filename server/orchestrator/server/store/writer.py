@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.server.errors import Unavailable
 from orchestrator.server.store.direct import Direct, SyncConnection, drive
+from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.outage import StoreHealth, Weather, classify, outage_of
 
 T = TypeVar("T")
@@ -64,7 +65,7 @@ class Tx:
     conn: SyncConnection
     now: float
     changes: list[Change] = field(default_factory=list)
-    notices: list[list[Any]] = field(default_factory=list)
+    notices: list[Notice] = field(default_factory=list)
     # Statements run once, just before the commit, with the rows every unit staged for them.
     staged: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -77,9 +78,9 @@ class Tx:
         run in the order first staged."""
         self.staged.setdefault(statement, []).extend(rows or ())
 
-    def notify(self, *message: Any) -> None:
+    def notify(self, notice: Notice) -> None:
         """Tell the other replicas, when (and only if) this transaction commits."""
-        self.notices.append(list(message))
+        self.notices.append(notice)
 
 
 Unit = Callable[[Tx], Coroutine[Any, Any, T]]
@@ -293,11 +294,16 @@ def _quietly(report: Callable[..., Any], event: str) -> None:
 NOTIFY_LIMIT = 7000
 
 
-def encode_notices(origin: str, changes: list[Change], notices: list[list[Any]]) -> list[str]:
-    """The NOTIFY payloads for one commit: JSON `{"o": origin, "m": [message, ...]}`, split to
-    fit PostgreSQL's payload limit. A change is `["change", run_id, tenant_id, status_changed]`."""
-    messages = [["change", c.run_id, c.tenant_id, int(c.status_changed)] for c in changes]
-    messages.extend(notices)
+def encode_notices(origin: str, changes: list[Change], notices: list[Notice]) -> list[str]:
+    """The NOTIFY payloads for one commit: JSON `{"o": origin, "m": [notice, ...]}`, split to
+    fit PostgreSQL's payload limit; each change of the commit is a CHANGE notice."""
+    messages = [
+        Notice(
+            NoticeKind.CHANGE, c.run_id, tenant_id=c.tenant_id, status_changed=c.status_changed
+        ).to_json()
+        for c in changes
+    ]
+    messages.extend(n.to_json() for n in notices)
     payloads: list[str] = []
     chunk: list[str] = []
     size = 0
