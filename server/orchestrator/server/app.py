@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import sqlalchemy as sa
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -35,8 +33,7 @@ from orchestrator.server.store.database import Database
 from orchestrator.server.store.journal import Journal
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.runs import RunStore
-from orchestrator.server.store.schema import server_settings
-from orchestrator.server.store.writer import Tx, Writer
+from orchestrator.server.store.writer import Writer
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry, default_registry
 from orchestrator.server.tools.network import parse_networks
@@ -202,25 +199,6 @@ def on_cluster_message(hub: Hub, engine: Engine) -> Handler:
     return handle
 
 
-async def _signing_key(writer: Writer) -> bytes:
-    """The page-token key, made once and kept in the store so every replica and restart
-    accepts the tokens of the others."""
-
-    async def unit(tx: Tx) -> str:
-        row = (
-            await tx.conn.execute(
-                sa.select(server_settings.c.value).where(server_settings.c.name == "token_key")
-            )
-        ).first()
-        if row is not None:
-            return str(row.value)
-        value = secrets.token_hex(32)
-        await tx.conn.execute(sa.insert(server_settings).values(name="token_key", value=value))
-        return value
-
-    return bytes.fromhex(await writer.run(unit))
-
-
 def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
     """Reflection v1alpha and v1. grpcio-reflection ships only v1alpha; v1 is the same protocol
     under a new package name (same messages, same field numbers), so one servicer serves both
@@ -293,7 +271,7 @@ async def build_server(
     writer.add_listener(hub.on_commit)
     writer.add_listener(metrics.on_commit)
     store = RunStore(db, writer)
-    tokens = TokenCodec(await _signing_key(writer))
+    tokens = TokenCodec(await store.signing_key())
     registry = registry or default_registry(http_allow=parse_networks(settings.http_allow))
     journal = Journal(store, owner=replica)
     engine = Engine(

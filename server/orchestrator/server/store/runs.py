@@ -6,6 +6,7 @@ every change of a run appends its event(s) in the same transaction (DESIGN §5).
 
 from __future__ import annotations
 
+import secrets
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +43,14 @@ from orchestrator.server.store.records import (
     Transitioned,
     clean_text,
 )
-from orchestrator.server.store.schema import clarifications, events, idempotency_keys, runs, steps
+from orchestrator.server.store.schema import (
+    clarifications,
+    events,
+    idempotency_keys,
+    runs,
+    server_settings,
+    steps,
+)
 from orchestrator.server.store.snapshots import build_execution, partial_execution, timestamp
 from orchestrator.server.store.statements import (
     COUNT_UNFINISHED,
@@ -624,6 +632,24 @@ class RunStore:
                 metadata={"run_id": run_id, "clarification_id": clarification_id},
             )
         return found
+
+    async def signing_key(self) -> bytes:
+        """The page-token key, made once and kept in the store so every replica and restart
+        accepts the tokens of the others."""
+
+        async def unit(tx: Tx) -> str:
+            row = (
+                await tx.conn.execute(
+                    sa.select(server_settings.c.value).where(server_settings.c.name == "token_key")
+                )
+            ).first()
+            if row is not None:
+                return str(row.value)
+            value = secrets.token_hex(32)
+            await tx.conn.execute(sa.insert(server_settings).values(name="token_key", value=value))
+            return value
+
+        return bytes.fromhex(await self.writer.run(unit))
 
     async def _with_retry(self, unit: Unit[T]) -> T:
         # A Conflict means another replica changed the run between our read and our write:
