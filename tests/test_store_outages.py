@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 import sqlalchemy as sa
 from google.rpc import error_details_pb2
@@ -37,7 +38,7 @@ from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import make_settings, md, plan_of, running, sqlite_url
 from tests.outages import PostgresCluster, SmallDisk, TcpProxy
-from tests.process import ServeProcess
+from tests.process import ServeProcess, free_port
 from tests.stores import drop_postgres_database, postgres_database
 
 RUNS = 20
@@ -130,6 +131,8 @@ class Figures:
 
     not_serving_after: float = 0.0  # seconds from the cut to health NOT_SERVING
     serving_after: float = 0.0  # seconds from the store's return to health SERVING
+    restoring: float = 0.0  # how long bringing the store back took (a PostgreSQL start)
+    moving_after_restore_began: list[float] = field(default_factory=list)
     moving_after: list[float] = field(default_factory=list)  # per run: return to next event
     log_lines: list[str] = field(default_factory=list)  # the server's lines in the window
     unavailable: list[str] = field(default_factory=list)  # what callers got during the cut
@@ -139,14 +142,24 @@ class Figures:
             f"NOT_SERVING {self.not_serving_after:.2f} s after the cut; SERVING "
             f"{self.serving_after:.2f} s after the return; runs moving again within "
             f"{max(self.moving_after):.2f} s (median "
-            f"{sorted(self.moving_after)[len(self.moving_after) // 2]:.2f} s); "
+            f"{sorted(self.moving_after)[len(self.moving_after) // 2]:.2f} s; "
+            f"{max(self.moving_after_restore_began):.2f} s after the restore began, which "
+            f"took {self.restoring:.2f} s); "
             f"{len(self.log_lines)} log lines from the cut to {LOG_WINDOW:g} s after the return; "
             f"callers got {', '.join(self.unavailable)}"
         )
 
 
+async def store_up(metrics_url: str) -> str:
+    """The orchestrator_store_up gauge, as /metrics shows it."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(metrics_url, timeout=5)).text
+    return next(line for line in text.splitlines() if line.startswith("orchestrator_store_up "))
+
+
 async def ride_out(
     server: ServeProcess,
+    metrics_url: str,
     cut: Callable[[], Awaitable[None]],
     restore: Callable[[], Awaitable[None]],
 ) -> Figures:
@@ -200,14 +213,17 @@ async def ride_out(
             assert reason == "STORE_UNAVAILABLE", name
             assert delay is not None and delay > 0, name
             figures.unavailable.append(f"{name}: UNAVAILABLE {reason} (retry in {delay:g} s)")
+        assert await store_up(metrics_url) == "orchestrator_store_up 0.0"
         await asyncio.sleep(max(0.0, cut_at + CUT_SECONDS - time.monotonic()))
         restoring_at = time.monotonic()
         await restore()  # a restarted PostgreSQL accepts connections before this returns
         back_at = time.monotonic()
+        figures.restoring = back_at - restoring_at
         figures.serving_after = (
             await until(lambda: health_seen[-1][1] == HEALTH.SERVING, 10, "health SERVING")
             - back_at
         )
+        assert await store_up(metrics_url) == "orchestrator_store_up 1.0"
         await asyncio.sleep(max(0.0, back_at + LOG_WINDOW - time.monotonic()))
         with server.log_path.open("rb") as log:
             log.seek(offset)
@@ -232,6 +248,7 @@ async def ride_out(
                 t for t, e in w.events if t > restoring_at and e.type != pb.EVENT_TYPE_HEARTBEAT
             ]
             figures.moving_after.append(max(0.0, after[0] - back_at))
+            figures.moving_after_restore_began.append(after[0] - restoring_at)
             final = (
                 await stub.GetExecution(pb.GetExecutionRequest(run_id=run_id), metadata=md(tenant))
             ).execution
@@ -262,11 +279,16 @@ async def serving(server: ServeProcess, within: float = 60.0) -> None:
 
 
 @asynccontextmanager
-async def served(database_url: str, log: Path) -> AsyncIterator[ServeProcess]:
-    server = ServeProcess(database_url, log, "--shutdown-grace", "1")
+async def served(database_url: str, log: Path) -> AsyncIterator[tuple[ServeProcess, str]]:
+    """`orchestrator serve` on the store, and the address of its /metrics."""
+    metrics_port = free_port()
+    server = ServeProcess(
+        database_url, log, "--shutdown-grace", "1", "--metrics-port", str(metrics_port)
+    )
+
     try:
         await serving(server)
-        yield server
+        yield server, f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
         if server.proc.poll() is None:
             server.signal(signal.SIGTERM)
@@ -302,8 +324,8 @@ async def test_postgres_cut_off_by_a_proxy_for_10s(tmp_path: Path) -> None:
     await proxy.start()
     try:
         via_proxy = target.set(port=proxy.port).render_as_string(hide_password=False)
-        async with served(via_proxy, tmp_path / "server.log") as server:
-            figures = await ride_out(server, proxy.cut, proxy.restore)
+        async with served(via_proxy, tmp_path / "server.log") as (server, metrics):
+            figures = await ride_out(server, metrics, proxy.cut, proxy.restore)
         report("proxy cut", figures)
         check(figures)
     finally:
@@ -336,8 +358,9 @@ async def test_postgres_restarted_for_real(tmp_path: Path, own_cluster: Postgres
     async def start() -> None:
         await asyncio.to_thread(own_cluster.start)
 
-    async with served(own_cluster.url("orchestrator"), tmp_path / "server.log") as server:
-        figures = await ride_out(server, stop, start)
+    log = tmp_path / "server.log"
+    async with served(own_cluster.url("orchestrator"), log) as (server, metrics):
+        figures = await ride_out(server, metrics, stop, start)
     report("restart", figures)
     check(figures)
 
