@@ -20,7 +20,8 @@ from orchestrator.server.lifecycle import (
     next_status,
 )
 from orchestrator.server.store.database import Database
-from orchestrator.server.store.runs import EventSpec, NewRun, NewStep, RunStore
+from orchestrator.server.store.records import EventSpec, NewRun, NewStep
+from orchestrator.server.store.runs import RunStore
 from orchestrator.server.store.writer import Tx, Unit, Writer
 from orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import echo_plan, sqlite_url

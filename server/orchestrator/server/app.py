@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
-import sqlalchemy as sa
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -26,18 +22,19 @@ from orchestrator.server.api.interceptors import (
 )
 from orchestrator.server.api.servicer import OrchestratorServicer, register
 from orchestrator.server.control import ControlPlane
-from orchestrator.server.engine import Engine, Journal
-from orchestrator.server.engine.journal import Answer
+from orchestrator.server.engine import Engine
+from orchestrator.server.errors import STORE_OUTAGES
 from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.sandbox import Sandbox
 from orchestrator.server.security import KeyRing, TenantPolicy
 from orchestrator.server.settings import Settings
-from orchestrator.server.store.cluster import CHANNEL, ClusterBus
+from orchestrator.server.store.cluster import ClusterBus, Handler
 from orchestrator.server.store.database import Database
+from orchestrator.server.store.journal import Journal
+from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.runs import RunStore
-from orchestrator.server.store.schema import server_settings
-from orchestrator.server.store.writer import Tx, Writer
+from orchestrator.server.store.writer import Writer
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry, default_registry
 from orchestrator.server.tools.network import parse_networks
@@ -92,6 +89,7 @@ class Server:
     policy: TenantPolicy | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _health_updates: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def address(self) -> str:
@@ -106,8 +104,9 @@ class Server:
             self.metrics.serve(self.settings.metrics_port, self.settings.host)
         if self.settings.retention_seconds > 0:
             self._background.append(asyncio.create_task(self._retention(), name="retention"))
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._serving(self.db.health.reachable)
+        self.db.health.add_listener(self._store_reachable)
+        self.db.health.start()
         log.info(
             "server.started",
             address=self.address,
@@ -115,6 +114,24 @@ class Server:
             database=self.db.url.render_as_string(),
             recovered_runs=recovered,
         )
+
+    async def _serving(self, reachable: bool) -> None:
+        """Health follows the store: NOT_SERVING while it cannot be reached (and for good
+        once draining)."""
+        if self._stopped.is_set():
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if reachable
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def _store_reachable(self, reachable: bool) -> None:
+        update = asyncio.get_running_loop().create_task(self._serving(reachable))
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let calls and tool calls in flight finish
@@ -124,6 +141,7 @@ class Server:
         self._stopped.set()
         grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        await self.db.health.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(self.grpc_server.stop(grace), self.engine.stop(grace))
@@ -159,45 +177,27 @@ class Server:
                     continue  # more may be due: go on at once
             except asyncio.CancelledError:
                 raise
+            except STORE_OUTAGES:
+                pass  # logged once by the store's health; the next turn tries again
             except Exception:
                 log.exception("retention.failed")
             await asyncio.sleep(min(max(keep / 10, 1.0), 60.0))
 
 
-def on_cluster_message(hub: Hub, engine: Engine) -> Callable[[list[list[Any]]], None]:
+def on_cluster_message(hub: Hub, engine: Engine) -> Handler:
     """What another replica's commit means here."""
 
-    def handle(messages: list[list[Any]]) -> None:
-        hub.on_remote(messages)
-        for message in messages:
-            kind = message[0]
-            if kind == "control":
-                engine.control(message[1], RunStatus(message[2]))
-            elif kind == "answer":
-                engine.answered(message[1], message[2], Answer.from_json(message[3]))
-            elif kind in ("claim", "resync"):
+    def handle(notices: list[Notice]) -> None:
+        hub.on_remote(notices)
+        for notice in notices:
+            if notice.kind is NoticeKind.CONTROL:
+                engine.control(notice.run_id, RunStatus(notice.status))
+            elif notice.kind is NoticeKind.ANSWER and notice.answer is not None:
+                engine.answered(notice.run_id, notice.clarification_id, notice.answer)
+            elif notice.kind in (NoticeKind.CLAIM, NoticeKind.RESYNC):
                 engine.wake_claimer()
 
     return handle
-
-
-async def _signing_key(writer: Writer) -> bytes:
-    """The page-token key, made once and kept in the store so every replica and restart
-    accepts the tokens of the others."""
-
-    async def unit(tx: Tx) -> str:
-        row = (
-            await tx.conn.execute(
-                sa.select(server_settings.c.value).where(server_settings.c.name == "token_key")
-            )
-        ).first()
-        if row is not None:
-            return str(row.value)
-        value = secrets.token_hex(32)
-        await tx.conn.execute(sa.insert(server_settings).values(name="token_key", value=value))
-        return value
-
-    return bytes.fromhex(await writer.run(unit))
 
 
 def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
@@ -261,17 +261,18 @@ async def build_server(
     await db.migrate()
     writer = Writer(
         db.writer,
-        notify_channel="" if db.is_sqlite else CHANNEL,
+        notify_channel=db.dialect.notify_channel,
         origin=replica,
         sync_engine=db.sync_writer,
         direct=db.direct,
+        health=db.health,
     )
     writer.start()
     hub = Hub(settings.max_watchers_per_tenant)
     writer.add_listener(hub.on_commit)
     writer.add_listener(metrics.on_commit)
     store = RunStore(db, writer)
-    tokens = TokenCodec(await _signing_key(writer))
+    tokens = TokenCodec(await store.signing_key())
     registry = registry or default_registry(http_allow=parse_networks(settings.http_allow))
     journal = Journal(store, owner=replica)
     engine = Engine(
@@ -280,7 +281,7 @@ async def build_server(
         max_steps_in_flight=settings.max_steps_in_flight,
         enabled=settings.execute,
         lease_seconds=settings.lease_seconds,
-        single_replica=db.is_sqlite,
+        single_replica=db.dialect.single_replica,
         tracer=trace.get_tracer("orchestrator.engine", tracer_provider=tracer_provider),
         metrics=metrics,
         policy=policy,
@@ -289,11 +290,11 @@ async def build_server(
         expression_budget=settings.expression_budget_ms / 1000,
         sandbox=Sandbox(),
     )
-    metrics.watch_gauges(lambda: len(engine.runs), lambda: hub.watchers)
+    metrics.watch_gauges(
+        lambda: len(engine.runs), lambda: hub.watchers, lambda: float(db.health.reachable)
+    )
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)
-    bus = None
-    if not db.is_sqlite:
-        bus = ClusterBus(db.url, replica, on_cluster_message(hub, engine))
+    bus = db.dialect.cluster_bus(db.url, replica, on_cluster_message(hub, engine))
     register(OrchestratorServicer(control), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

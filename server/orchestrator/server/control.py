@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from orchestrator.server.engine import Engine, Journal
+from orchestrator.server.engine import Engine
 from orchestrator.server.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -35,16 +35,10 @@ from orchestrator.server.plan import (
 )
 from orchestrator.server.security import ExecuteRateLimiter, TenantPolicy
 from orchestrator.server.settings import Settings
-from orchestrator.server.store.runs import (
-    RUN_STATUS_PB,
-    NewRun,
-    NewStep,
-    RunFilter,
-    RunStore,
-    Transitioned,
-    not_found,
-    timestamp,
-)
+from orchestrator.server.store.journal import Journal
+from orchestrator.server.store.records import NewRun, NewStep, RunFilter, Transitioned
+from orchestrator.server.store.runs import RunStore, not_found
+from orchestrator.server.store.snapshots import RUN_STATUS_PB, timestamp
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry
 from orchestrator.server.tracing import current_traceparent
@@ -319,15 +313,15 @@ class ControlPlane:
                 "responded_by has a NUL character",
                 violations=[FieldViolation("responded_by", "must not contain NUL characters")],
             )
-        row = await self.store.clarification(tenant_id, request.run_id, request.clarification_id)
-        if row["status"] != "PENDING":
+        found = await self.store.clarification(tenant_id, request.run_id, request.clarification_id)
+        if found.status != "PENDING":
             raise FailedPrecondition(
-                f"clarification {request.clarification_id!r} is {row['status'].lower()}",
+                f"clarification {request.clarification_id!r} is {found.status.lower()}",
                 reason="CLARIFICATION_NOT_PENDING",
                 metadata={
                     "run_id": request.run_id,
                     "clarification_id": request.clarification_id,
-                    "current_status": row["status"],
+                    "current_status": found.status,
                 },
             )
         # A large answer's conversion and checks are long Python work: off the event loop.
@@ -346,7 +340,7 @@ class ControlPlane:
                     )
                 ],
             )
-        check_answer(row["category"], [str(o) for o in row["options"]], response)
+        check_answer(found.category, list(found.options), response)
         answer = await self.journal.answer(
             tenant_id, request.run_id, request.clarification_id, response, request.responded_by
         )

@@ -120,5 +120,42 @@ class Unavailable(OrchestratorError):
     reason = "SHUTTING_DOWN"
 
 
+class StoreUnavailable(Unavailable):
+    """The store cannot be reached now (a network cut, a restart, a failover): nothing was
+    written; the call may be repeated after `retry_delay` seconds (a google.rpc.RetryInfo)."""
+
+    reason = "STORE_UNAVAILABLE"
+
+    def __init__(
+        self,
+        message: str = "the store is unreachable; retry shortly",
+        *,
+        retry_delay: float = 0.5,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_delay = retry_delay
+
+
+class StoreFull(ResourceExhausted):
+    """The store has no room for the write (disk or database full); reads still work."""
+
+    reason = "STORE_FULL"
+
+    def __init__(
+        self,
+        message: str = "the store is full; retry once space is freed",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_delay = 5.0
+
+
+# Weather, not errors of a run: the engine waits these out, callers may retry.
+StoreOutage = StoreUnavailable | StoreFull
+STORE_OUTAGES = (StoreUnavailable, StoreFull)
+
+
 class Conflict(Exception):
     """A compare-and-set lost: the row changed since it was read. Retried by the store."""

@@ -44,11 +44,20 @@ class Metrics:
             "orchestrator_runs_in_flight", "Runs this replica is executing", registry=r
         )
         self.watchers = Gauge("orchestrator_watchers", "Open watch streams", registry=r)
+        self.store_up = Gauge(
+            "orchestrator_store_up", "1 while the store can be reached, else 0", registry=r
+        )
 
-    def watch_gauges(self, runs: Callable[[], float], watchers: Callable[[], float]) -> None:
+    def watch_gauges(
+        self,
+        runs: Callable[[], float],
+        watchers: Callable[[], float],
+        store_up: Callable[[], float],
+    ) -> None:
         """Gauges read at scrape time."""
         self.runs_in_flight.set_function(runs)
         self.watchers.set_function(watchers)
+        self.store_up.set_function(store_up)
 
     def on_commit(self, changes: list[Change]) -> None:
         """Count runs by the status each commit moved them to."""

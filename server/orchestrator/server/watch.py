@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from orchestrator.server.errors import InvalidArgument, OutOfRange, ResourceExhausted
 from orchestrator.server.lifecycle import RunStatus
-from orchestrator.server.store.runs import RUN_STATUS_PB, RunFilter, RunStore
+from orchestrator.server.store.notices import Notice, NoticeKind
+from orchestrator.server.store.records import RunFilter
+from orchestrator.server.store.runs import RunStore
+from orchestrator.server.store.snapshots import RUN_STATUS_PB
 from orchestrator.server.store.writer import Change, EventRecord
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.v1 import orchestrator_pb2 as pb
 
+T = TypeVar("T")
 TERMINAL_PB = frozenset(
     RUN_STATUS_PB[s] for s in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
 )
@@ -129,11 +135,11 @@ class Hub:
                 for wake in self._tenants.get(change.tenant_id, ()):
                     wake.set()
 
-    def on_remote(self, messages: list[list[object]]) -> None:
+    def on_remote(self, notices: list[Notice]) -> None:
         """Another replica committed changes: wake whoever watches them (they read the store).
-        After a "resync" (missed messages), wake everyone."""
-        for message in messages:
-            if message[0] == "resync":
+        After a RESYNC (missed messages), wake everyone."""
+        for notice in notices:
+            if notice.kind is NoticeKind.RESYNC:
                 for channel in self._runs.values():
                     channel.clear()
                     for wake in channel.watchers:
@@ -141,16 +147,15 @@ class Hub:
                 for subscribers in self._tenants.values():
                     for wake in subscribers:
                         wake.set()
-            elif message[0] == "change":
-                _, run_id, tenant_id, status_changed = message
-                watched = self._runs.get(str(run_id))
+            elif notice.kind is NoticeKind.CHANGE:
+                watched = self._runs.get(notice.run_id)
                 if watched is not None:
                     # Another replica's commit is not in the cache: watchers must read the store.
                     watched.clear()
                     for wake in watched.watchers:
                         wake.set()
-                if status_changed:
-                    for wake in self._tenants.get(str(tenant_id), ()):
+                if notice.status_changed:
+                    for wake in self._tenants.get(notice.tenant_id, ()):
                         wake.set()
 
     @property
@@ -242,20 +247,25 @@ class Watcher:
                 if snapshot.execution.status in TERMINAL_PB:
                     return
                 position = snapshot.sequence
+            # From here on the stream is attached: a store outage delays it, never ends it.
             while True:
                 wake.clear()
                 frames = channel.after(position)
                 if frames is None:
-                    frames = await self._read(run_id, position)
+                    frames = await self._patiently(partial(self._read, run_id, position))
                     if not frames or frames[0].sequence != position + 1:
                         # Events are committed with last_sequence: once `last` is read, a
                         # fresh read holds every event up to it, unless they were pruned.
-                        _, last = await self.store.run_status(tenant_id, run_id)
+                        _, last = await self._patiently(
+                            lambda: self.store.run_status(tenant_id, run_id)
+                        )
                         if last > position:
-                            frames = await self._read(run_id, position)
+                            frames = await self._patiently(partial(self._read, run_id, position))
                         if last > position and (not frames or frames[0].sequence != position + 1):
                             # What the caller asked for was pruned: start again from now.
-                            snapshot = await self._snapshot(tenant_id, run_id, resync=True)
+                            snapshot = await self._patiently(
+                                lambda: self._snapshot(tenant_id, run_id, resync=True)
+                            )
                             yield run_frame(snapshot.SerializeToString())
                             if snapshot.execution.status in TERMINAL_PB:
                                 return
@@ -279,6 +289,11 @@ class Watcher:
                     )
                     heartbeat.timestamp.GetCurrentTime()
                     yield run_frame(heartbeat.SerializeToString())
+
+    async def _patiently(self, read: Callable[[], Awaitable[T]]) -> T:
+        """A read of an attached stream: waits a store outage out (the stream stays open and
+        goes on where it was once the store is back)."""
+        return await self.store.health.wait_out(read)
 
     async def _read(self, run_id: str, position: int) -> list[Frame]:
         return [Frame.of(r) for r in await self.store.read_events(run_id, position)]
@@ -312,8 +327,8 @@ class Watcher:
         with self.hub.tenant(tenant_id) as wake:
             while True:
                 wake.clear()
-                rows = await self.store.read_status_events(
-                    tenant_id, position, flt, limit=STATUS_PAGE
+                rows = await self._patiently(
+                    partial(self.store.read_status_events, tenant_id, position, flt, STATUS_PAGE)
                 )
                 for event_id, data in rows:
                     position = event_id

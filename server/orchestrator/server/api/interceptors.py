@@ -106,6 +106,20 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
     return ""
 
 
+async def _items(
+    inner: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[Any]:
+    """A server-streaming handler's responses, whichever style it is written in: an async
+    generator (ours), or a coroutine that writes with `context.write` (grpcio-health's
+    Watch), which yields nothing here."""
+    result = inner(request, context)
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result
+
+
 def _rewrap(
     handler: grpc.RpcMethodHandler[Any, Any],
     unary: Callable[[Callable[..., Any]], Callable[..., Any]],
@@ -165,9 +179,15 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
         def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
             async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 call, started = begin(context)
-                await context.send_initial_metadata((("x-correlation-id", call.correlation_id),))
                 try:
-                    return await inner(request, context)
+                    response = await inner(request, context)
+                    # Headers go with the answer, not before it: a call that fails is then
+                    # trailers-only, which a channel's retry policy may still retry (headers
+                    # received commit a call). Errors carry the id in their trailers.
+                    await context.send_initial_metadata(
+                        (("x-correlation-id", call.correlation_id),)
+                    )
+                    return response
                 finally:
                     end(call, started, context)
 
@@ -180,7 +200,7 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
                 call, started = begin(context)
                 await context.send_initial_metadata((("x-correlation-id", call.correlation_id),))
                 try:
-                    async for item in inner(request, context):
+                    async for item in _items(inner, request, context):
                         yield item
                 finally:
                     end(call, started, context)
@@ -251,10 +271,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             code = getattr(grpc.StatusCode, error.code)
             if call is not None:
                 call.code = code
+            trailers: list[tuple[str, str | bytes]] = [
+                ("grpc-status-details-bin", rich_status(code, error, call))
+            ]
+            if call is not None:
+                trailers.append(("x-correlation-id", call.correlation_id))
+            if error.retry_delay is not None:
+                # RetryInfo for the caller's code; the same delay as gRPC's own server
+                # pushback, which a channel retry policy (the client's Get/List) honours.
+                trailers.append(("grpc-retry-pushback-ms", str(int(error.retry_delay * 1000))))
             await context.abort(
-                code,
-                _clip(error.message, MAX_MESSAGE),
-                trailing_metadata=(("grpc-status-details-bin", rich_status(code, error, call)),),
+                code, _clip(error.message, MAX_MESSAGE), trailing_metadata=tuple(trailers)
             )
 
         def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
@@ -277,7 +304,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     if isinstance(request, Undecodable):
                         raise request.problem()
-                    async for item in inner(request, context):
+                    async for item in _items(inner, request, context):
                         yield item
                 except grpc.aio.AbortError:
                     raise
@@ -338,7 +365,7 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 bind(context)
-                async for item in inner(request, context):
+                async for item in _items(inner, request, context):
                     yield item
 
             return behaviour

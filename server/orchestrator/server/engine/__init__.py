@@ -1,6 +1,5 @@
-"""The execution engine: schedules runs' steps and records their progress."""
+"""The execution engine: schedules runs' steps; the store's journal records their progress."""
 
-from orchestrator.server.engine.journal import Journal
 from orchestrator.server.engine.scheduler import Engine
 
-__all__ = ["Engine", "Journal"]
+__all__ = ["Engine"]

@@ -20,8 +20,7 @@ from opentelemetry import trace
 
 from orchestrator.server import sandbox
 from orchestrator.server.engine import secrets
-from orchestrator.server.engine.journal import Answer, Journal, LeaseLost, Outcome
-from orchestrator.server.errors import OrchestratorError
+from orchestrator.server.errors import STORE_OUTAGES, OrchestratorError
 from orchestrator.server.expressions import DEFAULT_BUDGET_SECONDS, ExpressionError, Scope, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
 from orchestrator.server.metrics import Metrics
@@ -35,6 +34,8 @@ from orchestrator.server.plan import (
 )
 from orchestrator.server.sandbox import Sandbox
 from orchestrator.server.security import TenantPolicy
+from orchestrator.server.store.journal import Journal, LeaseLost, Outcome
+from orchestrator.server.store.records import Answer
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
 from orchestrator.server.tracing import parent_context
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -165,6 +166,17 @@ class Engine:
         self._lease_task = asyncio.create_task(self._lease_loop(), name="engine-leases")
         return len(recovered)
 
+    def resume_later(self, run_id: str, delay: float = 1.0) -> None:
+        """Start the run's task again after `delay` (its last one stopped for the store)."""
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            self.submit(run_id)
+
+        handle = asyncio.create_task(later(), name=f"resume-{run_id}")
+        self._tasks.add(handle)
+        handle.add_done_callback(self._tasks.discard)
+
     def wake_claimer(self) -> None:
         self._claim_wake.set()
 
@@ -187,6 +199,8 @@ class Engine:
                     await asyncio.sleep(0.005)
             except asyncio.CancelledError:
                 raise
+            except STORE_OUTAGES:
+                pass  # the store's health logs the outage once; the next turn tries again
             except Exception:
                 log.exception("engine.lease_loop_failed")
 
@@ -289,6 +303,9 @@ class RunTask:
         self.approved: set[str] = set()
         self.loaded = False
         self.lost = False
+        # A step task that ended with an error it did not handle (a bug): the run task
+        # raises it rather than launching the step again.
+        self.crashed: BaseException | None = None
 
     # ------------------------------------------------------------ notifications
 
@@ -335,6 +352,12 @@ class RunTask:
         except LeaseLost:
             self.log.warning("engine.lease_lost")
             await self._cancel_inflight()
+        except STORE_OUTAGES:
+            # The journal waits outages out, so this is a read or a path that did not: the
+            # run is not failed for it. Its task starts again from the store in a while.
+            self.log.warning("engine.run_task_waiting_for_store")
+            await self._cancel_inflight()
+            self.engine.resume_later(self.run_id)
         except Exception:
             self.log.exception("engine.run_crashed")
             await self.journal.finish_run(
@@ -403,8 +426,10 @@ class RunTask:
         task = asyncio.create_task(work or self._step(step_id), name=f"step-{step_id}")
         self.inflight[step_id] = task
 
-        def done(_task: asyncio.Task[None]) -> None:
+        def done(task: asyncio.Task[None]) -> None:
             self.inflight.pop(step_id, None)
+            if not task.cancelled() and task.exception() is not None and self.crashed is None:
+                self.crashed = task.exception()  # retrieved here, raised by the run task
             self.wake.set()
 
         task.add_done_callback(done)
@@ -418,6 +443,8 @@ class RunTask:
                 return
             if self.lost:
                 raise LeaseLost(self.run_id)
+            if self.crashed is not None:
+                raise self.crashed
             if self.engine.closing:
                 if not self.inflight:
                     return  # the lease goes back; whoever takes the run goes on from here
@@ -577,8 +604,8 @@ class RunTask:
             self._failed(step_id, info, str(failed), failed.reason)
         except LeaseLost:
             self.lost = True
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, *STORE_OUTAGES):
+            raise  # an outage is never the step's failure: the run task deals with it
         except Exception as exc:  # a bug in a tool or in us: fail the step, not the process
             self.log.exception("engine.step_crashed", step_id=step_id)
             # The details (which may quote SQL or data) stay in the log, not in the run.

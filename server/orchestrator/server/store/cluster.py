@@ -16,10 +16,17 @@ import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
 import structlog
 
+from orchestrator.server.store.notices import Notice, NoticeKind
+
 log = structlog.get_logger("orchestrator.cluster")
 
 CHANNEL = "orchestrator"
-Handler = Callable[[list[list[Any]]], None]
+# While the listening connection is down it is tried again this often (messages missed
+# meanwhile are made up for by a "resync", so sooner is better), each try cut off after
+# RECONNECT_TIMEOUT seconds.
+RECONNECT_DELAY = 0.25
+RECONNECT_TIMEOUT = 5.0
+Handler = Callable[[list[Notice]], None]
 
 
 def asyncpg_dsn(url: sa.URL) -> str:
@@ -52,27 +59,32 @@ class ClusterBus:
             message = json.loads(payload)
             if message.get("o") == self._origin:
                 return  # our own commits were handled where they happened
-            self._handler(message["m"])
+            self._handler([Notice.from_json(m) for m in message["m"]])
         except Exception:
             log.exception("cluster.bad_message", payload=payload[:200])
 
     async def _run(self) -> None:
         first = True
+        failing = False  # quiet while the store is away: one line when lost, one when back
         while not self._stopped.is_set():
             lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self._dsn)
-            except (OSError, asyncpg.PostgresError):
-                log.warning("cluster.connect_failed")
-                await asyncio.sleep(1)
+                conn = await asyncio.wait_for(asyncpg.connect(self._dsn), RECONNECT_TIMEOUT)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                if not failing:
+                    log.warning("cluster.connect_failed")
+                    failing = True
+                await asyncio.sleep(RECONNECT_DELAY)
                 continue
             try:
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._receive)
                 self.listening.set()
                 if not first:
-                    self._handler([["resync"]])
+                    log.info("cluster.reconnected")
+                    self._handler([Notice(NoticeKind.RESYNC)])
                 first = False
+                failing = False
                 waiters = {
                     asyncio.create_task(self._stopped.wait()),
                     asyncio.create_task(lost.wait()),
@@ -80,9 +92,13 @@ class ClusterBus:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in waiters:
                     waiter.cancel()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass  # lost while subscribing: connect again
             finally:
                 if not conn.is_closed():
-                    await conn.close()
+                    conn.terminate()
             if not self._stopped.is_set():
-                log.warning("cluster.connection_lost")
-                await asyncio.sleep(0.5)
+                if not failing:
+                    log.warning("cluster.connection_lost")
+                    failing = True
+                await asyncio.sleep(RECONNECT_DELAY)

@@ -1,62 +1,28 @@
-"""Engines for the store: one for the writer task, one for readers; migrations at open."""
+"""The store's database: engines (made by its dialect), reads, the probe, migrations."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.server.store.direct import Direct, SyncConnection, drive
+from orchestrator.server.store.dialect import READERS, dialect_for
+from orchestrator.server.store.direct import SyncConnection, drive
+from orchestrator.server.store.outage import StoreHealth, classify, outage_of
+from orchestrator.server.store.schema import server_settings
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
-READERS = 4  # reader threads (and SQLite connections) on SQLite
-MIGRATION_LOCK = 0x6F726369
-
-
-def _sqlite_pragmas(engine: sa.Engine, begin: str) -> None:
-    # pysqlite's own transaction handling gets in the way of SAVEPOINT and of BEGIN IMMEDIATE;
-    # the SQLAlchemy-documented fix is to turn it off and emit BEGIN ourselves.
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash (kill -9); only power loss can cost the
-        # last commits. That is the durability every peer on SQLite offers.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
-
-
-def dumps(value: Any) -> str:
-    """JSON columns' encoder: orjson, which is 5-10x faster than the stdlib's and, like it,
-    holds the interpreter while it runs (a multi-MB value held the event loop for tens of ms).
-    Values orjson refuses (integers beyond 64 bits, non-string keys) go through the stdlib."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return json.dumps(value)
-
-
-# Every engine of the store encodes and decodes JSON columns with these.
-JSON_CODEC: dict[str, Any] = {"json_serializer": dumps, "json_deserializer": orjson.loads}
+# The health probe: one cheap read that touches the database file or server.
+PROBE = sa.select(server_settings.c.name).limit(1)
 
 
 class Database:
@@ -65,60 +31,37 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = sa.make_url(url)
-        self.dialect = self.url.get_backend_name()
-        if self.is_sqlite:
-            self.writer: AsyncEngine = create_async_engine(
-                self.url, pool_size=1, max_overflow=0, **JSON_CODEC
-            )
-            _sqlite_pragmas(self.writer.sync_engine, "BEGIN IMMEDIATE")
-            self.reader: AsyncEngine = create_async_engine(
-                self.url, pool_size=8, max_overflow=8, **JSON_CODEC
-            )
-            _sqlite_pragmas(self.reader.sync_engine, "BEGIN")
-            # The writer's batches run on the stdlib driver in one thread (store/writer.py).
-            self.sync_writer: sa.Engine | None = sa.create_engine(
-                self.url.set(drivername="sqlite"), pool_size=1, max_overflow=0, **JSON_CODEC
-            )
-            _sqlite_pragmas(self.sync_writer, "BEGIN IMMEDIATE")
-            # Reads too: each in one hop to a reader thread (see `read`).
-            self.sync_reader: sa.Engine | None = sa.create_engine(
-                self.url.set(drivername="sqlite"),
-                pool_size=READERS,
-                max_overflow=0,
-                **JSON_CODEC,
-            )
-            _sqlite_pragmas(self.sync_reader, "BEGIN")
-            self.direct: Direct | None = Direct(self.sync_reader.dialect)
-            self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="store-reader")
-        else:
-            self.sync_writer = None
-            self.sync_reader = None
-            self.direct = None
-            self.writer = create_async_engine(
-                self.url, pool_size=4, max_overflow=4, pool_pre_ping=True, **JSON_CODEC
-            )
-            # A read is several statements (a run, its steps, its clarifications): at READ
-            # COMMITTED each would see its own snapshot, and a commit landing between them
-            # showed a clarification pending beside its step still PENDING. Readers only
-            # read, so REPEATABLE READ costs them no serialization failures.
-            self.reader = create_async_engine(
-                self.url,
-                pool_size=8,
-                max_overflow=8,
-                pool_pre_ping=True,
-                isolation_level="REPEATABLE READ",
-                **JSON_CODEC,
-            )
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.dialect == "sqlite"
+        self.dialect = dialect_for(self.url)
+        engines = self.dialect.engines(self.url)
+        self.writer: AsyncEngine = engines.writer
+        self.reader: AsyncEngine = engines.reader
+        self.sync_writer = engines.sync_writer
+        self.sync_reader = engines.sync_reader
+        self.direct = engines.direct
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="store-reader")
+        # Whether the store can be reached now, learnt from every call and a probe.
+        self.health = StoreHealth(self.probe)
 
     async def read(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         """Run `unit(conn)` in one read transaction (one snapshot), driven as the writer drives
         its units: a read may await the store and nothing else. On SQLite it runs in one hop
         to a reader thread on the stdlib driver, however many statements it makes (through
-        aiosqlite each would be a hop of its own); on PostgreSQL, in one greenlet on the pool."""
+        aiosqlite each would be a hop of its own); on PostgreSQL, in one greenlet on the pool.
+        A store that cannot answer raises StoreUnavailable (see store/outage.py)."""
+        try:
+            result = await self._read(unit)
+        except Exception as exc:
+            weather = classify(exc)
+            if weather is None:
+                raise
+            self.health.failed(weather, exc)
+            outage = outage_of(exc)
+            assert outage is not None
+            raise outage from exc
+        self.health.succeeded()
+        return result
+
+    async def _read(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         if self.sync_reader is None:
             async with self.reader.connect() as conn, conn.begin():
                 return await conn.run_sync(lambda sync: drive(unit(SyncConnection(sync))))
@@ -126,6 +69,14 @@ class Database:
         return await asyncio.get_running_loop().run_in_executor(
             self._readers, context.run, self._read_in_thread, unit
         )
+
+    async def probe(self) -> None:
+        """One cheap read: raises when the store cannot be reached."""
+
+        async def unit(conn: SyncConnection) -> None:
+            await conn.execute(PROBE)
+
+        await self.read(unit)
 
     def _read_in_thread(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         assert self.sync_reader is not None and self.direct is not None
@@ -135,23 +86,18 @@ class Database:
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
         async with self.writer.connect() as conn:
-            if not self.is_sqlite:
-                # Replicas starting together must not migrate at the same time.
-                await conn.execute(sa.text(f"SELECT pg_advisory_lock({MIGRATION_LOCK})"))
-                await conn.commit()
+            await self.dialect.lock_migrations(conn)
             try:
                 await conn.run_sync(_upgrade)
                 await conn.commit()
             finally:
-                if not self.is_sqlite:
-                    await conn.execute(sa.text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
-                    await conn.commit()
+                await self.dialect.unlock_migrations(conn)
 
     async def close(self) -> None:
         await self.writer.dispose()
         await self.reader.dispose()
+        self._readers.shutdown()
         if self.sync_reader is not None:
-            self._readers.shutdown()
             self.sync_reader.dispose()
 
 

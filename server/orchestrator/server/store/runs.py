@@ -6,15 +6,12 @@ every change of a run appends its event(s) in the same transaction (DESIGN §5).
 
 from __future__ import annotations
 
-import functools
+import secrets
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from sqlalchemy import RowMapping
 
 from orchestrator.server.errors import (
     AlreadyExists,
@@ -32,8 +29,43 @@ from orchestrator.server.lifecycle import (
     next_status,
 )
 from orchestrator.server.store.database import Database
-from orchestrator.server.store.direct import SyncConnection, direct
-from orchestrator.server.store.schema import clarifications, events, idempotency_keys, runs, steps
+from orchestrator.server.store.direct import SyncConnection
+from orchestrator.server.store.notices import Notice, NoticeKind
+from orchestrator.server.store.outage import StoreHealth
+from orchestrator.server.store.records import (
+    ClarificationRecord,
+    Created,
+    EventSpec,
+    ListPage,
+    NewRun,
+    Row,
+    RunFilter,
+    Transitioned,
+    clean_text,
+)
+from orchestrator.server.store.schema import (
+    clarifications,
+    events,
+    idempotency_keys,
+    runs,
+    server_settings,
+    steps,
+)
+from orchestrator.server.store.snapshots import build_execution, partial_execution, timestamp
+from orchestrator.server.store.statements import (
+    COUNT_UNFINISHED,
+    INSERT_EVENTS,
+    INSERT_RUN,
+    INSERT_STEPS,
+    RUN_COLUMNS,
+    SELECT_EVENTS,
+    SELECT_PENDING_CLARIFICATIONS,
+    SELECT_RUN_STATUS,
+    SELECT_STEPS,
+    SELECT_TENANT_RUN,
+    bind,
+    update_run_statement,
+)
 from orchestrator.server.store.writer import (
     Change,
     EventRecord,
@@ -45,302 +77,6 @@ from orchestrator.server.store.writer import (
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 JSON = Any
-# A row as a mapping: SQLAlchemy's RowMapping or a plain dict built for an insert.
-Row = Mapping[str, Any] | RowMapping
-
-EVENT_ORDER_LOCK = 0x6F726368  # an arbitrary advisory-lock key ("orch")
-LOCK_EVENT_ORDER = sa.text(f"SELECT pg_advisory_xact_lock({EVENT_ORDER_LOCK})")
-
-
-# Prebuilt statements for the hot paths: building a Core statement costs more than running
-# it (about 100 us against 30), and every step transition runs five of them.
-def one_of(column: sa.Column[Any], choices: Iterable[str]) -> sa.ColumnElement[bool]:
-    """`column IN (...)` over our own constants, written into the SQL: a list would be an
-    expanding parameter, rendered again on every execution."""
-    return column.in_([sa.literal_column(f"'{c}'") for c in choices])
-
-
-UNFINISHED = (RunStatus.PENDING.value, RunStatus.RUNNING.value, RunStatus.PAUSED.value)
-COUNT_UNFINISHED = direct(
-    sa.select(sa.func.count())
-    .select_from(runs)
-    .where(runs.c.tenant_id == sa.bindparam("w_tenant_id"), one_of(runs.c.status, UNFINISHED))
-)
-# A run's plan and parameters can be megabytes and only its task's start needs them: every
-# other read of a run (each transition's among them) leaves them out; copying and decoding
-# them holds the interpreter for as long.
-RUN_INPUTS = ("plan", "parameters")
-RUN_COLUMNS = tuple(column for column in runs.c if column.name not in RUN_INPUTS)
-SELECT_RUN = direct(sa.select(*RUN_COLUMNS).where(runs.c.run_id == sa.bindparam("w_run_id")))
-SELECT_RUN_INPUTS = direct(
-    sa.select(runs.c.plan, runs.c.parameters).where(runs.c.run_id == sa.bindparam("w_run_id"))
-)
-SELECT_RUN_LOCKED = SELECT_RUN.with_for_update()
-SELECT_TENANT_RUN = direct(SELECT_RUN.where(runs.c.tenant_id == sa.bindparam("w_tenant_id")))
-SELECT_TENANT_RUN_LOCKED = SELECT_TENANT_RUN.with_for_update()
-SELECT_STEPS = direct(
-    sa.select(steps).where(steps.c.run_id == sa.bindparam("w_run_id")).order_by(steps.c.position)
-)
-SELECT_STEP = direct(
-    sa.select(steps).where(
-        steps.c.run_id == sa.bindparam("w_run_id"), steps.c.step_id == sa.bindparam("w_step_id")
-    )
-)
-SELECT_PENDING_CLARIFICATIONS = direct(
-    sa.select(clarifications)
-    .where(
-        clarifications.c.run_id == sa.bindparam("w_run_id"), clarifications.c.status == "PENDING"
-    )
-    .order_by(clarifications.c.created_at)
-)
-SELECT_APPROVALS = direct(
-    sa.select(clarifications.c.step_id, clarifications.c.response).where(
-        clarifications.c.run_id == sa.bindparam("w_run_id"),
-        clarifications.c.status == "RESOLVED",
-        clarifications.c.category == "USER_VERIFICATION",
-    )
-)
-SELECT_RUN_STATUS = direct(
-    sa.select(runs.c.status, runs.c.last_sequence).where(
-        runs.c.run_id == sa.bindparam("w_run_id"), runs.c.tenant_id == sa.bindparam("w_tenant_id")
-    )
-)
-SELECT_EVENTS = direct(
-    sa.select(events.c.sequence, events.c.status_changed, events.c.status, events.c.payload)
-    .where(events.c.run_id == sa.bindparam("w_run_id"), events.c.sequence > sa.bindparam("w_after"))
-    .order_by(events.c.sequence)
-    .limit(sa.bindparam("w_limit"))
-)
-INSERT_RUN = direct(sa.insert(runs))
-INSERT_STEPS = direct(sa.insert(steps))
-INSERT_EVENTS = direct(sa.insert(events))
-
-
-def _update(table: sa.Table, where: tuple[str, ...], keys: tuple[str, ...]) -> sa.Update:
-    """UPDATE `table` SET `keys` WHERE `where` (parameters v_<key> and w_<column>)."""
-    return direct(
-        sa.update(table)
-        .where(*(table.c[w] == sa.bindparam(f"w_{w}") for w in where))
-        .values({k: sa.bindparam(f"v_{k}", type_=table.c[k].type) for k in keys})
-    )
-
-
-@functools.cache
-def update_step_statement(keys: tuple[str, ...]) -> sa.Update:
-    """UPDATE one step's `keys` (parameters w_run_id, w_step_id and v_<key>)."""
-    return _update(steps, ("run_id", "step_id"), keys)
-
-
-@functools.cache
-def update_run_statement(keys: tuple[str, ...]) -> sa.Update:
-    """Compare-and-set a run's `keys` (parameters w_run_id, w_version and v_<key>)."""
-    return _update(runs, ("run_id", "version"), keys)
-
-
-def bind(changes: Mapping[str, Any], **where: Any) -> dict[str, Any]:
-    """Parameters for the statements above."""
-    params = {f"v_{k}": v for k, v in changes.items()}
-    params.update({f"w_{k}": v for k, v in where.items()})
-    return params
-
-
-# Store strings -> proto enums, built once.
-RUN_STATUS_PB = {s: pb.ExecutionStatus.Value(f"EXECUTION_STATUS_{s.value}") for s in RunStatus}
-STEP_STATUS_PB = {s: pb.StepStatus.Value(f"STEP_STATUS_{s.value}") for s in StepStatus}
-CLARIFICATION_STATUS_PB = {
-    name: pb.ClarificationStatus.Value(f"CLARIFICATION_STATUS_{name}")
-    for name in ("PENDING", "RESOLVED", "WITHDRAWN")
-}
-
-
-def clean_text(text: str) -> str:
-    """Text for a text column: PostgreSQL's cannot hold NUL, which tools and callers may send."""
-    return text.replace("\x00", "\ufffd")
-
-
-def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    """Epoch seconds as a Timestamp."""
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def to_value(obj: JSON) -> struct_pb2.Value:
-    """Plain JSON as a protobuf Value."""
-    return json_format.ParseDict(obj, struct_pb2.Value())
-
-
-@dataclass(frozen=True)
-class NewStep:
-    """A step row to create with its run."""
-
-    step_id: str
-    flow_id: str
-    position: int
-    tool: str
-
-
-@dataclass
-class NewRun:
-    """Everything a run is created from, already validated."""
-
-    run_id: str
-    tenant_id: str
-    plan: pb.ExecutablePlan
-    plan_hash: str
-    parameters: dict[str, JSON]
-    variables: dict[str, JSON]
-    dry_run: bool
-    triggered_by: str
-    correlation_id: str
-    timeout_seconds: float
-    estimated_seconds: float
-    steps: list[NewStep]
-    idempotency_key: str = ""
-    request_digest: str = ""
-    dry_run_order: list[str] | None = None
-    # Set when the accepting replica runs it itself (single-replica stores).
-    owner: str = ""
-    lease_expires_at: float | None = None
-    # W3C traceparent of the submitting call: the run's step spans join that trace.
-    trace_parent: str = ""
-    # Unfinished runs the tenant may have (0 = no limit), checked in the creating transaction.
-    max_unfinished: int = 0
-
-
-@dataclass(frozen=True)
-class Created:
-    """The outcome of `create_run`: the run and whether this call created it."""
-
-    execution: pb.Execution
-    created: bool
-
-
-@dataclass(frozen=True)
-class Transitioned:
-    """The outcome of a control transition."""
-
-    run_id: str
-    status: RunStatus
-    at: float
-    execution: pb.Execution
-
-
-@dataclass(frozen=True)
-class ListPage:
-    """One page of runs and the key to continue after."""
-
-    executions: list[pb.Execution]
-    last_pk: int | None
-
-
-@dataclass
-class RunFilter:
-    """ListExecutions / WatchExecutions filter in store terms."""
-
-    statuses: list[RunStatus] = field(default_factory=list)
-    plan_hash: str = ""
-    triggered_by: str = ""
-    created_after: float | None = None
-    created_before: float | None = None
-
-
-def _partial_execution(row: Row, changed_steps: Iterable[Row] = ()) -> pb.Execution:
-    """The run-level fields of a run row, plus only the steps given (an event's delta)."""
-    execution = pb.Execution(
-        run_id=row["run_id"],
-        tenant_id=row["tenant_id"],
-        status=RUN_STATUS_PB[RunStatus(row["status"])],
-        progress=row["steps_finished"] / row["steps_total"] if row["steps_total"] else 1.0,
-        current_step=row["current_step"],
-        error_message=row["error_message"],
-        error_reason=row["error_reason"],
-        plan_hash=row["plan_hash"],
-        triggered_by=row["triggered_by"],
-        correlation_id=row["correlation_id"],
-        dry_run=bool(row["dry_run"]),
-        last_sequence=row["last_sequence"],
-    )
-    for name in ("started_at", "completed_at", "created_at"):
-        if row[name] is not None:
-            getattr(execution, name).CopyFrom(timestamp(row[name]))
-    execution.last_updated.CopyFrom(timestamp(row["updated_at"]))
-    if row["completed_at"] is None and row["started_at"] is not None:
-        execution.estimated_completion.CopyFrom(
-            timestamp(row["started_at"] + row["estimated_seconds"])
-        )
-    elif row["completed_at"] is None:
-        execution.estimated_completion.CopyFrom(
-            timestamp(row["created_at"] + row["estimated_seconds"])
-        )
-    for step in changed_steps:
-        execution.steps.append(_step_message(step))
-    return execution
-
-
-def _step_message(row: Row) -> pb.StepExecution:
-    step = pb.StepExecution(
-        step_id=row["step_id"],
-        flow_id=row["flow_id"],
-        status=STEP_STATUS_PB[StepStatus(row["status"])],
-        attempts=row["attempts"],
-        error=row["error"],
-        tool=row["tool"],
-        error_reason=row["error_reason"],
-    )
-    for name in ("started_at", "completed_at"):
-        if row[name] is not None:
-            getattr(step, name).CopyFrom(timestamp(row[name]))
-    if row["output"] is not None:
-        step.output.CopyFrom(to_value(row["output"]))
-    return step
-
-
-def _clarification_message(row: Row) -> pb.Clarification:
-    msg = pb.Clarification(
-        clarification_id=row["clarification_id"],
-        step_id=row["step_id"],
-        category=pb.ClarificationCategory.Value(f"CLARIFICATION_CATEGORY_{row['category']}"),
-        prompt=row["prompt"],
-        options=[str(o) for o in row["options"]],
-        argument_name=row["argument_name"],
-        status=CLARIFICATION_STATUS_PB[row["status"]],
-        responded_by=row["responded_by"],
-    )
-    msg.created_at.CopyFrom(timestamp(row["created_at"]))
-    if row["resolved_at"] is not None:
-        msg.resolved_at.CopyFrom(timestamp(row["resolved_at"]))
-    if row["response"] is not None:
-        msg.response.CopyFrom(to_value(row["response"]))
-    return msg
-
-
-def build_execution(
-    run: Row,
-    step_rows: Sequence[Row],
-    pending: Sequence[Row],
-) -> pb.Execution:
-    """The full snapshot of a run from its rows."""
-    execution = _partial_execution(run, step_rows)
-    if run["results"] is not None:
-        execution.results.update(run["results"])
-    else:
-        for step in step_rows:
-            if step["status"] == StepStatus.COMPLETED and step["output"] is not None:
-                execution.results[step["step_id"]] = step["output"]
-    for clar in pending:
-        execution.pending_clarifications.append(_clarification_message(clar))
-    return execution
-
-
-@dataclass
-class EventSpec:
-    """An event to append: its type, step, message and the steps its delta carries."""
-
-    type: pb.EventType.ValueType
-    message: str
-    step_id: str = ""
-    steps: Sequence[Row] = field(default_factory=list)
 
 
 class RunStore:
@@ -349,6 +85,11 @@ class RunStore:
     def __init__(self, db: Database, writer: Writer) -> None:
         self.db = db
         self.writer = writer
+
+    @property
+    def health(self) -> StoreHealth:
+        """Whether the store can be reached; what waits an outage out."""
+        return self.db.health
 
     # ---------------------------------------------------------------- reads
 
@@ -536,7 +277,8 @@ class RunStore:
                         metadata={"limit": str(new.max_unfinished)},
                     )
             if not new.owner:
-                tx.notify("claim")  # an unowned run: whichever replica is free takes it
+                # An unowned run: whichever replica is free takes it.
+                tx.notify(Notice(NoticeKind.CLAIM))
             return Created(await self._insert_run(tx, new), created=True)
 
         return await self.writer.run(unit)
@@ -639,7 +381,7 @@ class RunStore:
         values = []
         for offset, spec in enumerate(specs):
             sequence = first_sequence + offset
-            execution = _partial_execution(row, spec.steps)
+            execution = partial_execution(row, spec.steps)
             execution.last_sequence = sequence
             event = pb.ExecutionEvent(
                 sequence=sequence,
@@ -663,10 +405,7 @@ class RunStore:
                     "payload": event.SerializeToString(),
                 }
             )
-        if not self.db.is_sqlite:
-            # Event ids are WatchExecutions' cursor: they must grow in commit order across
-            # replicas, so commits that write events take turns from first id to commit.
-            tx.stage(LOCK_EVENT_ORDER)
+        self.db.dialect.order_events(tx.stage)
         # Every event of the group commit goes in at its end, in one statement.
         tx.stage(INSERT_EVENTS, values)
         terminal = RunStatus(row["status"]) in TERMINAL
@@ -689,7 +428,7 @@ class RunStore:
         )
 
     async def _locked_row(self, tx: Tx, tenant_id: str, run_id: str) -> dict[str, Any]:
-        query = SELECT_TENANT_RUN if self.db.is_sqlite else SELECT_TENANT_RUN_LOCKED
+        query = self.db.dialect.select_tenant_run_for_write
         where = {"w_run_id": run_id, "w_tenant_id": tenant_id}
         row = (await tx.conn.execute(query, where)).mappings().first()
         if row is None:
@@ -761,8 +500,8 @@ class RunStore:
                 EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=changed_steps),
             ]
             new = await self.update_run(tx, row, changes, specs)
-            tx.notify("control", run_id, target.value)
-            return Transitioned(run_id, target, tx.now, _partial_execution(new, changed_steps))
+            tx.notify(Notice(NoticeKind.CONTROL, run_id, status=target.value))
+            return Transitioned(run_id, target, tx.now, partial_execution(new, changed_steps))
 
         return await self._with_retry(unit)
 
@@ -859,10 +598,12 @@ class RunStore:
 
         return await self.writer.run(unit)
 
-    async def clarification(self, tenant_id: str, run_id: str, clarification_id: str) -> RowMapping:
+    async def clarification(
+        self, tenant_id: str, run_id: str, clarification_id: str
+    ) -> ClarificationRecord:
         """A clarification of the tenant's run; NotFound for the run or the clarification."""
         query = (
-            sa.select(clarifications, runs.c.status.label("run_status"))
+            sa.select(clarifications)
             .join(runs, runs.c.run_id == clarifications.c.run_id)
             .where(
                 runs.c.run_id == run_id,
@@ -871,18 +612,45 @@ class RunStore:
             )
         )
 
-        async def read(conn: Any) -> Any:
-            return (await conn.execute(query)).mappings().first()
+        async def read(conn: Any) -> ClarificationRecord | None:
+            row = (await conn.execute(query)).mappings().first()
+            if row is None:
+                return None
+            return ClarificationRecord(
+                clarification_id=row["clarification_id"],
+                step_id=row["step_id"],
+                status=row["status"],
+                category=row["category"],
+                options=tuple(str(o) for o in row["options"] or ()),
+            )
 
-        row = await self.db.read(read)
-        if row is None:
+        found = await self.db.read(read)
+        if found is None:
             await self.run_status(tenant_id, run_id)  # NotFound for the run first
             raise NotFound(
                 f"clarification {clarification_id!r} not found in run {run_id!r}",
                 reason="CLARIFICATION_NOT_FOUND",
                 metadata={"run_id": run_id, "clarification_id": clarification_id},
             )
-        return row  # type: ignore[no-any-return]
+        return found
+
+    async def signing_key(self) -> bytes:
+        """The page-token key, made once and kept in the store so every replica and restart
+        accepts the tokens of the others."""
+
+        async def unit(tx: Tx) -> str:
+            row = (
+                await tx.conn.execute(
+                    sa.select(server_settings.c.value).where(server_settings.c.name == "token_key")
+                )
+            ).first()
+            if row is not None:
+                return str(row.value)
+            value = secrets.token_hex(32)
+            await tx.conn.execute(sa.insert(server_settings).values(name="token_key", value=value))
+            return value
+
+        return bytes.fromhex(await self.writer.run(unit))
 
     async def _with_retry(self, unit: Unit[T]) -> T:
         # A Conflict means another replica changed the run between our read and our write:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import random
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.server.errors import Unavailable
 from orchestrator.server.store.direct import Direct, SyncConnection, drive
+from orchestrator.server.store.notices import Notice, NoticeKind
+from orchestrator.server.store.outage import StoreHealth, Weather, classify, outage_of
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -62,7 +65,7 @@ class Tx:
     conn: SyncConnection
     now: float
     changes: list[Change] = field(default_factory=list)
-    notices: list[list[Any]] = field(default_factory=list)
+    notices: list[Notice] = field(default_factory=list)
     # Statements run once, just before the commit, with the rows every unit staged for them.
     staged: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -75,9 +78,9 @@ class Tx:
         run in the order first staged."""
         self.staged.setdefault(statement, []).extend(rows or ())
 
-    def notify(self, *message: Any) -> None:
+    def notify(self, notice: Notice) -> None:
         """Tell the other replicas, when (and only if) this transaction commits."""
-        self.notices.append(list(message))
+        self.notices.append(notice)
 
 
 Unit = Callable[[Tx], Coroutine[Any, Any, T]]
@@ -104,8 +107,10 @@ class Writer:
         origin: str = "",
         sync_engine: sa.Engine | None = None,
         direct: Direct | None = None,
+        health: StoreHealth | None = None,
     ) -> None:
         self._engine = engine
+        self.health = health or StoreHealth()
         # SQLite: batches run on this engine, in this one thread (see the module's doc).
         self._sync_engine = sync_engine
         self._thread = (
@@ -217,22 +222,44 @@ class Writer:
                 )
         return tx, results
 
+    # A batch that lost to another transaction (serialization failure, deadlock) runs again
+    # at once, this many times in all, before its callers hear of it.
+    CONTENTION_ATTEMPTS = 3
+
     async def _commit(self, batch: list[_Job[Any]]) -> None:
-        try:
-            tx, results = await self._transact([job.unit for job in batch])
-        except BaseException as exc:
-            if len(batch) > 1 and isinstance(exc, Exception):
-                # One unit failed and the whole transaction rolled back: run each alone so
-                # the others still commit and only the failing caller sees its error.
+        attempt = 1
+        while True:
+            try:
+                tx, results = await self._transact([job.unit for job in batch])
+                break
+            except BaseException as exc:
+                weather = classify(exc) if isinstance(exc, Exception) else None
+                if weather is Weather.CONTENTION and attempt < self.CONTENTION_ATTEMPTS:
+                    attempt += 1
+                    await asyncio.sleep(random.uniform(0.005, 0.02 * attempt))
+                    continue
+                if weather is not None:
+                    # Weather, not a unit's fault: nothing committed, and running the units
+                    # one by one would only meet it again. Each caller decides (the engine
+                    # waits it out; an RPC answers UNAVAILABLE or RESOURCE_EXHAUSTED).
+                    self.health.failed(weather, exc)
+                    for job in batch:
+                        if not job.future.done():
+                            job.future.set_exception(_outage(exc))
+                    return
+                if len(batch) > 1 and isinstance(exc, Exception):
+                    # One unit failed and the whole transaction rolled back: run each alone
+                    # so the others still commit and only the failing caller sees its error.
+                    for job in batch:
+                        await self._commit([job])
+                    return
                 for job in batch:
-                    await self._commit([job])
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
                 return
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
+        self.health.succeeded(wrote=True)
         self.commits += 1
         self.units += len(batch)
         if tx.changes:
@@ -244,6 +271,15 @@ class Writer:
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
+
+
+def _outage(exc: BaseException) -> Exception:
+    """A fresh domain error for one caller (each future raises its own), caused by `exc`."""
+    outage = outage_of(exc)
+    assert outage is not None
+    fresh = type(outage)()
+    fresh.__cause__ = exc
+    return fresh
 
 
 def _quietly(report: Callable[..., Any], event: str) -> None:
@@ -258,11 +294,16 @@ def _quietly(report: Callable[..., Any], event: str) -> None:
 NOTIFY_LIMIT = 7000
 
 
-def encode_notices(origin: str, changes: list[Change], notices: list[list[Any]]) -> list[str]:
-    """The NOTIFY payloads for one commit: JSON `{"o": origin, "m": [message, ...]}`, split to
-    fit PostgreSQL's payload limit. A change is `["change", run_id, tenant_id, status_changed]`."""
-    messages = [["change", c.run_id, c.tenant_id, int(c.status_changed)] for c in changes]
-    messages.extend(notices)
+def encode_notices(origin: str, changes: list[Change], notices: list[Notice]) -> list[str]:
+    """The NOTIFY payloads for one commit: JSON `{"o": origin, "m": [notice, ...]}`, split to
+    fit PostgreSQL's payload limit; each change of the commit is a CHANGE notice."""
+    messages = [
+        Notice(
+            NoticeKind.CHANGE, c.run_id, tenant_id=c.tenant_id, status_changed=c.status_changed
+        ).to_json()
+        for c in changes
+    ]
+    messages.extend(n.to_json() for n in notices)
     payloads: list[str] = []
     chunk: list[str] = []
     size = 0

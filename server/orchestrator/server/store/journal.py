@@ -16,24 +16,21 @@ import sqlalchemy as sa
 
 from orchestrator.server.errors import FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
-from orchestrator.server.store.runs import (
+from orchestrator.server.store.notices import Notice, NoticeKind
+from orchestrator.server.store.records import Answer, EventSpec, clean_text
+from orchestrator.server.store.runs import RunStore, not_found
+from orchestrator.server.store.schema import clarifications, runs, steps
+from orchestrator.server.store.statements import (
     SELECT_APPROVALS,
-    SELECT_RUN,
     SELECT_RUN_INPUTS,
-    SELECT_RUN_LOCKED,
     SELECT_STEP,
     SELECT_STEPS,
     UNFINISHED,
-    EventSpec,
-    RunStore,
     bind,
-    clean_text,
-    not_found,
     one_of,
     update_step_statement,
 )
-from orchestrator.server.store.schema import clarifications, runs, steps
-from orchestrator.server.store.writer import Tx
+from orchestrator.server.store.writer import T, Tx, Unit
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 JSON = Any
@@ -66,26 +63,6 @@ class Outcome:
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What answering a clarification did to its step (or, for a run approval, to the run)."""
-
-    step_id: str
-    step_status: StepStatus | None
-    output: JSON = None
-    error: str = ""
-    run_failed: bool = False
-
-    def to_json(self) -> list[JSON]:
-        status = self.step_status.value if self.step_status else None
-        return [self.step_id, status, self.output, self.error, self.run_failed]
-
-    @classmethod
-    def from_json(cls, data: list[JSON]) -> Answer:
-        step_id, status, output, error, run_failed = data
-        return cls(step_id, StepStatus(status) if status else None, output, error, run_failed)
-
-
 class LeaseLost(Exception):
     """This replica no longer holds the run's lease: another one executes it now."""
 
@@ -99,8 +76,14 @@ class Journal:
         self.writer = store.writer
         self.owner = owner
 
+    async def _durably(self, unit: Unit[T]) -> T:
+        """Run the engine's unit until it commits: a store outage delays the engine's
+        progress, never fails it (the outcome is kept here and written once the store is
+        back). LeaseLost and bugs pass through."""
+        return await self.store.health.wait_out(lambda: self.writer.run(unit))
+
     async def _run_row(self, tx: Tx, run_id: str, *, fenced: bool = True) -> dict[str, Any] | None:
-        query = SELECT_RUN if self.store.db.is_sqlite else SELECT_RUN_LOCKED
+        query = self.store.db.dialect.select_run_for_write
         row = (await tx.conn.execute(query, {"w_run_id": run_id})).mappings().first()
         if row is None:
             return None
@@ -123,8 +106,7 @@ class Journal:
                 free = sa.or_(runs.c.owner.is_(None), runs.c.lease_expires_at < tx.now)
                 query = query.where(sa.or_(free, runs.c.owner == self.owner) if own else free)
             query = query.order_by(runs.c.pk).limit(limit)
-            if not self.store.db.is_sqlite:
-                query = query.with_for_update(skip_locked=True)
+            query = self.store.db.dialect.claimable(query)
             run_ids = [r.run_id for r in (await tx.conn.execute(query)).all()]
             if run_ids:
                 await tx.conn.execute(
@@ -134,7 +116,7 @@ class Journal:
                 )
             return run_ids
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def renew(self, lease: float) -> set[str]:
         """Extend this replica's leases; the unfinished runs it still holds."""
@@ -152,7 +134,7 @@ class Journal:
             )
             return {r.run_id for r in rows.all()}
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def release(self) -> int:
         """Hand every unfinished run back (graceful shutdown), for another replica to take."""
@@ -163,7 +145,7 @@ class Journal:
                 .where(runs.c.owner == self.owner, one_of(runs.c.status, UNFINISHED))
                 .values(owner=None, lease_expires_at=None)
             )
-            tx.notify("claim")
+            tx.notify(Notice(NoticeKind.CLAIM))
             return int(result.rowcount or 0)
 
         return await self.writer.run(unit)
@@ -221,7 +203,7 @@ class Journal:
             )
             return Started(attempt, first)
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def step_retrying(self, run_id: str, step_id: str, error: str, wake_at: float) -> bool:
         """An attempt failed and another follows at `wake_at` (kept across restarts)."""
@@ -257,7 +239,7 @@ class Journal:
             )
             return True
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def steps_finished(
         self,
@@ -307,7 +289,7 @@ class Journal:
             await self.store.update_run(tx, row, changes, specs)
             return True
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def finish_run(
         self, run_id: str, action: Action, *, error_message: str = "", error_reason: str = ""
@@ -370,7 +352,7 @@ class Journal:
             )
             return True
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def request_clarification(
         self,
@@ -449,7 +431,7 @@ class Journal:
             )
             return clarification_id
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)
 
     async def answer(
         self,
@@ -518,7 +500,7 @@ class Journal:
                 if rejected:
                     answer = Answer("", None, error="run approval rejected", run_failed=True)
                 await self.store.update_run(tx, row, changes, specs)
-                tx.notify("answer", run_id, clarification_id, answer.to_json())
+                tx.notify(Notice.answered(run_id, clarification_id, answer))
                 return answer
             step = await self._step_row(tx, run_id, step_id)
             if rejected:
@@ -569,7 +551,7 @@ class Journal:
                 specs[0].steps = [step]
                 answer = Answer(step_id, StepStatus.PENDING)
             await self.store.update_run(tx, row, changes, specs)
-            tx.notify("answer", run_id, clarification_id, answer.to_json())
+            tx.notify(Notice.answered(run_id, clarification_id, answer))
             return answer
 
         return await self.writer.run(unit)
@@ -602,4 +584,4 @@ class Journal:
                 )
             return {**row, **run_inputs}, step_rows, approved
 
-        return await self.writer.run(unit)
+        return await self._durably(unit)

@@ -1,0 +1,67 @@
+"""What one replica tells the others, sent with the commit it is about (PostgreSQL NOTIFY).
+
+One typed message instead of lists taken apart by index. On the wire each notice is still
+the JSON list it always was (`["control", run_id, status]`...), so replicas of the previous
+release and this one understand each other during a rolling deploy.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.server.store.records import Answer
+
+
+class NoticeKind(enum.Enum):
+    """What happened."""
+
+    CHANGE = "change"  # a run changed (watchers read the store)
+    CONTROL = "control"  # a control call moved a run to `status`
+    ANSWER = "answer"  # a clarification of a run was answered
+    CLAIM = "claim"  # runs are free to claim
+    RESYNC = "resync"  # the listener reconnected: messages may have been missed
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One message between replicas."""
+
+    kind: NoticeKind
+    run_id: str = ""
+    tenant_id: str = ""  # CHANGE
+    status_changed: bool = False  # CHANGE
+    status: str = ""  # CONTROL: the run's new status
+    clarification_id: str = ""  # ANSWER
+    answer: Answer | None = None  # ANSWER
+
+    @classmethod
+    def answered(cls, run_id: str, clarification_id: str, answer: Answer) -> Notice:
+        return cls(NoticeKind.ANSWER, run_id, clarification_id=clarification_id, answer=answer)
+
+    def to_json(self) -> list[Any]:
+        kind = self.kind.value
+        if self.kind is NoticeKind.CHANGE:
+            return [kind, self.run_id, self.tenant_id, int(self.status_changed)]
+        if self.kind is NoticeKind.CONTROL:
+            return [kind, self.run_id, self.status]
+        if self.kind is NoticeKind.ANSWER:
+            assert self.answer is not None
+            return [kind, self.run_id, self.clarification_id, self.answer.to_json()]
+        return [kind]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> Notice:
+        """A notice from its wire form; ValueError (or its kin) when it is not one."""
+        kind = NoticeKind(data[0])
+        if kind is NoticeKind.CHANGE:
+            _, run_id, tenant_id, changed = data
+            return cls(kind, str(run_id), tenant_id=str(tenant_id), status_changed=bool(changed))
+        if kind is NoticeKind.CONTROL:
+            _, run_id, status = data
+            return cls(kind, str(run_id), status=str(status))
+        if kind is NoticeKind.ANSWER:
+            _, run_id, clarification_id, answer = data
+            return cls.answered(str(run_id), str(clarification_id), Answer.from_json(answer))
+        return cls(kind)

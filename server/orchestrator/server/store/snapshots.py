@@ -1,0 +1,121 @@
+"""Rows to messages: a run's snapshot (`Execution`) and an event's delta, from store rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from orchestrator.server.lifecycle import RunStatus, StepStatus
+from orchestrator.server.store.records import Row
+from orchestrator.v1 import orchestrator_pb2 as pb
+
+JSON = Any
+
+RUN_STATUS_PB = {s: pb.ExecutionStatus.Value(f"EXECUTION_STATUS_{s.value}") for s in RunStatus}
+STEP_STATUS_PB = {s: pb.StepStatus.Value(f"STEP_STATUS_{s.value}") for s in StepStatus}
+CLARIFICATION_STATUS_PB = {
+    name: pb.ClarificationStatus.Value(f"CLARIFICATION_STATUS_{name}")
+    for name in ("PENDING", "RESOLVED", "WITHDRAWN")
+}
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    """Epoch seconds as a Timestamp."""
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def to_value(obj: JSON) -> struct_pb2.Value:
+    """Plain JSON as a protobuf Value."""
+    return json_format.ParseDict(obj, struct_pb2.Value())
+
+
+def partial_execution(row: Row, changed_steps: Iterable[Row] = ()) -> pb.Execution:
+    """The run-level fields of a run row, plus only the steps given (an event's delta)."""
+    execution = pb.Execution(
+        run_id=row["run_id"],
+        tenant_id=row["tenant_id"],
+        status=RUN_STATUS_PB[RunStatus(row["status"])],
+        progress=row["steps_finished"] / row["steps_total"] if row["steps_total"] else 1.0,
+        current_step=row["current_step"],
+        error_message=row["error_message"],
+        error_reason=row["error_reason"],
+        plan_hash=row["plan_hash"],
+        triggered_by=row["triggered_by"],
+        correlation_id=row["correlation_id"],
+        dry_run=bool(row["dry_run"]),
+        last_sequence=row["last_sequence"],
+    )
+    for name in ("started_at", "completed_at", "created_at"):
+        if row[name] is not None:
+            getattr(execution, name).CopyFrom(timestamp(row[name]))
+    execution.last_updated.CopyFrom(timestamp(row["updated_at"]))
+    if row["completed_at"] is None and row["started_at"] is not None:
+        execution.estimated_completion.CopyFrom(
+            timestamp(row["started_at"] + row["estimated_seconds"])
+        )
+    elif row["completed_at"] is None:
+        execution.estimated_completion.CopyFrom(
+            timestamp(row["created_at"] + row["estimated_seconds"])
+        )
+    for step in changed_steps:
+        execution.steps.append(_step_message(step))
+    return execution
+
+
+def _step_message(row: Row) -> pb.StepExecution:
+    step = pb.StepExecution(
+        step_id=row["step_id"],
+        flow_id=row["flow_id"],
+        status=STEP_STATUS_PB[StepStatus(row["status"])],
+        attempts=row["attempts"],
+        error=row["error"],
+        tool=row["tool"],
+        error_reason=row["error_reason"],
+    )
+    for name in ("started_at", "completed_at"):
+        if row[name] is not None:
+            getattr(step, name).CopyFrom(timestamp(row[name]))
+    if row["output"] is not None:
+        step.output.CopyFrom(to_value(row["output"]))
+    return step
+
+
+def _clarification_message(row: Row) -> pb.Clarification:
+    msg = pb.Clarification(
+        clarification_id=row["clarification_id"],
+        step_id=row["step_id"],
+        category=pb.ClarificationCategory.Value(f"CLARIFICATION_CATEGORY_{row['category']}"),
+        prompt=row["prompt"],
+        options=[str(o) for o in row["options"]],
+        argument_name=row["argument_name"],
+        status=CLARIFICATION_STATUS_PB[row["status"]],
+        responded_by=row["responded_by"],
+    )
+    msg.created_at.CopyFrom(timestamp(row["created_at"]))
+    if row["resolved_at"] is not None:
+        msg.resolved_at.CopyFrom(timestamp(row["resolved_at"]))
+    if row["response"] is not None:
+        msg.response.CopyFrom(to_value(row["response"]))
+    return msg
+
+
+def build_execution(
+    run: Row,
+    step_rows: Sequence[Row],
+    pending: Sequence[Row],
+) -> pb.Execution:
+    """The full snapshot of a run from its rows."""
+    execution = partial_execution(run, step_rows)
+    if run["results"] is not None:
+        execution.results.update(run["results"])
+    else:
+        for step in step_rows:
+            if step["status"] == StepStatus.COMPLETED and step["output"] is not None:
+                execution.results[step["step_id"]] = step["output"]
+    for clar in pending:
+        execution.pending_clarifications.append(_clarification_message(clar))
+    return execution
