@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -415,3 +416,20 @@ async def test_hostile_evaluations_stay_within_the_budget(
         event("too costly" if "too costly" in exc.message else "evaluation error")
     took = time.monotonic() - started
     assert took < values.budget + TRANSFER_MARGIN_SECONDS + 0.5, f"{source[:200]!r}: {took:.2f}s"
+
+
+async def test_a_cancelled_evaluation_leaves_the_sandbox_usable(sandbox: Sandbox) -> None:
+    """Found by the hostile fuzzing: a run cancelled while its condition was in the sandbox
+    left that answer in the pipe, and the next evaluation read it as its own."""
+    hundred = "[" + ", ".join(str(i) for i in range(99)) + "]"
+    slow = compile_condition(f"{hundred}.all(a, {hundred}.all(b, size(params.s + params.s) > 0))")
+    values = scope({"s": "x" * 100_000}, {}, {})
+    for delay in (0.0, 0.01, 0.05):
+        task = asyncio.create_task(check(sandbox, slow, values))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        condition = compile_condition(NESTED)
+        small = scope({}, {}, {"a": {"items": [float(i) for i in range(50)]}})
+        assert await check(sandbox, condition, small) is True

@@ -109,15 +109,21 @@ class Sandbox:
             stdout=asyncio.subprocess.PIPE,
             limit=2**31 - 1,
         )
-        self._process = process
         # The budget of the first evaluation starts only once the process has imported the
         # runtime and says it is ready.
         try:
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
-                await _receive(process)
+                ready = await _receive(process)
         except (TimeoutError, EOFError, OSError, asyncio.IncompleteReadError):
-            await self._stop()
+            _kill(process)
             raise ExpressionError("the expression sandbox did not start") from None
+        except BaseException:  # cancelled while it started: never reuse a half-started one
+            _kill(process)
+            raise
+        if ready != "ready":
+            _kill(process)
+            raise ExpressionError("the expression sandbox did not start")
+        self._process = process
         return process
 
     async def _stop(self) -> None:
@@ -149,6 +155,12 @@ class Sandbox:
                 await self._stop()
                 log.warning("expression.stopped", source=program.source[:200], budget=budget)
                 raise expressions._too_costly(program, budget, budget) from None
+            except BaseException:
+                # Cancelled (the run was) or an answer of the wrong shape: the pipe may hold
+                # an answer nobody reads, so this process cannot serve the next evaluation.
+                self._process = None
+                _kill(process)
+                raise
         if kind == "ok" and seconds > budget:
             raise expressions._too_costly(program, seconds, budget)
         if kind == "costly":
@@ -156,6 +168,13 @@ class Sandbox:
         if kind == "error":
             raise ExpressionError(value)
         return value
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    # No await: this also runs while the caller is being cancelled. asyncio reaps the child.
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
 
 async def _receive(process: asyncio.subprocess.Process) -> Any:
