@@ -29,11 +29,13 @@ import grpc
 import httpx
 import pytest
 import sqlalchemy as sa
+from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from orchestrator.client import OrchestratorClient
+from orchestrator.server.tools import Tool, ToolContext, default_registry
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import make_settings, md, plan_of, running, sqlite_url
@@ -488,6 +490,66 @@ async def test_the_client_library_carries_a_caller_through_a_blip(tmp_path: Path
                 range(seen[0].sequence + 1, seen[0].sequence + 1 + len(sequences))
             )
             assert seen[-1].execution.status == pb.EXECUTION_STATUS_COMPLETED
+    finally:
+        await proxy.close()
+        drop_postgres_database(url)
+
+
+@pytest.mark.postgres
+async def test_an_outcome_computed_during_an_outage_is_kept_not_computed_again(
+    tmp_path: Path,
+) -> None:
+    """A tool that returns while the store is cut off is called once: its outcome waits in the
+    engine and is written when the store is back."""
+    calls: list[str] = []
+    gate = asyncio.Event()
+
+    async def gated(ctx: ToolContext, params: dict[str, Any]) -> Any:
+        calls.append(ctx.idempotency_key)
+        await gate.wait()
+        return {"calls": len(calls)}
+
+    registry = default_registry(load_entry_points=False)
+    registry.register(Tool("test.gated", gated))
+    url = postgres_database()
+    target = sa.make_url(url)
+    proxy = TcpProxy(target.port or 5432, target.host or "127.0.0.1")
+    await proxy.start()
+    via_proxy = target.set(port=proxy.port).render_as_string(hide_password=False)
+    plan = plan_of(
+        {"stepId": "s1", "tool": "test.gated"},
+        {"stepId": "s2", "tool": "core.echo", "parameters": {"after": True}},
+    )
+    del plan.security_context.allowed_tools[:]
+    tenant = str(uuid.uuid4())
+    try:
+        async with (
+            running(make_settings(tmp_path, via_proxy), registry=registry) as srv,
+            grpc.aio.insecure_channel(srv.address) as channel,
+        ):
+            stub = pb_grpc.OrchestratorServiceStub(channel)
+            request = pb.ExecuteRequest(executable_plan=plan, validate_capabilities=False)
+            run_id = (await stub.Execute(request, metadata=md(tenant))).run_id
+            await until(lambda: bool(calls), 10, "the tool to be called")
+            await proxy.cut()
+            gate.set()  # the tool returns now, with the store away
+            await until(lambda: srv.db.health.waiting >= 1, 10, "the outcome to wait")
+            await asyncio.sleep(2)
+            await proxy.restore()
+            get = pb.GetExecutionRequest(run_id=run_id)
+
+            async def status() -> int:
+                return (await stub.GetExecution(get, metadata=md(tenant))).execution.status
+
+            for _ in range(200):
+                if await status() != pb.EXECUTION_STATUS_RUNNING:
+                    break
+                await asyncio.sleep(0.05)
+            execution = (await stub.GetExecution(get, metadata=md(tenant))).execution
+            assert execution.status == pb.EXECUTION_STATUS_COMPLETED, execution
+            assert calls == [f"{run_id}/s1"]
+            assert [(s.step_id, s.attempts) for s in execution.steps] == [("s1", 1), ("s2", 1)]
+            assert json_format.MessageToDict(execution.steps[0].output) == {"calls": 1}
     finally:
         await proxy.close()
         drop_postgres_database(url)

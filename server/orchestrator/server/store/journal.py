@@ -166,16 +166,22 @@ class Journal:
 
     async def step_started(self, run_id: str, step_id: str) -> Started | None:
         """Record a new attempt of a step; None when the run does not take new steps now."""
+        # What this call wrote last, should the store cut off between committing and saying
+        # so: the attempt found committed when the write is tried again is ours, not a new one.
+        wrote: list[tuple[int, float, float]] = []
 
         async def unit(tx: Tx) -> Started | None:
             row = await self._run_row(tx, run_id)
             if row is None or row["status"] != RunStatus.RUNNING.value:
                 return None
             step = await self._step_row(tx, run_id, step_id)
+            if wrote and wrote[-1][:2] == (step["attempts"], step["started_at"]):
+                return Started(wrote[-1][0], wrote[-1][2])
             if step["status"] not in (StepStatus.PENDING.value, StepStatus.RUNNING.value):
                 return None
             attempt = step["attempts"] + 1
             first = step["first_started_at"] or tx.now
+            wrote.append((attempt, tx.now, first))
             await self._set_step(
                 tx,
                 run_id,
