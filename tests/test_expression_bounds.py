@@ -40,8 +40,15 @@ def test_hostile_expressions_never_hold_up_another_tenant(server: ServeProcess) 
             assert "too costly" in step.error, (name, step.error)
     assert len(load.latencies) > 20
     slowest = max(load.latencies, key=lambda item: item[1])
-    # The bar is 100 ms (`make bench` reports the figure); on a shared CI machine the
-    # scheduler alone can add tens of ms, so the test allows more. Before the bounds, one
-    # such condition held every call for 19 s.
-    print(f"slowest bystander call: {slowest[0]} {slowest[1] * 1000:.0f} ms")
-    assert slowest[1] < 0.250, f"{slowest[0]} took {slowest[1] * 1000:.0f} ms"
+    ordered = sorted(seconds for _, seconds in load.latencies)
+    p95 = ordered[int(len(ordered) * 0.95)]
+    print(
+        f"bystander calls: p95 {p95 * 1000:.0f} ms, slowest {slowest[0]} {slowest[1] * 1000:.0f} ms"
+    )
+    # The bar for every call is 100 ms, and `make bench` reports the slowest against it. A
+    # test on a shared machine (CI runs the server, its sandbox and this client on two cores)
+    # can be descheduled for longer than that, so it asserts what a freeze would break: 95%
+    # of calls within the bar and none near a second. Before the bounds, one such condition
+    # held every call for 19 s.
+    assert p95 < 0.100, f"p95 {p95 * 1000:.0f} ms"
+    assert slowest[1] < 1.0, f"{slowest[0]} took {slowest[1] * 1000:.0f} ms"
