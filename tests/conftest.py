@@ -36,10 +36,8 @@ def make_settings(tmp_path: Path, database_url: str | None = None, **overrides: 
         port=0,
         database_url=database_url or sqlite_url(tmp_path / "orchestrator.db"),
         shutdown_grace=0.5,
-        heartbeat_seconds=15.0,
+        **{"heartbeat_seconds": 15.0, **overrides},
     )
-    for key, value in overrides.items():
-        setattr(settings, key, value)
     return settings
 
 

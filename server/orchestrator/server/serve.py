@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import sys
+from collections.abc import Sequence
 
 import structlog
 
 from orchestrator.server.app import build_server
 from orchestrator.server.logs import configure_logging
-from orchestrator.server.settings import Settings
+from orchestrator.server.settings import Settings, SettingsError, parse_args
 from orchestrator.server.tracing import configure_tracing
 
 log = structlog.get_logger("orchestrator.server")
@@ -54,3 +56,14 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     asyncio.run(serve(settings))
+
+
+def main(argv: Sequence[str]) -> None:
+    """`orchestrator serve ARGS`: a bad setting is one line on stderr per problem and exit 2."""
+    try:
+        settings = parse_args(argv)
+    except SettingsError as err:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run(settings)
