@@ -6,9 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO := protos/orchestrator/v1/orchestrator.proto
 GEN_DIR := generated
+# The contract as last released: `buf breaking` fails on any change incompatible with it.
+RELEASED := releases/v0.1
+BUF ?= $(BIN)/buf
 ORCHESTRATOR_PORT ?= 50051
 
-.PHONY: install run test test-fast generate check-generated lint buf-lint bench clean
+.PHONY: install run test test-fast generate check-generated lint buf-lint buf-breaking bench clean
 
 install: $(STAMP)
 
@@ -40,14 +43,18 @@ check-generated: install
 	else rm -rf $$tmp; echo "generated/ differs from protos/: run 'make generate' and commit"; exit 1; fi
 
 buf-lint: install
-	$(BIN)/buf lint
+	$(BUF) lint
+
+# No install prerequisite: tests run this target on a scratch copy with BUF set.
+buf-breaking:
+	$(BUF) breaking --against $(RELEASED)
 
 lint: install
 	$(BIN)/ruff check server clients tests
 	$(BIN)/ruff format --check server clients tests
 	$(BIN)/mypy --strict server clients tests
 
-test: install buf-lint check-generated
+test: install lint buf-lint buf-breaking check-generated
 	$(BIN)/pytest -q
 
 bench: install
