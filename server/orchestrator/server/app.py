@@ -300,7 +300,14 @@ async def build_server(
         max_template_output_bytes=settings.max_template_output_bytes,
         max_value_depth=settings.max_struct_depth,
     )
-    metrics.watch_gauges(lambda: len(engine.runs), lambda: hub.watchers)
+    writer.on_batch = metrics.on_batch
+    metrics.watch_gauges(
+        runs=lambda: len(engine.runs),
+        # The engine's slots are a semaphore: what is taken is what is in flight.
+        steps=lambda: engine.max_steps_in_flight - engine.slots._value,
+        watchers=lambda: hub.watchers,
+        writer_queue=lambda: writer.queue_depth,
+    )
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)
     bus = None
     if not db.is_sqlite:

@@ -82,6 +82,8 @@ class Tx:
 
 Unit = Callable[[Tx], Coroutine[Any, Any, T]]
 CommitListener = Callable[[list[Change]], None]
+# (units, seconds, ok): a batch committed, or failed to reach the database (metrics).
+BatchObserver = Callable[[int, float, bool], None]
 
 
 @dataclass
@@ -123,10 +125,16 @@ class Writer:
         self._closed = False
         self.commits = 0
         self.units = 0
+        self.on_batch: BatchObserver | None = None
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call `listener` with the changes of every commit, right after it."""
         self._listeners.append(listener)
+
+    @property
+    def queue_depth(self) -> int:
+        """Units of work waiting for the next group commit."""
+        return self._queue.qsize()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="store-writer")
@@ -218,9 +226,12 @@ class Writer:
         return tx, results
 
     async def _commit(self, batch: list[_Job[Any]]) -> None:
+        started = time.perf_counter()
         try:
             tx, results = await self._transact([job.unit for job in batch])
         except BaseException as exc:
+            if self.on_batch is not None and isinstance(exc, sa.exc.OperationalError):
+                self.on_batch(len(batch), time.perf_counter() - started, False)
             if len(batch) > 1 and isinstance(exc, Exception):
                 # One unit failed and the whole transaction rolled back: run each alone so
                 # the others still commit and only the failing caller sees its error.
@@ -235,6 +246,8 @@ class Writer:
             return
         self.commits += 1
         self.units += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), time.perf_counter() - started, True)
         if tx.changes:
             for listener in self._listeners:
                 try:
