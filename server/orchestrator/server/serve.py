@@ -21,8 +21,6 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 async def serve(settings: Settings) -> None:
     """Start the server and stop it gracefully on the first signal, at once on the second."""
-    configure_logging(settings.log_format, settings.log_level)
-    configure_tracing()
     server = await build_server(settings)
     await server.start()
     # What is loaded by now lives as long as the process: keep it out of every collection,
@@ -62,8 +60,15 @@ def main(argv: Sequence[str]) -> None:
     """`orchestrator serve ARGS`: a bad setting is one line on stderr per problem and exit 2."""
     try:
         settings = parse_args(argv)
+        configure_logging(settings.log_format, settings.log_level)
+        configure_tracing()
     except SettingsError as err:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
-    run(settings)
+    try:
+        run(settings)
+    except Exception:
+        # The traceback as a log line too: stderr stays one format.
+        log.exception("server.crashed")
+        raise SystemExit(1) from None
