@@ -176,8 +176,7 @@ def _root(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
 def serve(ctx: typer.Context) -> None:
-    """Run the gRPC server until SIGTERM (`serve --help` lists its flags; needs the server
-    distribution, orchestrator-rpc-server)."""
+    """Run the gRPC server (needs orchestrator-rpc-server); `serve --help` lists its flags."""
     try:
         from orchestrator.server.serve import main as serve_main
     except ImportError:

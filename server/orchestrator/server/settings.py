@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -129,7 +129,9 @@ def parser(prog: str = "orchestrator serve") -> argparse.ArgumentParser:
         if info.annotation is bool:
             out.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            out.add_argument(flag(name), metavar=name.upper(), help=help_text)
+            choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+            metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+            out.add_argument(flag(name), metavar=metavar, help=help_text)
     return out
 
 
