@@ -65,7 +65,7 @@ test: install lint buf-lint buf-breaking check-generated
 	$(BIN)/pytest -q
 
 bench: install
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./generated -e ./clients -e '.[dev,bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
