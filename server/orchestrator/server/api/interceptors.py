@@ -98,14 +98,14 @@ class Call:
 current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("current_call")
 
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
 def _metadata(context: Context, key: str) -> str:
     for k, v in context.invocation_metadata() or ():
         if k == key:
             return v if isinstance(v, str) else v.decode()
     return ""
-
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 @functools.cache
@@ -144,7 +144,10 @@ class RpcInterceptor(AsyncServerInterceptor):
         try:
             return await self.unary(call, request, context, name)
         finally:
-            call.close()  # a no-op once run; a call refused before it ran does not warn
+            # A no-op once run; a call refused before it ran does not warn "never awaited".
+            close = getattr(call, "close", None)
+            if close is not None:
+                close()
 
     async def _stream(
         self, items: AsyncIterator[Any], request: Any, context: Context, name: str
