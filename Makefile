@@ -6,17 +6,25 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO := protos/orchestrator/v1/orchestrator.proto
 GEN_DIR := generated
+# The contract as last released: `buf breaking` fails on any change incompatible with it.
+RELEASED := releases/v0.1
+BUF ?= $(BIN)/buf
 ORCHESTRATOR_PORT ?= 50051
 
-.PHONY: install run test test-fast generate check-generated lint buf-lint bench clean
+.PHONY: install run test test-fast generate check-generated lint buf-lint buf-breaking bench clean
 
 install: $(STAMP)
 
+# The three distributions (README "Packages"), each installed editable: stubs, client, server.
+PACKAGES := -e ./generated -e ./clients -e '.[dev]'
+
 # Re-install only when the packaging changes; an editable install picks up code changes.
-$(STAMP): pyproject.toml
+# (`orchestrator` is the single distribution this repo used to install: it goes.)
+$(STAMP): pyproject.toml generated/pyproject.toml clients/pyproject.toml
 	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip uninstall --quiet --yes orchestrator 2>/dev/null || true
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PACKAGES)
 	touch $(STAMP)
 
 run: install
@@ -24,34 +32,40 @@ run: install
 
 # protoc comes from grpcio-tools (pinned), so the generated code matches the protobuf runtime.
 # buf lints and checks breaking changes; it cannot drive grpc's python generator locally.
+# What the stubs distribution ships: protoc's output, py.typed (so a caller's mypy reads the
+# .pyi files, PEP 561) and the .proto itself.
+PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+  --python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) \
+  $(PROTO) && touch $(1)/orchestrator/v1/py.typed && cp $(PROTO) $(1)/orchestrator/v1/
+
 generate: install
 	rm -rf $(GEN_DIR)/orchestrator
 	mkdir -p $(GEN_DIR)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
-	  --python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
-	  --mypy_out=quiet:$(GEN_DIR) --mypy_grpc_out=quiet:$(GEN_DIR) $(PROTO)
+	$(call PROTOC,$(GEN_DIR))
 
 check-generated: install
 	@tmp=$$(mktemp -d) && \
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
-	  --python_out=$$tmp --grpc_python_out=$$tmp \
-	  --mypy_out=quiet:$$tmp --mypy_grpc_out=quiet:$$tmp $(PROTO) && \
+	$(call PROTOC,$$tmp) && \
 	if diff -r $$tmp/orchestrator $(GEN_DIR)/orchestrator; then rm -rf $$tmp; echo "generated code is up to date"; \
 	else rm -rf $$tmp; echo "generated/ differs from protos/: run 'make generate' and commit"; exit 1; fi
 
 buf-lint: install
-	$(BIN)/buf lint
+	$(BUF) lint
+
+# No install prerequisite: tests run this target on a scratch copy with BUF set.
+buf-breaking:
+	$(BUF) breaking --against $(RELEASED)
 
 lint: install
 	$(BIN)/ruff check server clients tests
 	$(BIN)/ruff format --check server clients tests
 	$(BIN)/mypy --strict server clients tests
 
-test: install buf-lint check-generated
+test: install lint buf-lint buf-breaking check-generated
 	$(BIN)/pytest -q
 
 bench: install
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./generated -e ./clients -e '.[dev,bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:

@@ -31,16 +31,14 @@ def sqlite_url(path: Path) -> str:
 
 
 def make_settings(tmp_path: Path, database_url: str | None = None, **overrides: Any) -> Settings:
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        database_url=database_url or sqlite_url(tmp_path / "orchestrator.db"),
-        shutdown_grace=0.5,
-        heartbeat_seconds=15.0,
-    )
-    for key, value in overrides.items():
-        setattr(settings, key, value)
-    return settings
+    defaults: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "database_url": database_url or sqlite_url(tmp_path / "orchestrator.db"),
+        "shutdown_grace": 0.5,
+        "heartbeat_seconds": 15.0,
+    }
+    return Settings(**{**defaults, **overrides})
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

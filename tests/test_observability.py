@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -15,11 +18,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from orchestrator.server.app import Server
+from orchestrator.server.metrics import Metrics
 from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import md, plan_of, running
 from tests.process import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -98,6 +104,13 @@ async def test_metrics_move_after_a_run(traced: Server) -> None:
             ),
             metadata=md(tenant),
         )
+        run_id = (
+            (await stub.ListExecutions(pb.ListExecutionsRequest(), metadata=md(tenant)))
+            .executions[0]
+            .run_id
+        )
+        watched = stub.WatchExecution(pb.WatchExecutionRequest(run_id=run_id), metadata=md(tenant))
+        sent = len([event async for event in watched])
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.GetExecution(pb.GetExecutionRequest(run_id="nope"), metadata=md(tenant))
     async with httpx.AsyncClient() as client:
@@ -107,19 +120,49 @@ async def test_metrics_move_after_a_run(traced: Server) -> None:
         line = next(x for x in text.splitlines() if x.startswith(sample + " "))
         return float(line.rsplit(" ", 1)[1])
 
-    execute = 'method="/orchestrator.v1.OrchestratorService/Execute"'
-    assert value(f'orchestrator_rpcs_total{{code="OK",{execute}}}') == 1
-    assert (
-        value(
-            'orchestrator_rpcs_total{code="NOT_FOUND",'
-            'method="/orchestrator.v1.OrchestratorService/GetExecution"}'
-        )
-        == 1
-    )
-    assert value(f"orchestrator_rpc_duration_seconds_count{{{execute}}}") == 1
+    service = 'grpc_service="orchestrator.v1.OrchestratorService"'
+    execute = f'grpc_method="Execute",{service},grpc_type="unary"'
+    assert value(f"grpc_server_started_total{{{execute}}}") == 1
+    assert value(f'grpc_server_handled_total{{grpc_code="OK",{execute}}}') == 1
+    assert value(f"grpc_server_msg_received_total{{{execute}}}") == 1
+    assert value(f"grpc_server_msg_sent_total{{{execute}}}") == 1
+    get = f'grpc_code="NOT_FOUND",grpc_method="GetExecution",{service},grpc_type="unary"'
+    assert value(f"grpc_server_handled_total{{{get}}}") == 1
+    assert value(f"grpc_server_handling_seconds_count{{{execute}}}") == 1
+    watch = f'grpc_method="WatchExecution",{service},grpc_type="server_stream"'
+    assert value(f"grpc_server_msg_sent_total{{{watch}}}") == sent
+    assert value(f'grpc_server_handled_total{{grpc_code="OK",{watch}}}') == 1
+    assert value(f"grpc_server_stream_handling_seconds_count{{{watch}}}") == 1
+    assert f"grpc_server_handling_seconds_count{{{watch}}}" not in text
+    assert value("process_cpu_seconds_total") > 0
+    assert value("process_resident_memory_bytes") > 0
+    assert "python_gc_collections_total" in text and "python_info" in text
+    # The store's writer: every commit timed and sized; nothing waiting now; the store is up.
+    commits = value("orchestrator_store_commit_seconds_count")
+    assert commits >= 3  # Execute, the step, the end of the run (at least)
+    assert value("orchestrator_store_commit_units_count") == commits
+    assert value("orchestrator_store_commit_units_sum") >= commits
+    assert value("orchestrator_store_writer_queue_depth") == 0
+    assert value("orchestrator_store_up") == 1
+    assert value("orchestrator_steps_in_flight") == 0
     assert value('orchestrator_run_transitions_total{status="COMPLETED"}') == 1
     assert value('orchestrator_run_transitions_total{status="PENDING"}') == 1
     assert value('orchestrator_step_duration_seconds_count{tool="core.echo"}') == 1
     assert value("orchestrator_runs_in_flight") == 0
     assert value("orchestrator_watchers") == 0
     assert "orchestrator_lease_takeovers_total" in text
+
+
+def test_the_dashboard_reads_only_series_the_server_exports() -> None:
+    dashboard = json.loads((ROOT / "dashboards" / "orchestrator.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {
+        re.sub(r"_(bucket|count|sum|total)$", "", name)
+        for expr in exprs
+        for name in re.findall(r"\b((?:grpc_server|orchestrator|process|python)_[a-z_]+)", expr)
+    }
+    exported = {family.name for family in Metrics().registry.collect()}
+    assert queried <= exported, queried - exported
+    # The panels cover the gRPC server, the engine, the store and the process.
+    assert {"grpc_server_handled", "orchestrator_store_commit_seconds"} <= queried
+    assert {"orchestrator_steps_in_flight", "process_cpu_seconds"} <= queried

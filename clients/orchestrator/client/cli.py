@@ -36,7 +36,6 @@ app = typer.Typer(
     help="Orchestrator: run ExecutablePlans and watch them.",
 )
 
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Exit code of `watch` and `execute --wait/--watch` by the run's final status.
 EXIT_CODES = {
     pb.EXECUTION_STATUS_COMPLETED: 0,
@@ -172,150 +171,17 @@ def _root(
 # ---------------------------------------------------------------- serve
 
 
-@app.command()
-def serve(
-    host: Annotated[
-        str | None, typer.Option(help="Address to bind [env ORCHESTRATOR_HOST].")
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="Port to bind [env ORCHESTRATOR_PORT].")] = None,
-    database_url: Annotated[
-        str | None,
-        typer.Option(help="SQLAlchemy URL of the store [env ORCHESTRATOR_DATABASE_URL]."),
-    ] = None,
-    log_format: Annotated[
-        str | None, typer.Option(help="json or console [env ORCHESTRATOR_LOG_FORMAT].")
-    ] = None,
-    shutdown_grace: Annotated[
-        float | None,
-        typer.Option(
-            help="Seconds SIGTERM waits for in-flight work [env ORCHESTRATOR_SHUTDOWN_GRACE]."
-        ),
-    ] = None,
-    execute: Annotated[
-        bool | None,
-        typer.Option(
-            "--execute/--no-execute",
-            help="Execute runs, or serve the API only [env ORCHESTRATOR_EXECUTE].",
-        ),
-    ] = None,
-    replica_id: Annotated[
-        str | None,
-        typer.Option(
-            help="This replica's name in run leases, default host:port "
-            "[env ORCHESTRATOR_REPLICA_ID]."
-        ),
-    ] = None,
-    lease_seconds: Annotated[
-        float | None,
-        typer.Option(
-            help="A run's lease lasts this long without renewal [env ORCHESTRATOR_LEASE_SECONDS]."
-        ),
-    ] = None,
-    retention_seconds: Annotated[
-        float | None,
-        typer.Option(
-            help="Delete finished runs older than this, 0 keeps them "
-            "[env ORCHESTRATOR_RETENTION_SECONDS]."
-        ),
-    ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(help="Prometheus metrics port, 0 is off [env ORCHESTRATOR_METRICS_PORT]."),
-    ] = None,
-    heartbeat_seconds: Annotated[
-        float | None,
-        typer.Option(
-            help="Idle watch streams get a HEARTBEAT this often "
-            "[env ORCHESTRATOR_HEARTBEAT_SECONDS]."
-        ),
-    ] = None,
-    max_steps_in_flight: Annotated[
-        int | None,
-        typer.Option(
-            help="Steps in flight across all runs of the process "
-            "[env ORCHESTRATOR_MAX_STEPS_IN_FLIGHT]."
-        ),
-    ] = None,
-    log_level: Annotated[
-        str | None,
-        typer.Option(help="debug, info, warning, error or critical [env ORCHESTRATOR_LOG_LEVEL]."),
-    ] = None,
-    auth_keys: Annotated[
-        str | None,
-        typer.Option(help="JSON file of API keys bound to tenants [env ORCHESTRATOR_AUTH_KEYS]."),
-    ] = None,
-    tls_cert: Annotated[
-        str | None, typer.Option(help="PEM server certificate [env ORCHESTRATOR_TLS_CERT].")
-    ] = None,
-    tls_key: Annotated[
-        str | None, typer.Option(help="PEM key of --tls-cert [env ORCHESTRATOR_TLS_KEY].")
-    ] = None,
-    tls_client_ca: Annotated[
-        str | None,
-        typer.Option(help="PEM CA for client certificates: mTLS [env ORCHESTRATOR_TLS_CLIENT_CA]."),
-    ] = None,
-    tenant_policy: Annotated[
-        str | None,
-        typer.Option(help="JSON file of capabilities per tenant [env ORCHESTRATOR_TENANT_POLICY]."),
-    ] = None,
-    http_allow: Annotated[
-        str | None,
-        typer.Option(
-            help="CIDRs http.request may reach though private, comma-separated "
-            "[env ORCHESTRATOR_HTTP_ALLOW]."
-        ),
-    ] = None,
-) -> None:
-    """Run the gRPC server until SIGTERM (SIGHUP re-reads the key and policy files)."""
-    from orchestrator.server.serve import run
-    from orchestrator.server.settings import Settings
-
-    settings = Settings()
-    if host is not None:
-        settings.host = host
-    if port is not None:
-        settings.port = port
-    if database_url is not None:
-        settings.database_url = database_url
-    if log_format is not None:
-        if log_format not in ("json", "console"):
-            raise typer.BadParameter("must be json or console", param_hint="--log-format")
-        settings.log_format = log_format
-    if shutdown_grace is not None:
-        settings.shutdown_grace = shutdown_grace
-    if execute is not None:
-        settings.execute = execute
-    if replica_id is not None:
-        settings.replica_id = replica_id
-    if lease_seconds is not None:
-        settings.lease_seconds = lease_seconds
-    if retention_seconds is not None:
-        settings.retention_seconds = retention_seconds
-    if metrics_port is not None:
-        settings.metrics_port = metrics_port
-    if heartbeat_seconds is not None:
-        settings.heartbeat_seconds = heartbeat_seconds
-    if max_steps_in_flight is not None:
-        settings.max_steps_in_flight = max_steps_in_flight
-    for name, value in (
-        ("auth_keys", auth_keys),
-        ("tls_cert", tls_cert),
-        ("tls_key", tls_key),
-        ("tls_client_ca", tls_client_ca),
-        ("tenant_policy", tenant_policy),
-        ("http_allow", http_allow),
-    ):
-        if value is not None:
-            setattr(settings, name, value)
-    if bool(settings.tls_cert) != bool(settings.tls_key):
-        raise typer.BadParameter("--tls-cert and --tls-key go together", param_hint="--tls-cert")
-    if log_level is not None:
-        if log_level.lower() not in LOG_LEVELS:
-            raise typer.BadParameter(
-                f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
-            )
-        settings.log_level = log_level.lower()
-    run(settings)
+@app.command(
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def serve(ctx: typer.Context) -> None:
+    """Run the gRPC server (needs orchestrator-rpc-server); `serve --help` lists its flags."""
+    try:
+        from orchestrator.server.serve import main as serve_main
+    except ImportError:
+        fail("`orchestrator serve` needs the server: pip install orchestrator-rpc-server", 2)
+    serve_main(ctx.args)
 
 
 # ---------------------------------------------------------------- client commands

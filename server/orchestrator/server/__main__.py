@@ -1,5 +1,7 @@
-"""`python -m orchestrator.server` is `orchestrator serve`."""
+"""`python -m orchestrator.server [FLAGS]` is `orchestrator serve [FLAGS]`."""
 
-from orchestrator.client.cli import main
+import sys
 
-main(["serve"])
+from orchestrator.server.serve import main
+
+main(sys.argv[1:])

@@ -54,7 +54,20 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # Calls the server has not picked up yet wait rather than being CANCELLED: gRPC's own
+    # defaults (1,000, hard 3,000) cancelled most of 10,000 watch streams opened at once
+    # instead of letting them reach the handler and its WATCH_LIMIT.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 50_000),
 ]
+
+
+def _connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """A connection older than the max age is sent GOAWAY, so long-lived clients open a new
+    one and rebalance behind L4 balancers. Calls in flight keep the old one (no grace limit):
+    a watch stream is not cut; new calls go to the new connection."""
+    age_ms = int(settings.max_connection_age_seconds * 1000)
+    return [("grpc.max_connection_age_ms", age_ms)] if age_ms > 0 else []
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -247,6 +260,7 @@ async def build_server(
         interceptors=interceptors,
         options=[
             *SERVER_OPTIONS,
+            *_connection_options(settings),
             ("grpc.max_receive_message_length", settings.max_request_bytes),
         ],
     )
@@ -290,8 +304,14 @@ async def build_server(
         expression_budget=settings.expression_budget_ms / 1000,
         sandbox=Sandbox(),
     )
+    writer.on_batch = metrics.on_batch
     metrics.watch_gauges(
-        lambda: len(engine.runs), lambda: hub.watchers, lambda: float(db.health.reachable)
+        runs=lambda: len(engine.runs),
+        # The engine's slots are a semaphore: what is taken is what is in flight.
+        steps=lambda: engine.max_steps_in_flight - engine.slots._value,
+        watchers=lambda: hub.watchers,
+        writer_queue=lambda: writer.queue_depth,
+        store_up=lambda: float(db.health.reachable),
     )
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)
     bus = db.dialect.cluster_bus(db.url, replica, on_cluster_message(hub, engine))

@@ -96,21 +96,35 @@ class TenantPolicy:
 
 
 class ExecuteRateLimiter:
-    """Execute calls per tenant: a token bucket per tenant, per replica."""
+    """Execute calls per tenant: a token bucket per tenant, per replica.
 
-    def __init__(self, rate: float, burst: int) -> None:
+    Any UUID in x-tenant-id names a tenant, so the buckets are bounded: past `max_tenants`
+    the least recently used go (a bucket unused for burst/rate seconds is full again, the
+    same as none; one dropped earlier forgives that tenant at most one burst)."""
+
+    def __init__(self, rate: float, burst: int, max_tenants: int = 10_000) -> None:
         self.rate = rate
         self.burst = max(burst, 1)
+        self.max_tenants = max_tenants
+        # tenant -> (tokens, last refill), least recently used first.
         self._buckets: dict[str, tuple[float, float]] = {}
+
+    def __len__(self) -> int:
+        """Tenants with a bucket."""
+        return len(self._buckets)
 
     def take(self, tenant_id: str, now: float) -> float:
         """0 when the call may go ahead, else the seconds until it may."""
         if self.rate <= 0:
             return 0.0
-        tokens, last = self._buckets.get(tenant_id, (float(self.burst), now))
+        tokens, last = self._buckets.pop(tenant_id, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        wait = 0.0
         if tokens >= 1:
-            self._buckets[tenant_id] = (tokens - 1, now)
-            return 0.0
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
         self._buckets[tenant_id] = (tokens, now)
-        return (1 - tokens) / self.rate
+        while len(self._buckets) > self.max_tenants:
+            del self._buckets[next(iter(self._buckets))]
+        return wait

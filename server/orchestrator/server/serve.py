@@ -6,12 +6,13 @@ import asyncio
 import gc
 import signal
 import sys
+from collections.abc import Sequence
 
 import structlog
 
 from orchestrator.server.app import build_server
 from orchestrator.server.logs import configure_logging
-from orchestrator.server.settings import Settings
+from orchestrator.server.settings import Settings, SettingsError, parse_args
 from orchestrator.server.tracing import configure_tracing
 
 log = structlog.get_logger("orchestrator.server")
@@ -21,8 +22,6 @@ SWITCH_INTERVAL_SECONDS = 0.001
 
 async def serve(settings: Settings) -> None:
     """Start the server and stop it gracefully on the first signal, at once on the second."""
-    configure_logging(settings.log_format, settings.log_level)
-    configure_tracing()
     server = await build_server(settings)
     await server.start()
     # What is loaded by now lives as long as the process: keep it out of every collection,
@@ -59,3 +58,21 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     asyncio.run(serve(settings))
+
+
+def main(argv: Sequence[str]) -> None:
+    """`orchestrator serve ARGS`: a bad setting is one line on stderr per problem and exit 2."""
+    try:
+        settings = parse_args(argv)
+        configure_logging(settings.log_format, settings.log_level)
+        configure_tracing()
+    except SettingsError as err:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        run(settings)
+    except Exception:
+        # The traceback as a log line too: stderr stays one format.
+        log.exception("server.crashed")
+        raise SystemExit(1) from None

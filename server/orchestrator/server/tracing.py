@@ -4,18 +4,33 @@ context a run keeps so its steps' spans join the trace of the call that submitte
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from opentelemetry import context, trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from orchestrator.server.settings import SettingsError
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
 _propagator = TraceContextTextMapPropagator()
+
+
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 
 def configure_tracing() -> None:
     """Install a tracer provider when OTEL_TRACES_EXPORTER (otlp, console) or an OTLP endpoint
-    is set; otherwise tracing stays off (the API's no-op provider)."""
+    is set; otherwise tracing stays off (the API's no-op provider). OTLP goes over gRPC or
+    HTTP as OTEL_EXPORTER_OTLP_TRACES_PROTOCOL / OTEL_EXPORTER_OTLP_PROTOCOL say (default
+    grpc); the exporters read the rest of the OTEL_EXPORTER_OTLP_* variables themselves.
+    A protocol they do not speak is a SettingsError."""
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "")
-    if not exporter_name and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+    if not exporter_name and (
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
         exporter_name = "otlp"
     if exporter_name in ("", "none"):
         return
@@ -24,20 +39,40 @@ def configure_tracing() -> None:
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
         ConsoleSpanExporter,
-        SpanExporter,
     )
 
     exporter: SpanExporter
     if exporter_name == "console":
         exporter = ConsoleSpanExporter()
+    elif exporter_name == "otlp":
+        exporter = _otlp_exporter()
     else:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter()
+        raise SettingsError(
+            f"OTEL_TRACES_EXPORTER={exporter_name!r}: must be otlp, console or none"
+        )
     service = os.environ.get("OTEL_SERVICE_NAME", "orchestrator")
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+
+
+def _otlp_exporter() -> SpanExporter:
+    variable = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    protocol = os.environ.get(variable, "")
+    if not protocol:
+        variable = "OTEL_EXPORTER_OTLP_PROTOCOL"
+        protocol = os.environ.get(variable, "grpc")
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HTTPSpanExporter,
+        )
+
+        return HTTPSpanExporter()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    raise SettingsError(f"{variable}={protocol!r}: must be one of {', '.join(OTLP_PROTOCOLS)}")
 
 
 def tracing_on(provider: trace.TracerProvider | None = None) -> bool:

@@ -231,15 +231,17 @@ class Watcher:
         """WatchExecution frames: snapshot or replay, then live events until the terminal one."""
         if after_sequence < 0:
             raise InvalidArgument("after_sequence must not be negative", reason="INVALID_SEQUENCE")
-        status, last = await self.store.run_status(tenant_id, run_id)
-        if after_sequence > last:
-            raise OutOfRange(
-                f"after_sequence {after_sequence} is beyond the run's last event {last}",
-                metadata={"run_id": run_id, "last_sequence": str(last)},
-            )
-        if status.terminal and after_sequence == last:
-            return
+        # The limit first: a stream refused costs no store read, so thousands refused at
+        # once are answered WATCH_LIMIT promptly.
         with self.hub.run(run_id, tenant_id) as (wake, channel):
+            status, last = await self.store.run_status(tenant_id, run_id)
+            if after_sequence > last:
+                raise OutOfRange(
+                    f"after_sequence {after_sequence} is beyond the run's last event {last}",
+                    metadata={"run_id": run_id, "last_sequence": str(last)},
+                )
+            if status.terminal and after_sequence == last:
+                return
             position = after_sequence
             if after_sequence == 0:
                 snapshot = await self._snapshot(tenant_id, run_id, resync=False)
@@ -323,8 +325,10 @@ class Watcher:
                     "after_cursor is not a cursor of this tenant", reason="INVALID_CURSOR"
                 )
         else:
-            position = await self.store.last_event_id(tenant_id)
+            position = 0
         with self.hub.tenant(tenant_id) as wake:
+            if not after_cursor:
+                position = await self.store.last_event_id(tenant_id)
             while True:
                 wake.clear()
                 rows = await self._patiently(

@@ -1,25 +1,28 @@
-"""Server interceptors, outermost first: call context (correlation id, access log), errors
-(domain exceptions -> google.rpc.Status), tenant (x-tenant-id).
+"""Server interceptors, outermost first: call context (correlation id, access log, metrics),
+errors (domain exceptions -> google.rpc.Status), tenant (x-tenant-id).
 
-Written on grpc.aio.ServerInterceptor rather than grpc-interceptor's async base: that base
-hands a server stream back unwrapped, so errors raised mid-stream would escape the error
-interceptor.
+Built on grpc-interceptor's AsyncServerInterceptor. Its `intercept` may hand back a coroutine
+or an async generator; `RpcInterceptor` uses that to wrap both shapes of call: a unary call is
+awaited inside `unary`, a stream is iterated inside `stream`, so an error raised mid-stream
+passes through every interceptor like one raised before the first message.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pool
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from grpc_interceptor import AsyncServerInterceptor
 
 from orchestrator.server.errors import (
     DOMAIN,
@@ -94,120 +97,155 @@ class Call:
 
 current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("current_call")
 
-Continuation: TypeAlias = (
-    "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
-)
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
+def _metadata(context: Context, key: str) -> str:
     for k, v in context.invocation_metadata() or ():
         if k == key:
             return v if isinstance(v, str) else v.decode()
     return ""
 
 
-async def _items(
-    inner: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext[Any, Any]
-) -> AsyncIterator[Any]:
-    """A server-streaming handler's responses, whichever style it is written in: an async
-    generator (ours), or a coroutine that writes with `context.write` (grpcio-health's
-    Watch), which yields nothing here."""
-    result = inner(request, context)
-    if hasattr(result, "__aiter__"):
-        async for item in result:
+@functools.cache
+def rpc_type(method_name: str) -> str:
+    """unary, server_stream, client_stream or bidi_stream, from the method's descriptor."""
+    try:
+        method = descriptor_pool.Default().FindMethodByName(
+            method_name.lstrip("/").replace("/", ".")
+        )
+    except KeyError:  # reflection v1 is served but not in the pool: it is bidi
+        return "bidi_stream"
+    streams = (method.client_streaming, method.server_streaming)
+    return {
+        (False, False): "unary",
+        (False, True): "server_stream",
+        (True, False): "client_stream",
+    }.get(streams, "bidi_stream")
+
+
+class RpcInterceptor(AsyncServerInterceptor):
+    """grpc-interceptor's async base, with the wrapping of unary calls and streams each
+    written once: subclasses override `unary` and `stream` (both pass through by default)."""
+
+    def intercept(
+        self, method: Callable[[Any, Context], Any], request: Any, context: Context, name: str
+    ) -> Any:
+        # Nothing of the handler runs yet: a coroutine or an async generator, not started.
+        response = method(request, context)
+        if hasattr(response, "__aiter__"):
+            return self._stream(response, request, context, name)
+        return self._unary(response, request, context, name)
+
+    async def _unary(
+        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
+    ) -> Any:
+        try:
+            return await self.unary(call, request, context, name)
+        finally:
+            # A no-op once run; a call refused before it ran does not warn "never awaited".
+            close = getattr(call, "close", None)
+            if close is not None:
+                close()
+
+    async def _stream(
+        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
+    ) -> AsyncIterator[Any]:
+        try:
+            async for item in self.stream(items, request, context, name):
+                yield item
+        finally:
+            close = getattr(items, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def unary(
+        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
+    ) -> Any:
+        return await call
+
+    async def stream(
+        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
+    ) -> AsyncIterator[Any]:
+        async for item in items:
             yield item
-    else:
-        await result
 
 
-def _rewrap(
-    handler: grpc.RpcMethodHandler[Any, Any],
-    unary: Callable[[Callable[..., Any]], Callable[..., Any]],
-    stream: Callable[[Callable[..., Any]], Callable[..., Any]],
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler with its behaviour wrapped (our RPCs are unary-request only)."""
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kw)
-    return handler
-
-
-class CallContextInterceptor(grpc.aio.ServerInterceptor):
+class CallContextInterceptor(RpcInterceptor):
     """Takes or makes the correlation id, binds it (and later the tenant) to every log line,
-    returns it in initial metadata, and writes one access-log line (and metric) per call."""
+    returns it in initial metadata, and writes one access-log line and the gRPC server
+    metrics per call."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self._metrics = metrics
 
-    async def intercept_service(
-        self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method: str = details.method
+    async def _begin(self, context: Context, name: str) -> tuple[Call, float]:
+        correlation_id = _metadata(context, "x-correlation-id")[:128] or str(uuid.uuid4())
+        call = Call(method=name, correlation_id=correlation_id)
+        current_call.set(call)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
+        if self._metrics is not None:
+            labels = _rpc_labels(name)
+            self._metrics.started.labels(*labels).inc()
+            if labels[0] in ("unary", "server_stream"):
+                self._metrics.msg_received.labels(*labels).inc()
+        return call, time.perf_counter()
 
-        def begin(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Call, float]:
-            correlation_id = _metadata(context, "x-correlation-id")[:128] or str(uuid.uuid4())
-            call = Call(method=method, correlation_id=correlation_id)
-            current_call.set(call)
-            structlog.contextvars.clear_contextvars()
-            structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
-            return call, time.perf_counter()
+    def _end(self, call: Call, started: float, context: Context) -> None:
+        code = context.code() if context.code() is not None else call.code
+        if isinstance(code, int):
+            code = grpc.StatusCode.UNKNOWN
+        elapsed = time.perf_counter() - started
+        log.info(
+            "rpc",
+            method=call.method,
+            code=code.name,
+            duration_ms=round(elapsed * 1000, 3),
+            tenant_id=call.tenant_id,
+        )
+        if self._metrics is not None:
+            labels = _rpc_labels(call.method)
+            self._metrics.handled.labels(*labels, code.name).inc()
+            unary = labels[0] in ("unary", "client_stream")
+            histogram = self._metrics.handling if unary else self._metrics.stream_handling
+            histogram.labels(*labels).observe(elapsed)
 
-        def end(call: Call, started: float, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            code = context.code() if context.code() is not None else call.code
-            if isinstance(code, int):
-                code = grpc.StatusCode.UNKNOWN
-            elapsed = time.perf_counter() - started
-            log.info(
-                "rpc",
-                method=method,
-                code=code.name,
-                duration_ms=round(elapsed * 1000, 3),
-                tenant_id=call.tenant_id,
-            )
+    async def unary(
+        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
+    ) -> Any:
+        state, started = await self._begin(context, name)
+        try:
+            response = await call
+            # Headers go with the answer, not before it: a call that fails is then
+            # trailers-only, which a channel's retry policy may still retry (headers received
+            # commit a call). Errors carry the id in their trailers.
+            await context.send_initial_metadata((("x-correlation-id", state.correlation_id),))
             if self._metrics is not None:
-                self._metrics.rpcs.labels(method, code.name).inc()
-                self._metrics.rpc_latency.labels(method).observe(elapsed)
+                self._metrics.msg_sent.labels(*_rpc_labels(name)).inc()
+            return response
+        finally:
+            self._end(state, started, context)
 
-        def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                call, started = begin(context)
-                try:
-                    response = await inner(request, context)
-                    # Headers go with the answer, not before it: a call that fails is then
-                    # trailers-only, which a channel's retry policy may still retry (headers
-                    # received commit a call). Errors carry the id in their trailers.
-                    await context.send_initial_metadata(
-                        (("x-correlation-id", call.correlation_id),)
-                    )
-                    return response
-                finally:
-                    end(call, started, context)
+    async def stream(
+        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
+    ) -> AsyncIterator[Any]:
+        state, started = await self._begin(context, name)
+        await context.send_initial_metadata((("x-correlation-id", state.correlation_id),))
+        sent = self._metrics.msg_sent.labels(*_rpc_labels(name)) if self._metrics else None
+        try:
+            async for item in items:
+                yield item
+                if sent is not None:
+                    sent.inc()
+        finally:
+            self._end(state, started, context)
 
-            return behaviour
 
-        def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                call, started = begin(context)
-                await context.send_initial_metadata((("x-correlation-id", call.correlation_id),))
-                try:
-                    async for item in _items(inner, request, context):
-                        yield item
-                finally:
-                    end(call, started, context)
-
-            return behaviour
-
-        return _rewrap(handler, unary, stream)
+def _rpc_labels(name: str) -> tuple[str, str, str]:
+    service, _, method = name.lstrip("/").partition("/")
+    return rpc_type(name), service, method
 
 
 def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | None) -> bytes:
@@ -250,73 +288,61 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
     return serialized
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(RpcInterceptor):
     """Turns domain errors into precise statuses with google.rpc.Status details; anything
     unexpected becomes INTERNAL with the traceback in the log and nothing of it on the wire."""
 
-    async def intercept_service(
-        self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
+    @staticmethod
+    async def _fail(context: Context, exc: Exception) -> None:
+        call = current_call.get(None)
+        if isinstance(exc, OrchestratorError):
+            error = exc
+        else:
+            log.exception("rpc.internal_error")
+            error = OrchestratorError("internal error", reason="INTERNAL_ERROR")
+        code = getattr(grpc.StatusCode, error.code)
+        if call is not None:
+            call.code = code
+        trailers: list[tuple[str, str | bytes]] = [
+            ("grpc-status-details-bin", rich_status(code, error, call))
+        ]
+        if call is not None:
+            trailers.append(("x-correlation-id", call.correlation_id))
+        if error.retry_delay is not None:
+            # RetryInfo for the caller's code; the same delay as gRPC's own server pushback,
+            # which a channel retry policy (the client's Get/List) honours.
+            trailers.append(("grpc-retry-pushback-ms", str(int(error.retry_delay * 1000))))
+        await context.abort(
+            code, _clip(error.message, MAX_MESSAGE), trailing_metadata=tuple(trailers)
+        )
 
-        async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
-            call = current_call.get(None)
-            if isinstance(exc, OrchestratorError):
-                error = exc
-            else:
-                log.exception("rpc.internal_error")
-                error = OrchestratorError("internal error", reason="INTERNAL_ERROR")
-            code = getattr(grpc.StatusCode, error.code)
-            if call is not None:
-                call.code = code
-            trailers: list[tuple[str, str | bytes]] = [
-                ("grpc-status-details-bin", rich_status(code, error, call))
-            ]
-            if call is not None:
-                trailers.append(("x-correlation-id", call.correlation_id))
-            if error.retry_delay is not None:
-                # RetryInfo for the caller's code; the same delay as gRPC's own server
-                # pushback, which a channel retry policy (the client's Get/List) honours.
-                trailers.append(("grpc-retry-pushback-ms", str(int(error.retry_delay * 1000))))
-            await context.abort(
-                code, _clip(error.message, MAX_MESSAGE), trailing_metadata=tuple(trailers)
-            )
+    async def unary(
+        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
+    ) -> Any:
+        try:
+            if isinstance(request, Undecodable):
+                raise request.problem()
+            return await call
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await self._fail(context, exc)
 
-        def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                try:
-                    if isinstance(request, Undecodable):
-                        raise request.problem()
-                    return await inner(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await fail(context, exc)
-
-            return behaviour
-
-        def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                try:
-                    if isinstance(request, Undecodable):
-                        raise request.problem()
-                    async for item in _items(inner, request, context):
-                        yield item
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await fail(context, exc)
-
-            return behaviour
-
-        return _rewrap(handler, unary, stream)
+    async def stream(
+        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
+    ) -> AsyncIterator[Any]:
+        try:
+            if isinstance(request, Undecodable):
+                raise request.problem()
+            async for item in items:
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await self._fail(context, exc)
 
 
-def tenant_from(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def tenant_from(context: Context) -> str:
     """The caller's tenant: x-tenant-id, a UUID, required on every OrchestratorService call."""
     raw = _metadata(context, "x-tenant-id").strip()
     if not raw:
@@ -328,7 +354,7 @@ def tenant_from(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return tenant
 
 
-class TenantInterceptor(grpc.aio.ServerInterceptor):
+class TenantInterceptor(RpcInterceptor):
     """Requires a valid x-tenant-id on OrchestratorService calls (health and reflection are
     open), and with API keys configured an `authorization: Bearer` key bound to that tenant;
     binds the tenant to the call and its log lines."""
@@ -336,41 +362,30 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: KeyRing | None = None) -> None:
         self._keys = keys
 
-    async def intercept_service(
-        self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
-            return handler
+    def _bind(self, context: Context, name: str) -> None:
+        if not name.startswith(SERVICE_PREFIX):
+            return
+        tenant = tenant_from(context)
+        if self._keys is not None:
+            key = self._keys.authorize(_metadata(context, "authorization"), tenant)
+            structlog.contextvars.bind_contextvars(api_key=key)
+        call = current_call.get(None)
+        if call is not None:
+            call.tenant_id = tenant
+        structlog.contextvars.bind_contextvars(tenant_id=tenant)
 
-        def bind(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            tenant = tenant_from(context)
-            if self._keys is not None:
-                key = self._keys.authorize(_metadata(context, "authorization"), tenant)
-                structlog.contextvars.bind_contextvars(api_key=key)
-            call = current_call.get(None)
-            if call is not None:
-                call.tenant_id = tenant
-            structlog.contextvars.bind_contextvars(tenant_id=tenant)
+    async def unary(
+        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
+    ) -> Any:
+        self._bind(context, name)
+        return await call
 
-        def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                bind(context)
-                return await inner(request, context)
-
-            return behaviour
-
-        def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                bind(context)
-                async for item in _items(inner, request, context):
-                    yield item
-
-            return behaviour
-
-        return _rewrap(handler, unary, stream)
+    async def stream(
+        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
+    ) -> AsyncIterator[Any]:
+        self._bind(context, name)
+        async for item in items:
+            yield item
 
 
 def call_tenant() -> str:

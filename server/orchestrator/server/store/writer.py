@@ -85,6 +85,8 @@ class Tx:
 
 Unit = Callable[[Tx], Coroutine[Any, Any, T]]
 CommitListener = Callable[[list[Change]], None]
+# (units, seconds, ok): a batch committed, or failed to reach the database (metrics).
+BatchObserver = Callable[[int, float, bool], None]
 
 
 @dataclass
@@ -128,10 +130,16 @@ class Writer:
         self._closed = False
         self.commits = 0
         self.units = 0
+        self.on_batch: BatchObserver | None = None
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call `listener` with the changes of every commit, right after it."""
         self._listeners.append(listener)
+
+    @property
+    def queue_depth(self) -> int:
+        """Units of work waiting for the next group commit."""
+        return self._queue.qsize()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="store-writer")
@@ -227,6 +235,7 @@ class Writer:
     CONTENTION_ATTEMPTS = 3
 
     async def _commit(self, batch: list[_Job[Any]]) -> None:
+        started = time.perf_counter()
         attempt = 1
         while True:
             try:
@@ -262,6 +271,8 @@ class Writer:
         self.health.succeeded(wrote=True)
         self.commits += 1
         self.units += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), time.perf_counter() - started, True)
         if tx.changes:
             for listener in self._listeners:
                 try:
