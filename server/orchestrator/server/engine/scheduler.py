@@ -293,6 +293,7 @@ class RunTask:
         self.paused = False
         self.cancelled = False
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.starting: set[str] = set()  # steps whose start is being committed
         self.status: dict[str, StepStatus] = {}
         self.outputs: dict[str, JSON] = {}
         self.rows: dict[str, dict[str, Any]] = {}
@@ -321,9 +322,11 @@ class RunTask:
         self.wake.set()
 
     def on_closing(self) -> None:
-        """The replica is shutting down: only tool calls under way may finish."""
+        """The replica is shutting down: only tool calls under way may finish. A step whose
+        start is being committed counts as under way: its start commits whether or not we
+        wait for it, and the replica taking over would run it again as a second attempt."""
         for step_id, task in self.inflight.items():
-            if self.status.get(step_id) is not StepStatus.RUNNING:
+            if self.status.get(step_id) is not StepStatus.RUNNING and step_id not in self.starting:
                 task.cancel()
         self.wake.set()
 
@@ -771,7 +774,13 @@ class RunTask:
                     "TEMPLATE_TOO_LARGE",
                 )
                 return
-            started = await self.journal.step_started(self.run_id, step_id)
+            if self.engine.closing and step_id not in self.plan.rollback:
+                return  # draining: no new attempt; whoever takes the run over starts it
+            self.starting.add(step_id)
+            try:
+                started = await self.journal.step_started(self.run_id, step_id)
+            finally:
+                self.starting.discard(step_id)
             if started is None:
                 # Paused (or cancelled) between our check and the commit: wait and retry.
                 if self.cancelled:
