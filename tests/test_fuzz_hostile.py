@@ -1646,15 +1646,28 @@ def test_cel_concatenation_is_bounded(hostile_channel: grpc.Channel) -> None:
     """Found: outside comprehensions concatenation was not bounded at all: 100 terms over a
     1 MB parameter built 100 MB (copying ~5 GB) on the event loop, stalling the server."""
     stub = stub_of(hostile_channel)
-    condition = "size(" + " + ".join(["params.x"] * 100) + ") > 0"
-    request = pb.ExecuteRequest(
-        executable_plan=plan_of({"stepId": "a", "tool": "core.echo", "conditions": [condition]}),
-        parameters=struct_of({"x": "y" * 1_000_000}),
-        async_execution=False,
-    )
+
+    def request(terms: int) -> pb.ExecuteRequest:
+        condition = "size(" + " + ".join(["params.x"] * terms) + ") > 0"
+        return pb.ExecuteRequest(
+            executable_plan=plan_of(
+                {"stepId": "a", "tool": "core.echo", "conditions": [condition]}
+            ),
+            parameters=struct_of({"x": "y" * 1_000_000}),
+            async_execution=False,
+        )
+
+    # 100 terms no longer parse (the runtime nests at most 32 levels): refused at submit.
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Execute(request(100), metadata=md(new_tenant()), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    outcome: list[pb.ExecuteResponse] = []
     slowest = healthy_throughout(
-        hostile_channel, lambda: stub.Execute(request, metadata=md(new_tenant()), timeout=120)
+        hostile_channel,
+        lambda: outcome.append(stub.Execute(request(25), metadata=md(new_tenant()), timeout=120)),
     )
+    step = outcome[0].execution.steps[0]
+    assert step.status == pb.STEP_STATUS_FAILED and "too costly" in step.error, step
     assert slowest < 1.0, f"health took {slowest:.1f}s while the condition ran"
 
 
