@@ -210,3 +210,50 @@ def test_a_stopped_replica_that_comes_back_writes_nothing_for_runs_it_lost(
     finally:
         cluster.stop_all()
         drop_postgres_database(url)
+
+
+@pytest.mark.postgres
+def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path) -> None:
+    """The issue's case: two processes given one replica id. The second is a new
+    incarnation: it takes the name's runs back, and the first can no longer write to them."""
+    url = postgres_database()
+    tenant = str(uuid.uuid4())
+    env = {"ORCHESTRATOR_REPLICA_ID": "vm:50091", "ORCHESTRATOR_LEASE_SECONDS": "2"}
+    first = ServeProcess(url, tmp_path / "first.log", env=env)
+    second: ServeProcess | None = None
+    try:
+        first.wait_serving()
+        channel = grpc.insecure_channel(first.address)
+        with channel:
+            stub = pb_grpc.OrchestratorServiceStub(channel)
+            run_ids = [
+                stub.Execute(
+                    pb.ExecuteRequest(executable_plan=waits(12, 0.4)),
+                    metadata=(("x-tenant-id", tenant),),
+                    timeout=30,
+                ).run_id
+                for _ in range(4)
+            ]
+        wait_for(lambda: (o := owners(url, run_ids)) and all(o.values()), 10, "claims")
+        second = ServeProcess(url, tmp_path / "second.log", env=env)
+        second.wait_serving()
+        incarnations = fetch(url, "SELECT incarnation FROM replicas WHERE replica_id = 'vm:50091'")
+        assert len(incarnations) == 2, incarnations
+        cluster = Cluster(url, tmp_path)
+        cluster.procs["second"] = second
+        for run_id in run_ids:
+            done = finished(cluster, "second", run_id, tenant, 30)
+            assert done.status == pb.EXECUTION_STATUS_COMPLETED
+            seen = events(cluster, "second", run_id, tenant)
+            completed = Counter(e.step_id for e in seen if e.type == pb.EVENT_TYPE_STEP_COMPLETED)
+            assert completed == {f"w{i}": 1 for i in range(12)}, (run_id, completed)
+        log = first.log_path.read_text().splitlines()
+        for run_id in run_ids:
+            assert any(f'"run_id": "{run_id}"' in line and "lease_lost" in line for line in log), (
+                f"the first process did not give up {run_id}"
+            )
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        drop_postgres_database(url)
