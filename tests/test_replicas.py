@@ -228,7 +228,7 @@ def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path)
             stub = pb_grpc.OrchestratorServiceStub(channel)
             run_ids = [
                 stub.Execute(
-                    pb.ExecuteRequest(executable_plan=waits(12, 0.4)),
+                    pb.ExecuteRequest(executable_plan=waits(12, 0.5)),
                     metadata=(("x-tenant-id", tenant),),
                     timeout=30,
                 ).run_id
@@ -237,6 +237,16 @@ def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path)
         wait_for(lambda: (o := owners(url, run_ids)) and all(o.values()), 10, "claims")
         second = ServeProcess(url, tmp_path / "second.log", env=env)
         second.wait_serving()
+        # What was unfinished once the second served, it had taken back at its start.
+        taken = [
+            r["run_id"]
+            for r in fetch(
+                url,
+                "SELECT run_id FROM runs WHERE run_id = ANY($1::text[]) AND completed_at IS NULL",
+                run_ids,
+            )
+        ]
+        assert taken, "the first process finished everything before the second started"
         incarnations = fetch(url, "SELECT incarnation FROM replicas WHERE replica_id = 'vm:50091'")
         assert len(incarnations) == 2, incarnations
         cluster = Cluster(url, tmp_path)
@@ -248,7 +258,7 @@ def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path)
             completed = Counter(e.step_id for e in seen if e.type == pb.EVENT_TYPE_STEP_COMPLETED)
             assert completed == {f"w{i}": 1 for i in range(12)}, (run_id, completed)
         log = first.log_path.read_text().splitlines()
-        for run_id in run_ids:
+        for run_id in taken:
             assert any(f'"run_id": "{run_id}"' in line and "lease_lost" in line for line in log), (
                 f"the first process did not give up {run_id}"
             )
