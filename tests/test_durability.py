@@ -255,8 +255,14 @@ def test_a_paused_run_and_a_pending_clarification_survive_restarts(cluster: Clus
 
 
 def owners(url: str, run_ids: list[str]) -> dict[str, str]:
-    rows = fetch(url, "SELECT run_id, owner FROM runs WHERE run_id = ANY($1::text[])", run_ids)
-    return {r["run_id"]: r["owner"] for r in rows}
+    """Each run's owner, by replica id (runs point at an incarnation of it)."""
+    rows = fetch(
+        url,
+        "SELECT r.run_id, p.replica_id FROM runs r LEFT JOIN replicas p ON p.incarnation = r.owner"
+        " WHERE r.run_id = ANY($1::text[])",
+        run_ids,
+    )
+    return {r["run_id"]: r["replica_id"] for r in rows}
 
 
 @pytest.mark.postgres

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from orchestrator.server.api.interceptors import (
 from orchestrator.server.api.servicer import OrchestratorServicer, register
 from orchestrator.server.control import ControlPlane
 from orchestrator.server.engine import Engine
-from orchestrator.server.errors import STORE_OUTAGES
+from orchestrator.server.errors import STORE_OUTAGES, PortUnavailable
 from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.sandbox import Sandbox
@@ -59,6 +60,9 @@ SERVER_OPTIONS = [
     # instead of letting them reach the handler and its WATCH_LIMIT.
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 50_000),
+    # gRPC's default SO_REUSEPORT let a second server bind a port already served, silently:
+    # two processes answered as one replica. A taken port must fail the start instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -266,17 +270,25 @@ async def build_server(
     )
     address = f"{settings.host}:{settings.port}"
     credentials = _credentials(settings)
-    if credentials is None:
-        port = grpc_server.add_insecure_port(address)
-    else:
-        port = grpc_server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = grpc_server.add_insecure_port(address)
+        else:
+            port = grpc_server.add_secure_port(address, credentials)
+    except RuntimeError as err:
+        # grpc says only "Failed to bind"; with SO_REUSEPORT off that is a taken port or an
+        # address this host does not have.
+        raise PortUnavailable(address) from err
     replica = settings.replica_id or f"{socket.gethostname()}:{port}"
-    db = Database(settings.database_url)
+    # This process's incarnation: fencing compares it, so a restart under the same replica id
+    # (or a second process given the same one) can never pass for the owner it replaces.
+    incarnation = f"{replica}#{secrets.token_hex(6)}"
+    db = Database(settings.database_url, stall_seconds=settings.lease_seconds)
     await db.migrate()
     writer = Writer(
         db.writer,
         notify_channel=db.dialect.notify_channel,
-        origin=replica,
+        origin=incarnation,
         sync_engine=db.sync_writer,
         direct=db.direct,
         health=db.health,
@@ -288,7 +300,7 @@ async def build_server(
     store = RunStore(db, writer)
     tokens = TokenCodec(await store.signing_key())
     registry = registry or default_registry(http_allow=parse_networks(settings.http_allow))
-    journal = Journal(store, owner=replica)
+    journal = Journal(store, owner=incarnation, replica_id=replica)
     engine = Engine(
         journal,
         registry,
@@ -314,7 +326,7 @@ async def build_server(
         store_up=lambda: float(db.health.reachable),
     )
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)
-    bus = db.dialect.cluster_bus(db.url, replica, on_cluster_message(hub, engine))
+    bus = db.dialect.cluster_bus(db.url, incarnation, on_cluster_message(hub, engine))
     register(OrchestratorServicer(control), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

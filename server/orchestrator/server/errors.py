@@ -159,3 +159,15 @@ STORE_OUTAGES = (StoreUnavailable, StoreFull)
 
 class Conflict(Exception):
     """A compare-and-set lost: the row changed since it was read. Retried by the store."""
+
+
+class PortUnavailable(Exception):
+    """The server's address could not be bound: another process serves it (SO_REUSEPORT is
+    off, so a second server never shares a port) or the host has no such address."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(
+            f"cannot listen on {address}: the port is in use by another process "
+            "(or the address is not this host's)"
+        )
+        self.address = address

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import structlog
 
 from orchestrator.server.app import build_server
+from orchestrator.server.errors import PortUnavailable
 from orchestrator.server.logs import configure_logging
 from orchestrator.server.settings import Settings, SettingsError, parse_args
 from orchestrator.server.tracing import configure_tracing
@@ -72,6 +73,9 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(2) from None
     try:
         run(settings)
+    except PortUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception:
         # The traceback as a log line too: stderr stays one format.
         log.exception("server.crashed")

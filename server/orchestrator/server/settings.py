@@ -47,11 +47,15 @@ class Settings(BaseSettings):
     max_watchers_per_tenant: int = Field(1000, ge=1, description="Open watch streams per tenant.")
     replica_id: str = Field(
         "",
-        description="This replica's name in run leases (default host:port); restarted under "
-        "the same name it takes its runs back at once.",
+        max_length=128,
+        description="This replica's name (default host:port); each start is a new incarnation "
+        "of it, and restarted under the same name it takes its runs back at once.",
     )
     lease_seconds: float = Field(
-        10.0, gt=0, description="A run's lease without renewal; then another replica takes it."
+        10.0,
+        gt=0,
+        description="How long a replica's heartbeat may lapse before the others take its runs "
+        "(it beats every third of this).",
     )
     retention_seconds: float = Field(
         0.0, ge=0, description="Delete finished runs older than this (0 keeps them)."

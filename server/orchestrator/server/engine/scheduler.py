@@ -103,7 +103,7 @@ CLAIM_BATCH = 8
 
 @dataclass
 class Engine:
-    """Runs the runs this replica holds a lease on."""
+    """Runs the runs this incarnation owns; its heartbeat keeps them all."""
 
     journal: Journal
     registry: ToolRegistry
@@ -151,11 +151,13 @@ class Engine:
         handle.add_done_callback(self._tasks.discard)
 
     async def start(self) -> int:
-        """Take back the runs left unfinished (a restart), then keep claiming and renewing."""
+        """Register this incarnation, take back the runs left unfinished (a restart), then
+        keep beating and claiming."""
         if not self.enabled:
             return 0
+        await self.journal.register(self.lease_seconds)
         recovered = await self.journal.claim(
-            lease=self.lease_seconds,
+            lapse=self.lease_seconds,
             limit=1_000_000,
             own=True,
             everything=self.single_replica,
@@ -192,7 +194,7 @@ class Engine:
             if self.closing:
                 return
             try:
-                await self._renew()
+                await self._heartbeat()
                 if await self._claim() == CLAIM_BATCH:
                     # More may be waiting: claim again soon, leaving other replicas a turn.
                     self._claim_wake.set()
@@ -204,15 +206,15 @@ class Engine:
             except Exception:
                 log.exception("engine.lease_loop_failed")
 
-    async def _renew(self) -> None:
-        held = await self.journal.renew(self.lease_seconds)
+    async def _heartbeat(self) -> None:
+        held = await self.journal.heartbeat()
         for run_id, task in list(self.runs.items()):
             if run_id not in held and task.loaded:
                 log.warning("engine.lease_lost", run_id=run_id)
                 task.abandon()
 
     async def _claim(self) -> int:
-        run_ids = await self.journal.claim(lease=self.lease_seconds, limit=CLAIM_BATCH)
+        run_ids = await self.journal.claim(lapse=self.lease_seconds, limit=CLAIM_BATCH)
         for run_id in run_ids:
             if run_id in self.runs:
                 continue
@@ -353,6 +355,7 @@ class RunTask:
                 task.cancel()
             raise
         except LeaseLost:
+            self.lost = True
             self.log.warning("engine.lease_lost")
             await self._cancel_inflight()
         except STORE_OUTAGES:

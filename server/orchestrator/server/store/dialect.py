@@ -71,7 +71,8 @@ class Dialect:
     select_run_for_write: ClassVar[sa.Select[Any]] = SELECT_RUN
     select_tenant_run_for_write: ClassVar[sa.Select[Any]] = SELECT_TENANT_RUN
 
-    def engines(self, url: sa.URL) -> Engines:
+    def engines(self, url: sa.URL, stall_seconds: float = 0.0) -> Engines:
+        """The engines; a write transaction left idle `stall_seconds` is ended (0: never)."""
         raise NotImplementedError
 
     def claimable(self, query: sa.Select[Any]) -> sa.Select[Any]:
@@ -118,7 +119,7 @@ class SqliteDialect(Dialect):
 
     name = "sqlite"
 
-    def engines(self, url: sa.URL) -> Engines:
+    def engines(self, url: sa.URL, stall_seconds: float = 0.0) -> Engines:
         writer = create_async_engine(url, pool_size=1, max_overflow=0, **JSON_CODEC)
         _sqlite_pragmas(writer.sync_engine, "BEGIN IMMEDIATE")
         reader = create_async_engine(url, pool_size=8, max_overflow=8, **JSON_CODEC)
@@ -145,13 +146,20 @@ class PostgresDialect(Dialect):
     select_run_for_write = SELECT_RUN_LOCKED
     select_tenant_run_for_write = SELECT_TENANT_RUN_LOCKED
 
-    def engines(self, url: sa.URL) -> Engines:
+    def engines(self, url: sa.URL, stall_seconds: float = 0.0) -> Engines:
+        writer_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT}
+        if stall_seconds > 0:
+            # A stopped replica's open transaction would hold its run rows locked, and SKIP
+            # LOCKED claims would skip them for as long as it stands still.
+            writer_args["server_settings"] = {
+                "idle_in_transaction_session_timeout": str(max(int(stall_seconds * 1000), 1000))
+            }
         writer = create_async_engine(
             url,
             pool_size=4,
             max_overflow=4,
             pool_pre_ping=True,
-            connect_args={"timeout": CONNECT_TIMEOUT},
+            connect_args=writer_args,
             **JSON_CODEC,
         )
         # A read is several statements (a run, its steps, its clarifications): at READ

@@ -19,7 +19,7 @@ from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatu
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.records import Answer, EventSpec, clean_text
 from orchestrator.server.store.runs import RunStore, not_found
-from orchestrator.server.store.schema import clarifications, runs, steps
+from orchestrator.server.store.schema import clarifications, replicas, runs, steps
 from orchestrator.server.store.statements import (
     SELECT_APPROVALS,
     SELECT_RUN_INPUTS,
@@ -41,6 +41,8 @@ STEP_EVENT = {
     StepStatus.SKIPPED: pb.EVENT_TYPE_STEP_SKIPPED,
     StepStatus.CANCELLED: pb.EVENT_TYPE_STEP_FAILED,
 }
+# Replica rows older than this (and 10 heartbeat timeouts) are forgotten at the next start.
+STALE_REPLICA_SECONDS = 3600.0
 OPEN_STEPS = (StepStatus.PENDING.value, StepStatus.RUNNING.value, StepStatus.WAITING.value)
 
 
@@ -64,17 +66,19 @@ class Outcome:
 
 
 class LeaseLost(Exception):
-    """This replica no longer holds the run's lease: another one executes it now."""
+    """This incarnation no longer owns the run: another one executes it now."""
 
 
 class Journal:
-    """Units of work for the engine's progress, fenced by the run's lease: a replica that lost
-    a run cannot write to it."""
+    """Units of work for the engine's progress, fenced by the run's owner incarnation: a
+    process that lost a run (or shares a replica id with another) cannot write to it."""
 
-    def __init__(self, store: RunStore, owner: str = "") -> None:
+    def __init__(self, store: RunStore, owner: str = "", replica_id: str = "") -> None:
         self.store = store
         self.writer = store.writer
+        # The incarnation (replica id + boot nonce) this process writes runs as.
         self.owner = owner
+        self.replica_id = replica_id or owner
 
     async def _durably(self, unit: Unit[T]) -> T:
         """Run the engine's unit until it commits: a store outage delays the engine's
@@ -91,42 +95,50 @@ class Journal:
             raise LeaseLost(run_id)
         return dict(row)
 
-    # ------------------------------------------------------------------ leases
+    # ------------------------------------------------------------------ ownership
 
-    async def claim(
-        self, *, lease: float, limit: int, own: bool = False, everything: bool = False
-    ) -> list[str]:
-        """Take up to `limit` unfinished runs nobody holds (or whose lease lapsed), oldest
-        first; `own` also takes back runs held under this replica's name, `everything` takes
-        every unfinished run (a single-replica store after a restart)."""
+    def _live(self, now: float, lapse: float) -> sa.Select[Any]:
+        """The incarnations whose heartbeat is fresh: the owners whose runs are taken."""
+        return sa.select(replicas.c.incarnation).where(replicas.c.heartbeat_at >= now - lapse)
 
-        async def unit(tx: Tx) -> list[str]:
-            query = sa.select(runs.c.run_id).where(one_of(runs.c.status, UNFINISHED))
-            if not everything:
-                free = sa.or_(runs.c.owner.is_(None), runs.c.lease_expires_at < tx.now)
-                query = query.where(sa.or_(free, runs.c.owner == self.owner) if own else free)
-            query = query.order_by(runs.c.pk).limit(limit)
-            query = self.store.db.dialect.claimable(query)
-            run_ids = [r.run_id for r in (await tx.conn.execute(query)).all()]
-            if run_ids:
-                await tx.conn.execute(
-                    sa.update(runs)
-                    .where(runs.c.run_id.in_(run_ids))
-                    .values(owner=self.owner, lease_expires_at=tx.now + lease)
+    async def register(self, lapse: float) -> None:
+        """Enter this incarnation in the replicas table, and forget incarnations long dead
+        (their runs are claimable whether or not their row is left)."""
+
+        async def unit(tx: Tx) -> None:
+            await tx.conn.execute(
+                sa.delete(replicas).where(
+                    replicas.c.heartbeat_at < tx.now - max(10 * lapse, STALE_REPLICA_SECONDS)
                 )
-            return run_ids
+            )
+            await self._beat(tx)
 
-        return await self._durably(unit)
+        await self.store.health.wait_out(lambda: self.writer.run_beside(unit))
 
-    async def renew(self, lease: float) -> set[str]:
-        """Extend this replica's leases; the unfinished runs it still holds."""
+    async def _beat(self, tx: Tx) -> None:
+        beat = await tx.conn.execute(
+            sa.update(replicas)
+            .where(replicas.c.incarnation == self.owner)
+            .values(heartbeat_at=tx.now)
+        )
+        if not beat.rowcount:
+            # First beat, or the row was forgotten while this process stood still (SIGSTOP):
+            # fencing is per run, so coming back costs only the runs others took meanwhile.
+            await tx.conn.execute(
+                sa.insert(replicas).values(
+                    incarnation=self.owner,
+                    replica_id=self.replica_id,
+                    started_at=tx.now,
+                    heartbeat_at=tx.now,
+                )
+            )
+
+    async def heartbeat(self) -> set[str]:
+        """This incarnation is alive: one row written, however many runs it owns. Returns the
+        unfinished runs it still owns (any other it was executing was taken over)."""
 
         async def unit(tx: Tx) -> set[str]:
-            await tx.conn.execute(
-                sa.update(runs)
-                .where(runs.c.owner == self.owner, one_of(runs.c.status, UNFINISHED))
-                .values(lease_expires_at=tx.now + lease)
-            )
+            await self._beat(tx)
             rows = await tx.conn.execute(
                 sa.select(runs.c.run_id).where(
                     runs.c.owner == self.owner, one_of(runs.c.status, UNFINISHED)
@@ -134,10 +146,46 @@ class Journal:
             )
             return {r.run_id for r in rows.all()}
 
-        return await self._durably(unit)
+        return await self.writer.run_beside(unit)
+
+    async def claim(
+        self, *, lapse: float, limit: int, own: bool = False, everything: bool = False
+    ) -> list[str]:
+        """Take up to `limit` unfinished runs nobody owns or whose owner's heartbeat is older
+        than `lapse` seconds, oldest first; `own` also takes back runs of this replica id's
+        earlier incarnations (a restart: the port is exclusive, so they are dead);
+        `everything` takes every unfinished run (a single-replica store after a restart)."""
+
+        async def unit(tx: Tx) -> list[str]:
+            query = sa.select(runs.c.run_id).where(one_of(runs.c.status, UNFINISHED))
+            if not everything:
+                free = sa.or_(
+                    runs.c.owner.is_(None), runs.c.owner.not_in(self._live(tx.now, lapse))
+                )
+                if own:
+                    earlier = sa.select(replicas.c.incarnation).where(
+                        replicas.c.replica_id == self.replica_id
+                    )
+                    free = sa.or_(free, runs.c.owner.in_(earlier))
+                query = query.where(
+                    free, sa.or_(runs.c.owner.is_(None), runs.c.owner != self.owner)
+                )
+            query = query.order_by(runs.c.pk).limit(limit)
+            query = self.store.db.dialect.claimable(query)
+            run_ids = [r.run_id for r in (await tx.conn.execute(query)).all()]
+            if run_ids:
+                await tx.conn.execute(
+                    sa.update(runs)
+                    .where(runs.c.run_id.in_(run_ids))
+                    .values(owner=self.owner, lease_expires_at=None)
+                )
+            return run_ids
+
+        return await self.store.health.wait_out(lambda: self.writer.run_beside(unit))
 
     async def release(self) -> int:
-        """Hand every unfinished run back (graceful shutdown), for another replica to take."""
+        """Hand every unfinished run back (graceful shutdown), for another replica to take,
+        and leave the replicas table."""
 
         async def unit(tx: Tx) -> int:
             result = await tx.conn.execute(
@@ -145,6 +193,7 @@ class Journal:
                 .where(runs.c.owner == self.owner, one_of(runs.c.status, UNFINISHED))
                 .values(owner=None, lease_expires_at=None)
             )
+            await tx.conn.execute(sa.delete(replicas).where(replicas.c.incarnation == self.owner))
             tx.notify(Notice(NoticeKind.CLAIM))
             return int(result.rowcount or 0)
 

@@ -43,8 +43,9 @@ runs = sa.Table(
     sa.Column("steps_finished", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_sequence", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("results", sa.JSON),  # dry run: the execution order
-    # The replica executing the run, until lease_expires_at; renewed by its heartbeat.
-    sa.Column("owner", sa.String(128)),
+    # The incarnation (replicas.incarnation) executing the run: it owns the run while its
+    # heartbeat is fresh, with no per-run renewal. lease_expires_at is no longer written.
+    sa.Column("owner", sa.String(160)),
     sa.Column("lease_expires_at", sa.Float),
     sa.Column("trace_parent", sa.String(64), nullable=False, server_default=""),
 )
@@ -140,3 +141,15 @@ server_settings = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.String(256), nullable=False),
 )
+
+# One row per process incarnation (replica id + boot nonce): its heartbeat is the liveness of
+# every run it owns. Fencing is by incarnation, so two processes can never act as one owner.
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("incarnation", sa.String(160), primary_key=True),
+    sa.Column("replica_id", sa.String(128), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+)
+sa.Index("ix_replicas_replica_id", replicas.c.replica_id)

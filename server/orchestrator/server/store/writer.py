@@ -168,6 +168,33 @@ class Writer:
         # with its batch, and the writer skips setting a result nobody waits for.
         return await future
 
+    async def run_beside(self, unit: Unit[T]) -> T:
+        """Run a small unit that must never wait behind group commits (heartbeats, claims).
+        On PostgreSQL it is its own transaction on its own connection, at once; on SQLite,
+        where one connection writes, it joins the next group commit (one replica, no rival
+        to lose runs to)."""
+        if self._thread is not None:
+            return await self.run(unit)
+        if self._closed:
+            raise Unavailable("the server is shutting down")
+        try:
+            tx, results = await self._transact([unit])
+        except Exception as exc:
+            weather = classify(exc)
+            if weather is None:
+                raise
+            self.health.failed(weather, exc)
+            raise _outage(exc) from exc
+        self.health.succeeded(wrote=True)
+        if tx.changes:
+            for listener in self._listeners:
+                try:
+                    listener(tx.changes)
+                except Exception:
+                    _quietly(log.exception, "writer.listener_failed")
+        result: T = results[0]
+        return result
+
     async def _loop(self) -> None:
         while True:
             job = await self._queue.get()
