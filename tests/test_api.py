@@ -691,6 +691,7 @@ async def test_reflection_lists_the_nine_rpcs(channel: grpc.aio.Channel, version
             "RespondToClarification",
             "WatchExecution",
             "WatchExecutions",
+            "RetryExecution",
         ]
     )
 

@@ -445,3 +445,36 @@ def test_serve_flags_set_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     bad = runner.invoke(app, ["serve", "--log-format", "xml"])
     assert bad.exit_code == 2
     assert len(seen) == 2
+
+
+async def test_retry_goes_on_where_the_run_failed(
+    invoke: Invoke, client: OrchestratorClient, tmp_path: Path, plans: dict[str, str]
+) -> None:
+    flaky = write(
+        tmp_path,
+        "flaky.json",
+        plan_of(
+            {"stepId": "a", "tool": "core.echo"},
+            {
+                "stepId": "b",
+                "tool": "core.fail",
+                "parameters": {"fail_times": 1, "retryable": False},
+            },
+        ),
+    )
+    failed = await client.execute(flaky, wait=True)
+    assert failed.execution.status == pb.EXECUTION_STATUS_FAILED
+    watched = ok(await invoke("retry", failed.run_id, "--reason", "fixed", "--watch"))
+    assert watched.stdout.strip().splitlines()[-1] == f"run {failed.run_id} COMPLETED"
+    done = await client.get(failed.run_id)
+    assert {s.step_id: s.attempts for s in done.steps} == {"a": 1, "b": 2}
+    assert done.retry_count == 1
+
+    # A completed run goes again only from named steps.
+    refused = ok(await invoke("retry", failed.run_id), 1)
+    assert refused.stderr.startswith("error: FAILED_PRECONDITION RETRY_FAILED: ")
+    again = json.loads(ok(await invoke("retry", failed.run_id, "--step", "b", "-o", "json")).stdout)
+    assert again["status"] == "EXECUTION_STATUS_RUNNING"
+    assert again["retryCount"] == 2
+    final = await client.wait(failed.run_id)
+    assert {s.step_id: s.attempts for s in final.steps} == {"a": 1, "b": 3}

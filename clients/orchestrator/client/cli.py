@@ -459,6 +459,33 @@ def cancel(
 
 
 @app.command()
+def retry(
+    ctx: typer.Context,
+    run: RunArgument,
+    step: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--step",
+            help="A completed step to run again, with everything that depends on it "
+            "(repeatable; needed to retry a completed run).",
+        ),
+    ] = None,
+    reason: ReasonOption = "",
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Show the run live until it ends (exit codes as --wait)."),
+    ] = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Retry a failed or cancelled run in place: completed steps are kept, the rest run again."""
+    with connected(ctx) as client:
+        execution = client.retry(run, step or (), reason)
+        if watch:
+            finish(follow(client, run, output, start=execution))
+    show(output, execution, render.execution_view(execution))
+
+
+@app.command()
 def respond(
     ctx: typer.Context,
     run: RunArgument,

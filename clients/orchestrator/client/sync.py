@@ -200,6 +200,19 @@ class SyncOrchestratorClient:
         """Cancel a PENDING, RUNNING or PAUSED run."""
         return self._call(self._stub.Cancel, pb.CancelRequest(run_id=run_id, reason=reason))
 
+    def retry(
+        self, run_id: str, restart_step_ids: Sequence[str] = (), reason: str = ""
+    ) -> pb.Execution:
+        """Send a FAILED or CANCELLED run (or, from the named steps, a COMPLETED one) back to
+        RUNNING; completed steps are kept, the rest run again. Returns the run after it."""
+        response = self._call(
+            self._stub.RetryExecution,
+            pb.RetryExecutionRequest(
+                run_id=run_id, restart_step_ids=list(restart_step_ids), reason=reason
+            ),
+        )
+        return response.execution
+
     def respond(
         self, run_id: str, clarification_id: str, value: Any, responded_by: str = ""
     ) -> pb.Execution:

@@ -529,6 +529,7 @@ class Execution(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     ERROR_REASON_FIELD_NUMBER: _builtins.int
+    RETRY_COUNT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Server-assigned run id (a UUID)."""
     tenant_id: _builtins.str
@@ -555,6 +556,8 @@ class Execution(_message.Message):
     """Machine-readable cause of a failure or cancellation: STEP_FAILED, DEADLINE_EXCEEDED,
     APPROVAL_REJECTED, CANCELLED, INTERNAL_ERROR.
     """
+    retry_count: _builtins.int
+    """How many times RetryExecution sent the run back to RUNNING."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the first step started."""
@@ -610,10 +613,11 @@ class Execution(_message.Message):
         steps: _abc.Iterable[Global___StepExecution] | None = ...,
         last_sequence: _builtins.int = ...,
         error_reason: _builtins.str = ...,
+        retry_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "estimated_completion", b"estimated_completion", "last_updated", b"last_updated", "results", b"results", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "correlation_id", b"correlation_id", "created_at", b"created_at", "current_step", b"current_step", "dry_run", b"dry_run", "error_message", b"error_message", "error_reason", b"error_reason", "estimated_completion", b"estimated_completion", "last_sequence", b"last_sequence", "last_updated", b"last_updated", "pending_clarifications", b"pending_clarifications", "plan_hash", b"plan_hash", "progress", b"progress", "results", b"results", "run_id", b"run_id", "started_at", b"started_at", "status", b"status", "steps", b"steps", "tenant_id", b"tenant_id", "triggered_by", b"triggered_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "correlation_id", b"correlation_id", "created_at", b"created_at", "current_step", b"current_step", "dry_run", b"dry_run", "error_message", b"error_message", "error_reason", b"error_reason", "estimated_completion", b"estimated_completion", "last_sequence", b"last_sequence", "last_updated", b"last_updated", "pending_clarifications", b"pending_clarifications", "plan_hash", b"plan_hash", "progress", b"progress", "results", b"results", "retry_count", b"retry_count", "run_id", b"run_id", "started_at", b"started_at", "status", b"status", "steps", b"steps", "tenant_id", b"tenant_id", "triggered_by", b"triggered_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1455,3 +1459,61 @@ class WatchExecutionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchExecutionsResponse: _TypeAlias = WatchExecutionsResponse  # noqa: Y015
+
+@_typing.final
+class RetryExecutionRequest(_message.Message):
+    """RetryExecutionRequest names the run to retry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    RESTART_STEP_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run's id."""
+    reason: _builtins.str
+    """Why (recorded in the run's event)."""
+    @_builtins.property
+    def restart_step_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Completed steps to run again, with every step that depends on them (needed to retry a
+        COMPLETED run).
+        """
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        restart_step_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "restart_step_ids", b"restart_step_ids", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryExecutionRequest: _TypeAlias = RetryExecutionRequest  # noqa: Y015
+
+@_typing.final
+class RetryExecutionResponse(_message.Message):
+    """RetryExecutionResponse is the retried run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution:
+        """The run's snapshot right after the retry (RUNNING)."""
+
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryExecutionResponse: _TypeAlias = RetryExecutionResponse  # noqa: Y015

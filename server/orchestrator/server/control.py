@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ from orchestrator.server.plan import (
 from orchestrator.server.security import ExecuteRateLimiter, TenantPolicy
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.journal import Journal
-from orchestrator.server.store.records import NewRun, NewStep, RunFilter, Transitioned
+from orchestrator.server.store.records import NewRun, NewStep, RetryRun, RunFilter, Transitioned
 from orchestrator.server.store.runs import RunStore, not_found
 from orchestrator.server.store.snapshots import RUN_STATUS_PB, timestamp
 from orchestrator.server.tokens import TokenCodec
@@ -286,6 +286,46 @@ class ControlPlane:
         self.engine.control(run_id, result.status)
         return result
 
+    async def retry(self, tenant_id: str, request: pb.RetryExecutionRequest) -> pb.Execution:
+        """Send a finished run back to RUNNING: what did not complete runs again, and so do
+        the named restart steps with everything downstream of them."""
+        _require_run_id(request.run_id)
+        _check_reason(request.reason)
+        plan = validate_request(
+            pb.ExecuteRequest(executable_plan=await self.store.run_plan(tenant_id, request.run_id)),
+            self.registry,
+            cache=self.validations,
+        )
+        violations = [
+            FieldViolation(f"restart_step_ids[{i}]", f"{sid!r} is not a step of the run's plan")
+            for i, sid in enumerate(request.restart_step_ids)
+            if sid not in plan.steps
+        ]
+        if violations:
+            raise ValidationFailed("unknown restart steps", violations=violations)
+        owner, lease = "", None
+        if self.engine.enabled and self.engine.single_replica:
+            owner, lease = self.engine.owner, time.time() + self.engine.lease_seconds
+        execution = await self.store.retry(
+            RetryRun(
+                tenant_id=tenant_id,
+                run_id=request.run_id,
+                restart_step_ids=tuple(request.restart_step_ids),
+                # Compensation is reset too: it runs again only if the flow fails again.
+                rerun_step_ids=frozenset(
+                    downstream(plan, request.restart_step_ids) | plan.rollback
+                ),
+                reason=request.reason,
+                owner=owner,
+                lease_expires_at=lease,
+            )
+        )
+        if owner:
+            self.engine.retried(request.run_id)
+        else:
+            self.engine.wake_claimer()
+        return execution
+
     async def respond(
         self, tenant_id: str, request: pb.RespondToClarificationRequest
     ) -> pb.Execution:
@@ -439,6 +479,33 @@ def _filter_time(
         violations.append(FieldViolation(f"{path}.{name}", "not a valid Timestamp"))
         return None
     return float(stamp.ToNanoseconds()) / 1e9
+
+
+def downstream(plan: ValidatedPlan, step_ids: Iterable[str]) -> set[str]:
+    """`step_ids` and every step that depends on them, directly or not (`depends_on`, and in a
+    sequential flow the steps listed after)."""
+    after: dict[str, list[str]] = {}
+    for sid, info in plan.steps.items():
+        for needed in (*info.depends_on, *((info.runs_after,) if info.runs_after else ())):
+            after.setdefault(needed, []).append(sid)
+    found: set[str] = set()
+    todo = list(step_ids)
+    while todo:
+        sid = todo.pop()
+        if sid not in found:
+            found.add(sid)
+            todo.extend(after.get(sid, ()))
+    return found
+
+
+def _check_reason(reason: str) -> None:
+    if len(reason) > MAX_REQUEST_STRING or "\x00" in reason:
+        raise ValidationFailed(
+            "reason is too long or has a NUL character",
+            violations=[
+                FieldViolation("reason", "must be at most 256 characters, without NUL characters")
+            ],
+        )
 
 
 def _require_run_id(run_id: str) -> None:

@@ -135,3 +135,17 @@ class Answer:
     def from_json(cls, data: list[JSON]) -> Answer:
         step_id, status, output, error, run_failed = data
         return cls(step_id, StepStatus(status) if status else None, output, error, run_failed)
+
+
+@dataclass(frozen=True)
+class RetryRun:
+    """What RetryExecution asks of the store: which run, the steps named to run again and
+    every step that depends on them (`rerun_step_ids`), and who executes it from here."""
+
+    tenant_id: str
+    run_id: str
+    restart_step_ids: tuple[str, ...]
+    rerun_step_ids: frozenset[str]
+    reason: str
+    owner: str = ""
+    lease_expires_at: float | None = None

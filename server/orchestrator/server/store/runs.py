@@ -38,6 +38,7 @@ from orchestrator.server.store.records import (
     EventSpec,
     ListPage,
     NewRun,
+    RetryRun,
     Row,
     RunFilter,
     Transitioned,
@@ -313,6 +314,7 @@ class RunStore:
             "owner": new.owner or None,
             "trace_parent": new.trace_parent,
             "lease_expires_at": new.lease_expires_at,
+            "retry_count": 0,
         }
         step_rows: list[dict[str, Any]] = [
             {
@@ -502,6 +504,108 @@ class RunStore:
             new = await self.update_run(tx, row, changes, specs)
             tx.notify(Notice(NoticeKind.CONTROL, run_id, status=target.value))
             return Transitioned(run_id, target, tx.now, partial_execution(new, changed_steps))
+
+        return await self._with_retry(unit)
+
+    async def run_plan(self, tenant_id: str, run_id: str) -> pb.ExecutablePlan:
+        """The plan a run executes; NotFound as for snapshots."""
+        query = sa.select(runs.c.plan).where(runs.c.run_id == run_id, runs.c.tenant_id == tenant_id)
+
+        async def read(conn: Any) -> bytes | None:
+            blob: bytes | None = (await conn.execute(query)).scalar()
+            return blob
+
+        blob = await self.db.read(read)
+        if blob is None:
+            raise not_found(run_id)
+        return pb.ExecutablePlan.FromString(blob)
+
+    async def retry(self, retry: RetryRun) -> pb.Execution:
+        """RetryExecution: one compare-and-set of a finished run back to RUNNING, with the
+        steps that run again reset to PENDING (each with its event) in the same transaction."""
+
+        async def unit(tx: Tx) -> pb.Execution:
+            row = await self._locked_row(tx, retry.tenant_id, retry.run_id)
+            current = RunStatus(row["status"])
+            target = next_status(current, Action.RETRY)
+            refusal = ""
+            if target is None:
+                refusal = f"it is {current.value.lower()}"
+            elif row["dry_run"]:
+                refusal = "a dry run executes nothing"
+            elif current is RunStatus.COMPLETED and not retry.restart_step_ids:
+                refusal = "it completed: name the steps to run again (restart_step_ids)"
+            if target is None or refusal:
+                raise InvalidTransition(
+                    f"cannot retry run {retry.run_id!r}: {refusal}",
+                    reason=REFUSAL_REASONS[Action.RETRY],
+                    metadata={"run_id": retry.run_id, "current_status": current.value},
+                )
+            step_rows = [
+                dict(r)
+                for r in (
+                    await tx.conn.execute(SELECT_STEPS, {"w_run_id": retry.run_id})
+                ).mappings()
+            ]
+            again = [
+                s
+                for s in step_rows
+                if s["step_id"] in retry.rerun_step_ids
+                or s["status"]
+                in (StepStatus.FAILED.value, StepStatus.SKIPPED.value, StepStatus.CANCELLED.value)
+            ]
+            reset: dict[str, Any] = {
+                "status": StepStatus.PENDING.value,
+                "started_at": None,
+                "first_started_at": None,
+                "completed_at": None,
+                "output": None,
+                "error": "",
+                "error_reason": "",
+                "wake_at": None,
+            }
+            if again:
+                await tx.conn.execute(
+                    sa.update(steps)
+                    .where(
+                        steps.c.run_id == retry.run_id,
+                        steps.c.step_id.in_([s["step_id"] for s in again]),
+                    )
+                    .values(**reset)
+                )
+            for s in again:
+                s.update(reset)
+            finished = sum(1 for s in step_rows if StepStatus(s["status"]).finished)
+            changes: dict[str, Any] = {
+                "status": RunStatus.RUNNING.value,
+                # A fresh deadline: the run's timeout counts from the retry.
+                "started_at": tx.now,
+                "completed_at": None,
+                "current_step": "",
+                "error_message": "",
+                "error_reason": "",
+                "steps_finished": finished,
+                "retry_count": row["retry_count"] + 1,
+                "owner": retry.owner or None,
+                "lease_expires_at": retry.lease_expires_at,
+            }
+            message = f"{Action.RETRY.value}: {retry.reason}" if retry.reason else "run retried"
+            specs = [
+                EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message),
+                *(
+                    EventSpec(
+                        pb.EVENT_TYPE_STEP_RETRYING,
+                        f"step {s['step_id']} runs again: the run was retried",
+                        s["step_id"],
+                        [s],
+                    )
+                    for s in again
+                ),
+            ]
+            new = await self.update_run(tx, row, changes, specs)
+            if not retry.owner:
+                tx.notify(Notice(NoticeKind.CLAIM))
+            return build_execution(new, step_rows, [])
 
         return await self._with_retry(unit)
 

@@ -47,6 +47,8 @@ runs = sa.Table(
     sa.Column("owner", sa.String(128)),
     sa.Column("lease_expires_at", sa.Float),
     sa.Column("trace_parent", sa.String(64), nullable=False, server_default=""),
+    # How many times RetryExecution sent the run back to RUNNING.
+    sa.Column("retry_count", sa.Integer, nullable=False, server_default="0"),
 )
 sa.Index("ix_runs_tenant_pk", runs.c.tenant_id, runs.c.pk)
 sa.Index("ix_runs_tenant_status", runs.c.tenant_id, runs.c.status, runs.c.pk)

@@ -48,6 +48,7 @@ def partial_execution(row: Row, changed_steps: Iterable[Row] = ()) -> pb.Executi
         correlation_id=row["correlation_id"],
         dry_run=bool(row["dry_run"]),
         last_sequence=row["last_sequence"],
+        retry_count=row.get("retry_count") or 0,
     )
     for name in ("started_at", "completed_at", "created_at"):
         if row[name] is not None:
