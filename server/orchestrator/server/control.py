@@ -20,6 +20,7 @@ from orchestrator.server.errors import (
     ResourceExhausted,
     ValidationFailed,
 )
+from orchestrator.server.labels import label_violations
 from orchestrator.server.lifecycle import Action, RunStatus
 from orchestrator.server.plan import (
     MAX_REQUEST_STRING,
@@ -125,6 +126,7 @@ class ControlPlane:
             dry_run_order=validated.order if request.dry_run else None,
             trace_parent=current_traceparent(),
             max_unfinished=self.settings.max_runs_per_tenant,
+            labels=dict(request.labels),
         )
         if self.engine.enabled and self.engine.single_replica and not request.dry_run:
             # One replica on its own store runs what it accepts, without a claim round trip.
@@ -161,6 +163,9 @@ class ControlPlane:
 
     def _check_request(self, tenant_id: str, request: pb.ExecuteRequest) -> _CheckedRequest:
         """Everything Execute works out from the request alone (no store, no loop)."""
+        bad_labels = label_violations(request.labels, "labels")
+        if bad_labels:
+            raise ValidationFailed("invalid labels", violations=bad_labels)
         validated = validate_request(request, self.registry, self.limits, self.validations)
         if not request.HasField("validate_capabilities") or request.validate_capabilities:
             granted = self.policy.granted(tenant_id) if self.policy is not None else None
@@ -252,6 +257,11 @@ class ControlPlane:
                 "page_size must not be negative",
                 violations=[FieldViolation("page_size", "must be 0 (default 50) to 500")],
             )
+        if request.view not in pb.ExecutionView.values():
+            raise ValidationFailed(
+                "view is not an ExecutionView",
+                violations=[FieldViolation("view", "EXECUTION_VIEW_BASIC or EXECUTION_VIEW_FULL")],
+            )
         size = min(
             request.page_size or self.settings.default_page_size, self.settings.max_page_size
         )
@@ -269,7 +279,13 @@ class ControlPlane:
                     "page_token belongs to a different query", reason="INVALID_PAGE_TOKEN"
                 )
             before_pk = token["pk"]
-        page = await self.store.list_executions(tenant_id, flt, limit=size, before_pk=before_pk)
+        page = await self.store.list_executions(
+            tenant_id,
+            flt,
+            limit=size,
+            before_pk=before_pk,
+            full=request.view == pb.EXECUTION_VIEW_FULL,
+        )
         response = pb.ListExecutionsResponse(executions=page.executions)
         if page.last_pk is not None:
             response.next_page_token = self.tokens.encode(
@@ -448,9 +464,10 @@ def run_filter(flt: pb.ExecutionFilter, path: str) -> RunFilter:
             statuses.append(PB_RUN_STATUS[status])
     after = _filter_time(flt, "created_after", path, violations)
     before = _filter_time(flt, "created_before", path, violations)
-    for name in ("plan_hash", "triggered_by"):
+    for name in ("plan_hash", "triggered_by", "plan_id"):
         if "\x00" in getattr(flt, name):
             violations.append(FieldViolation(f"{path}.{name}", "must not contain NUL characters"))
+    violations += label_violations(flt.labels, f"{path}.labels")
     if after is not None and before is not None and after > before:
         violations.append(FieldViolation(f"{path}.created_before", "is before created_after"))
     if violations:
@@ -461,6 +478,8 @@ def run_filter(flt: pb.ExecutionFilter, path: str) -> RunFilter:
         triggered_by=flt.triggered_by,
         created_after=after,
         created_before=before,
+        labels=dict(flt.labels),
+        plan_id=flt.plan_id,
     )
 
 

@@ -48,6 +48,7 @@ from orchestrator.server.store.schema import (
     clarifications,
     events,
     idempotency_keys,
+    run_labels,
     runs,
     server_settings,
     steps,
@@ -114,11 +115,20 @@ class RunStore:
         return build_execution(row, step_rows, pending)
 
     async def list_executions(
-        self, tenant_id: str, flt: RunFilter, *, limit: int, before_pk: int | None
+        self,
+        tenant_id: str,
+        flt: RunFilter,
+        *,
+        limit: int,
+        before_pk: int | None,
+        full: bool = True,
     ) -> ListPage:
-        """Up to `limit` runs, newest first, strictly older than `before_pk` when given."""
-        query = sa.select(*RUN_COLUMNS).where(runs.c.tenant_id == tenant_id)
-        query = _apply_filter(query, flt)
+        """Up to `limit` runs, newest first, strictly older than `before_pk` when given.
+        Without `full` (the BASIC view), no step outputs and no results are read or sent."""
+        columns = RUN_COLUMNS if full else tuple(c for c in RUN_COLUMNS if c.name != "results")
+        step_columns = steps.c if full else [c for c in steps.c if c.name != "output"]
+        query = sa.select(*columns).where(runs.c.tenant_id == tenant_id)
+        query = _apply_filter(query, flt, tenant_id=tenant_id)
         if before_pk is not None:
             query = query.where(runs.c.pk < before_pk)
         query = query.order_by(runs.c.pk.desc()).limit(limit + 1)
@@ -133,10 +143,12 @@ class RunStore:
             by_run: dict[str, list[Row]] = {i: [] for i in ids}
             for srow in (
                 await conn.execute(
-                    sa.select(steps).where(steps.c.run_id.in_(ids)).order_by(steps.c.position)
+                    sa.select(*step_columns)
+                    .where(steps.c.run_id.in_(ids))
+                    .order_by(steps.c.position)
                 )
             ).mappings():
-                by_run[srow["run_id"]].append(srow)
+                by_run[srow["run_id"]].append(srow if full else {**srow, "output": None})
             clar_by_run: dict[str, list[Row]] = {i: [] for i in ids}
             for crow in (
                 await conn.execute(
@@ -150,7 +162,13 @@ class RunStore:
             ).mappings():
                 clar_by_run[crow["run_id"]].append(crow)
             executions = [
-                build_execution(r, by_run[r["run_id"]], clar_by_run[r["run_id"]]) for r in rows
+                build_execution(
+                    r if full else {**r, "results": None},
+                    by_run[r["run_id"]],
+                    clar_by_run[r["run_id"]],
+                    results=full,
+                )
+                for r in rows
             ]
             return ListPage(executions, rows[-1]["pk"] if more else None)
 
@@ -202,15 +220,9 @@ class RunStore:
             events.c.status_changed == sa.true(),
             events.c.id > after_id,
         )
-        if (
-            flt.statuses
-            or flt.plan_hash
-            or flt.triggered_by
-            or flt.created_after is not None
-            or flt.created_before is not None
-        ):
+        if flt.needs_run:
             query = query.join(runs, runs.c.run_id == events.c.run_id)
-            query = _apply_filter(query, flt, status_from_event=True)
+            query = _apply_filter(query, flt, tenant_id=tenant_id, status_from_event=True)
         query = query.order_by(events.c.id).limit(limit)
 
         async def read(conn: Any) -> list[tuple[int, bytes]]:
@@ -315,6 +327,10 @@ class RunStore:
             "trace_parent": new.trace_parent,
             "lease_expires_at": new.lease_expires_at,
             "retry_count": 0,
+            "labels": dict(new.labels) or None,
+            "plan_id": new.plan.plan_id,
+            "plan_name": new.plan.name,
+            "plan_version": new.plan.version,
         }
         step_rows: list[dict[str, Any]] = [
             {
@@ -358,6 +374,14 @@ class RunStore:
         row["pk"] = result.inserted_primary_key[0] if result.inserted_primary_key else None
         if step_rows:
             await tx.conn.execute(INSERT_STEPS, step_rows)
+        if new.labels:
+            await tx.conn.execute(
+                sa.insert(run_labels),
+                [
+                    {"run_id": new.run_id, "tenant_id": new.tenant_id, "key": k, "value": v}
+                    for k, v in new.labels.items()
+                ],
+            )
         if new.idempotency_key:
             await tx.conn.execute(
                 sa.insert(idempotency_keys).values(
@@ -772,7 +796,9 @@ def not_found(run_id: str) -> NotFound:
     return NotFound(f"execution {run_id!r} not found", metadata={"run_id": run_id})
 
 
-def _apply_filter(query: Any, flt: RunFilter, *, status_from_event: bool = False) -> Any:
+def _apply_filter(
+    query: Any, flt: RunFilter, *, tenant_id: str, status_from_event: bool = False
+) -> Any:
     if flt.statuses:
         # WatchExecutions filters on the status each change led to, not on today's status.
         column = events.c.status if status_from_event else runs.c.status
@@ -785,4 +811,17 @@ def _apply_filter(query: Any, flt: RunFilter, *, status_from_event: bool = False
         query = query.where(runs.c.created_at >= flt.created_after)
     if flt.created_before is not None:
         query = query.where(runs.c.created_at < flt.created_before)
+    if flt.plan_id:
+        query = query.where(runs.c.plan_id == flt.plan_id)
+    for key, value in sorted(flt.labels.items()):
+        # One indexed lookup per pair; every pair must match. Portable SQL (SQLite, Postgres).
+        query = query.where(
+            runs.c.run_id.in_(
+                sa.select(run_labels.c.run_id).where(
+                    run_labels.c.tenant_id == tenant_id,
+                    run_labels.c.key == key,
+                    run_labels.c.value == value,
+                )
+            )
+        )
     return query

@@ -17,8 +17,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("runs") as batch:
-        batch.add_column(sa.Column("retry_count", sa.Integer(), server_default="0", nullable=False))
+    op.add_column("runs", sa.Column("retry_count", sa.Integer(), server_default="0", nullable=False))
 
 
 def downgrade() -> None:
