@@ -677,6 +677,7 @@ class RunStore:
                     completed_at=tx.now,
                     error="cancelled with its run",
                     error_reason="CANCELLED",
+                    wake_at=None,
                 )
         pending = (
             await tx.conn.execute(
@@ -700,6 +701,17 @@ class RunStore:
                 )
                 for c in pending
             ]
+        # Every step change has its event (DESIGN §5); a cancelled step is a STEP_FAILED
+        # whose status says CANCELLED.
+        specs += [
+            EventSpec(
+                pb.EVENT_TYPE_STEP_FAILED,
+                f"step {s['step_id']} cancelled with its run",
+                s["step_id"],
+                [s],
+            )
+            for s in open_steps
+        ]
         return open_steps, specs
 
     async def prune(self, older_than: float, limit: int = 500) -> int:
