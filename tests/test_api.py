@@ -429,7 +429,8 @@ async def test_pause_resume_cancel_success_paths(stub: Stub, tenant: str) -> Non
     assert execution.status == pb.EXECUTION_STATUS_CANCELLED
     assert execution.HasField("completed_at")
     assert all(s.status == pb.STEP_STATUS_CANCELLED for s in execution.steps)
-    assert execution.last_sequence == 4
+    # created, paused, resumed, one event per cancelled step, cancelled
+    assert execution.last_sequence == 4 + len(execution.steps)
 
 
 async def _run_in(stub: Stub, tenant: str, state: str) -> str:
@@ -564,8 +565,13 @@ async def test_watch_snapshot_then_events_until_terminal(stub: Stub, tenant: str
     rest = []
     while (item := await stream.read()) is not grpc.aio.EOF:
         rest.append(cast(pb.WatchExecutionResponse, item).event)
-    assert [e.sequence for e in rest] == [2, 3]
-    assert [e.execution.status for e in rest] == [
+    # Paused, then one STEP_FAILED per step cancelled with the run, then the run cancelled.
+    steps = len(run.execution.steps)
+    last = 3 + steps
+    assert [e.sequence for e in rest] == list(range(2, last + 1))
+    assert [e.type for e in rest[1:-1]] == [pb.EVENT_TYPE_STEP_FAILED] * steps
+    assert {s.status for e in rest[1:-1] for s in e.execution.steps} == {pb.STEP_STATUS_CANCELLED}
+    assert [e.execution.status for e in (rest[0], rest[-1])] == [
         pb.EXECUTION_STATUS_PAUSED,
         pb.EXECUTION_STATUS_CANCELLED,
     ]
@@ -577,12 +583,12 @@ async def test_watch_snapshot_then_events_until_terminal(stub: Stub, tenant: str
             pb.WatchExecutionRequest(run_id=run.run_id, after_sequence=1), metadata=m
         )
     ]
-    assert [e.sequence for e in replay] == [2, 3]
+    assert [e.sequence for e in replay] == list(range(2, last + 1))
     # A finished run watched from its end ends at once.
     done = [
         r
         async for r in stub.WatchExecution(
-            pb.WatchExecutionRequest(run_id=run.run_id, after_sequence=3), metadata=m
+            pb.WatchExecutionRequest(run_id=run.run_id, after_sequence=last), metadata=m
         )
     ]
     assert done == []
@@ -691,6 +697,7 @@ async def test_reflection_lists_the_nine_rpcs(channel: grpc.aio.Channel, version
             "RespondToClarification",
             "WatchExecution",
             "WatchExecutions",
+            "RetryExecution",
         ]
     )
 

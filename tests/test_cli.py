@@ -196,7 +196,10 @@ async def test_execute_watch_dry_run_and_idempotency_key(
 ) -> None:
     watched = ok(await invoke("execute", plans["steps"], "--watch"))
     lines = watched.stdout.strip().splitlines()
-    assert "SNAPSHOT" in lines[0]
+    # The run id first, so that another terminal can pause or cancel it meanwhile.
+    assert lines[0].startswith("run ") and lines[-1].startswith(lines[0] + " ")
+    uuid.UUID(lines[0].split()[1])
+    assert "SNAPSHOT" in lines[1]
     assert sum("STEP_COMPLETED" in line for line in lines) == 4
     assert "RUN_STATUS_CHANGED" in lines[-2] and "COMPLETED" in lines[-2]
     assert lines[-1].startswith("run ") and lines[-1].endswith("COMPLETED")
@@ -445,3 +448,66 @@ def test_serve_flags_set_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     bad = runner.invoke(app, ["serve", "--log-format", "xml"])
     assert bad.exit_code == 2
     assert len(seen) == 2
+
+
+async def test_retry_goes_on_where_the_run_failed(
+    invoke: Invoke, client: OrchestratorClient, tmp_path: Path, plans: dict[str, str]
+) -> None:
+    flaky = write(
+        tmp_path,
+        "flaky.json",
+        plan_of(
+            {"stepId": "a", "tool": "core.echo"},
+            {
+                "stepId": "b",
+                "tool": "core.fail",
+                "parameters": {"fail_times": 1, "retryable": False},
+            },
+        ),
+    )
+    failed = await client.execute(flaky, wait=True)
+    assert failed.execution.status == pb.EXECUTION_STATUS_FAILED
+    watched = ok(await invoke("retry", failed.run_id, "--reason", "fixed", "--watch"))
+    assert watched.stdout.strip().splitlines()[-1] == f"run {failed.run_id} COMPLETED"
+    done = await client.get(failed.run_id)
+    assert {s.step_id: s.attempts for s in done.steps} == {"a": 1, "b": 2}
+    assert done.retry_count == 1
+
+    # A completed run goes again only from named steps.
+    refused = ok(await invoke("retry", failed.run_id), 1)
+    assert refused.stderr.startswith("error: FAILED_PRECONDITION RETRY_FAILED: ")
+    again = json.loads(ok(await invoke("retry", failed.run_id, "--step", "b", "-o", "json")).stdout)
+    assert again["status"] == "EXECUTION_STATUS_RUNNING"
+    assert again["retryCount"] == 2
+    final = await client.wait(failed.run_id)
+    assert {s.step_id: s.attempts for s in final.steps} == {"a": 1, "b": 3}
+
+
+async def test_quiet_labels_and_progress_of_a_failed_run(
+    invoke: Invoke, client: OrchestratorClient, plans: dict[str, str]
+) -> None:
+    quiet = ok(await invoke("execute", plans["quick"], "-q", "--label", "env=prod", "-l", "t=a"))
+    run_id = quiet.stdout.strip()
+    uuid.UUID(run_id)  # the id alone, for RUN=$(orchestrator execute -q ...)
+    waited = ok(await invoke("execute", plans["failing"], "-q", "--wait", "--label", "env=dev"), 1)
+    failed_id = waited.stdout.strip()
+    uuid.UUID(failed_id)
+    assert dict((await client.get(run_id)).labels) == {"env": "prod", "t": "a"}
+
+    assert ok(await invoke("list", "-q", "--label", "env=prod")).stdout.split() == [run_id]
+    assert ok(await invoke("list", "-q", "--label", "env=prod", "-l", "t=b")).stdout == ""
+    assert ok(await invoke("list", "-q", "--plan-id", "test")).stdout.split()[:2] == [
+        failed_id,
+        run_id,
+    ]
+    table = ok(await invoke("list", "--label", "env=prod")).stdout
+    assert "env=prod,t=a" in table and "test plan" in table
+    bad = ok(await invoke("execute", plans["quick"], "--label", "env=not ok"), 1)
+    assert bad.stderr.startswith("error: INVALID_ARGUMENT VALIDATION_FAILED: ")
+    assert "labels['env']" in bad.stderr
+    usage = await invoke("list", "--label", "novalue")
+    assert usage.exit_code == 2
+
+    shown = ok(await invoke("get", failed_id)).stdout
+    assert "progress" in shown and "100%" not in shown
+    assert "0% (0/1 steps completed)" in shown

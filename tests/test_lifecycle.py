@@ -29,12 +29,16 @@ from tests.conftest import echo_plan, sqlite_url
 CONTROLS = [Action.PAUSE, Action.RESUME, Action.CANCEL]
 
 
-def test_terminal_states_have_no_way_out() -> None:
-    for (source, _action), _target in TRANSITIONS.items():
-        assert source not in TERMINAL
+def test_terminal_states_are_left_only_by_retry() -> None:
+    for (source, action), target in TRANSITIONS.items():
+        assert source not in TERMINAL or (action is Action.RETRY and target is RunStatus.RUNNING)
     for status in TERMINAL:
         for action in Action:
-            assert next_status(status, action) is None
+            if action is not Action.RETRY:
+                assert next_status(status, action) is None
+        assert next_status(status, Action.RETRY) is RunStatus.RUNNING
+    for status in set(RunStatus) - TERMINAL:
+        assert next_status(status, Action.RETRY) is None
 
 
 def test_control_table_matches_design() -> None:
@@ -99,6 +103,8 @@ def test_store_follows_the_table_and_logs_every_change(
                 assert result.status is target
                 model = target
                 expected_events += 1
+                if target is RunStatus.CANCELLED:
+                    expected_events += 2  # each of the two open steps: its STEP_FAILED
         execution = await store.get_execution(tenant, run_id)
         assert execution.status == pb.ExecutionStatus.Value(f"EXECUTION_STATUS_{model.value}")
         events = [

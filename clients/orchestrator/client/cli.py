@@ -55,6 +55,13 @@ OutputOption = Annotated[
     Output, typer.Option("--output", "-o", help="table, or json (proto3 JSON).")
 ]
 RunArgument = Annotated[str, typer.Argument(help="The run's id.", show_default=False)]
+LabelOption = Annotated[
+    list[str] | None,
+    typer.Option("--label", "-l", help="k=v run label (repeatable).", show_default=False),
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print run ids only, one a line (for scripts).")
+]
 ReasonOption = Annotated[str, typer.Option(help="Why (recorded in the run's event).")]
 
 
@@ -240,6 +247,17 @@ def pairs(items: list[str], option: str) -> dict[str, Any]:
     return out
 
 
+def labels_of(items: list[str], option: str) -> dict[str, str]:
+    """`k=v` labels as a dict (values stay strings)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not key=value", param_hint=option)
+        out[key] = value
+    return out
+
+
 def follow(
     client: SyncOrchestratorClient,
     run_id: str,
@@ -327,6 +345,8 @@ def execute(
         bool,
         typer.Option("--watch", help="Show the run live until it ends (exit codes as --wait)."),
     ] = False,
+    label: LabelOption = None,
+    quiet: QuietOption = False,
     output: OutputOption = Output.table,
 ) -> None:
     """Submit a plan as a new run."""
@@ -338,6 +358,7 @@ def execute(
         raise typer.BadParameter(str(err), param_hint="PLAN") from None
     parameters = pairs(param or [], "--param")
     variables = pairs(var or [], "--var")
+    labels = labels_of(label or [], "--label")
     with connected(ctx) as client:
         response = client.execute(
             executable,
@@ -348,8 +369,18 @@ def execute(
             timeout=timeout,
             triggered_by=triggered_by,
             validate_capabilities=None if validate_capabilities else False,
+            labels=labels,
         )
+        if quiet:
+            # The id alone, at once, whatever else was asked: `RUN=$(orchestrator execute -q …)`.
+            typer.echo(response.run_id)
+            if wait or watch:
+                finish(client.wait(response.run_id).status)
+            return
         if watch:
+            if output is Output.table:
+                # First, so that another terminal can pause or cancel the run meanwhile.
+                render.console().print(f"run {response.run_id}")
             finish(follow(client, response.run_id, output, start=response.execution))
         if wait:
             final = client.wait(response.run_id)
@@ -378,7 +409,10 @@ def list_runs(
     limit: Annotated[int, typer.Option(help="At most this many runs; 0 for all.", min=0)] = 50,
     triggered_by: Annotated[str, typer.Option(help="Only runs submitted by this caller.")] = "",
     plan_hash: Annotated[str, typer.Option(help="Only runs of this plan hash.")] = "",
+    plan_id: Annotated[str, typer.Option(help="Only runs of this plan id.")] = "",
+    label: LabelOption = None,
     page_size: Annotated[int, typer.Option(help="Runs fetched per call.", min=1, max=500)] = 100,
+    quiet: QuietOption = False,
     output: OutputOption = Output.table,
 ) -> None:
     """List the tenant's runs, newest first."""
@@ -392,11 +426,16 @@ def list_runs(
                 statuses=statuses,
                 plan_hash=plan_hash,
                 triggered_by=triggered_by,
+                labels=labels_of(label or [], "--label"),
+                plan_id=plan_id,
                 page_size=page_size,
                 limit=limit or None,
             )
         )
-    if output is Output.json:
+    if quiet:
+        for execution in executions:
+            typer.echo(execution.run_id)
+    elif output is Output.json:
         typer.echo(render.json_text(executions))
     else:
         render.console().print(render.executions_table(executions))
@@ -456,6 +495,33 @@ def cancel(
     """Cancel a run."""
     with connected(ctx) as client:
         _transition(client.cancel(run, reason), output)
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    run: RunArgument,
+    step: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--step",
+            help="A completed step to run again, with everything that depends on it "
+            "(repeatable; needed to retry a completed run).",
+        ),
+    ] = None,
+    reason: ReasonOption = "",
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Show the run live until it ends (exit codes as --wait)."),
+    ] = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Retry a failed or cancelled run in place: completed steps are kept, the rest run again."""
+    with connected(ctx) as client:
+        execution = client.retry(run, step or (), reason)
+        if watch:
+            finish(follow(client, run, output, start=execution))
+    show(output, execution, render.execution_view(execution))
 
 
 @app.command()

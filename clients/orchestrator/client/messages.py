@@ -121,6 +121,7 @@ def execute_request(
     triggered_by: str = "",
     validate_capabilities: bool | None = None,
     plan_hash: str = "",
+    labels: Mapping[str, str] | None = None,
 ) -> pb.ExecuteRequest:
     """An ExecuteRequest; `wait=True` asks the server to answer once the run is terminal."""
     request = pb.ExecuteRequest(
@@ -131,6 +132,7 @@ def execute_request(
         plan_hash=plan_hash,
         parameters=to_struct(parameters),
         variables=to_struct(variables),
+        labels=dict(labels or {}),
     )
     if wait:
         request.async_execution = False
@@ -147,12 +149,16 @@ def execution_filter(
     triggered_by: str = "",
     created_after: datetime | None = None,
     created_before: datetime | None = None,
+    labels: Mapping[str, str] | None = None,
+    plan_id: str = "",
 ) -> pb.ExecutionFilter:
-    """An ExecutionFilter; empty fields match everything."""
+    """An ExecutionFilter; empty fields match everything (labels: every pair must match)."""
     out = pb.ExecutionFilter(
         statuses=[to_status(s) for s in statuses],
         plan_hash=plan_hash,
         triggered_by=triggered_by,
+        labels=dict(labels or {}),
+        plan_id=plan_id,
     )
     if created_after is not None:
         out.created_after.FromDatetime(created_after)

@@ -118,8 +118,11 @@ def execution_view(execution: pb.Execution) -> RenderableType:
     rows = [
         ("run", execution.run_id),
         ("status", styled(status_name(execution.status))),
-        ("progress", f"{execution.progress:.0%}"),
+        ("progress", progress_text(execution)),
         ("plan", execution.plan_hash),
+        ("plan name", plan_text(execution) if execution.plan_name or execution.plan_id else ""),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(execution.labels.items()))),
+        ("retries", str(execution.retry_count) if execution.retry_count else ""),
         ("triggered by", execution.triggered_by),
         ("correlation id", execution.correlation_id),
         ("dry run", "yes" if execution.dry_run else ""),
@@ -155,18 +158,40 @@ def execution_view(execution: pb.Execution) -> RenderableType:
 def executions_table(executions: Iterable[pb.Execution]) -> Table:
     """One row per run, newest first."""
     table = Table()
-    for column in ("run", "status", "progress", "created", "triggered by", "plan"):
+    for column in ("run", "status", "progress", "created", "triggered by", "plan", "labels"):
         table.add_column(column, no_wrap=True)
     for e in executions:
         table.add_row(
             e.run_id,
             styled(status_name(e.status)),
-            f"{e.progress:.0%}",
+            progress_text(e),
             _when(e, "created_at"),
             e.triggered_by,
-            e.plan_hash[:19],
+            plan_text(e),
+            ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())),
         )
     return table
+
+
+def plan_text(execution: pb.Execution) -> str:
+    """The plan as people name it: `name version` (or its id), else the start of its hash."""
+    name = execution.plan_name or execution.plan_id
+    if name:
+        return f"{name} {execution.plan_version}".strip()
+    return execution.plan_hash[:19]
+
+
+def progress_text(execution: pb.Execution) -> str:
+    """Progress; for a run that did not complete, the share of its steps that did (skipped
+    and cancelled steps count as finished, not as done)."""
+    if execution.status in (pb.EXECUTION_STATUS_FAILED, pb.EXECUTION_STATUS_CANCELLED):
+        if execution.steps:
+            done = sum(1 for s in execution.steps if s.status == pb.STEP_STATUS_COMPLETED)
+            return (
+                f"{done / len(execution.steps):.0%} ({done}/{len(execution.steps)} steps completed)"
+            )
+        return "-"
+    return f"{execution.progress:.0%}"
 
 
 def status_line(execution: pb.Execution) -> str:

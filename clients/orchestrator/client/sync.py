@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -126,6 +126,7 @@ class SyncOrchestratorClient:
         timeout: DurationLike | None = None,
         triggered_by: str = "",
         validate_capabilities: bool | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> pb.ExecuteResponse:
         """Submit `plan` (a message, a proto3 JSON dict or a JSON file's path) as a new run.
 
@@ -143,6 +144,7 @@ class SyncOrchestratorClient:
             timeout=timeout,
             triggered_by=triggered_by,
             validate_capabilities=validate_capabilities,
+            labels=labels,
         )
         backoff = Backoff(initial=0.2, maximum=2.0)
         attempt = 1
@@ -168,18 +170,25 @@ class SyncOrchestratorClient:
         triggered_by: str = "",
         created_after: datetime | None = None,
         created_before: datetime | None = None,
+        labels: Mapping[str, str] | None = None,
+        plan_id: str = "",
+        full: bool = False,
         page_size: int = 100,
         limit: int | None = None,
     ) -> Iterator[pb.Execution]:
-        """The tenant's runs, newest first, fetched a page at a time; at most `limit`."""
-        flt = execution_filter(statuses, plan_hash, triggered_by, created_after, created_before)
+        """The tenant's runs, newest first, fetched a page at a time; at most `limit`. Each
+        comes without step outputs and results (the BASIC view) unless `full`."""
+        flt = execution_filter(
+            statuses, plan_hash, triggered_by, created_after, created_before, labels, plan_id
+        )
+        view = pb.EXECUTION_VIEW_FULL if full else pb.EXECUTION_VIEW_BASIC
         token = ""
         seen = 0
         while limit is None or seen < limit:
             size = page_size if limit is None else min(page_size, limit - seen)
             page = self._call(
                 self._stub.ListExecutions,
-                pb.ListExecutionsRequest(filter=flt, page_size=size, page_token=token),
+                pb.ListExecutionsRequest(filter=flt, page_size=size, page_token=token, view=view),
             )
             for execution in page.executions:
                 yield execution
@@ -199,6 +208,19 @@ class SyncOrchestratorClient:
     def cancel(self, run_id: str, reason: str = "") -> pb.CancelResponse:
         """Cancel a PENDING, RUNNING or PAUSED run."""
         return self._call(self._stub.Cancel, pb.CancelRequest(run_id=run_id, reason=reason))
+
+    def retry(
+        self, run_id: str, restart_step_ids: Sequence[str] = (), reason: str = ""
+    ) -> pb.Execution:
+        """Send a FAILED or CANCELLED run (or, from the named steps, a COMPLETED one) back to
+        RUNNING; completed steps are kept, the rest run again. Returns the run after it."""
+        response = self._call(
+            self._stub.RetryExecution,
+            pb.RetryExecutionRequest(
+                run_id=run_id, restart_step_ids=list(restart_step_ids), reason=reason
+            ),
+        )
+        return response.execution
 
     def respond(
         self, run_id: str, clarification_id: str, value: Any, responded_by: str = ""

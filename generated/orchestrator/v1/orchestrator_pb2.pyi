@@ -237,6 +237,30 @@ CLARIFICATION_STATUS_WITHDRAWN: ClarificationStatus.ValueType  # 3
 """Withdrawn because the run ended first."""
 Global___ClarificationStatus: _TypeAlias = ClarificationStatus  # noqa: Y015
 
+class _ExecutionView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExecutionViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExecutionView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXECUTION_VIEW_UNSPECIFIED: _ExecutionView.ValueType  # 0
+    """Unset: the same as EXECUTION_VIEW_BASIC."""
+    EXECUTION_VIEW_BASIC: _ExecutionView.ValueType  # 1
+    """Run-level fields and each step's state, without step outputs and results."""
+    EXECUTION_VIEW_FULL: _ExecutionView.ValueType  # 2
+    """Everything, as GetExecution returns it."""
+
+class ExecutionView(_ExecutionView, metaclass=_ExecutionViewEnumTypeWrapper):
+    """ExecutionView says how much of each run ListExecutions returns (AIP-157)."""
+
+EXECUTION_VIEW_UNSPECIFIED: ExecutionView.ValueType  # 0
+"""Unset: the same as EXECUTION_VIEW_BASIC."""
+EXECUTION_VIEW_BASIC: ExecutionView.ValueType  # 1
+"""Run-level fields and each step's state, without step outputs and results."""
+EXECUTION_VIEW_FULL: ExecutionView.ValueType  # 2
+"""Everything, as GetExecution returns it."""
+Global___ExecutionView: _TypeAlias = ExecutionView  # noqa: Y015
+
 @_typing.final
 class ExecutablePlan(_message.Message):
     """ExecutablePlan is a compiled plan: flows of steps."""
@@ -509,6 +533,26 @@ class Execution(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     RUN_ID_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
@@ -529,6 +573,11 @@ class Execution(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     ERROR_REASON_FIELD_NUMBER: _builtins.int
+    RETRY_COUNT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    PLAN_NAME_FIELD_NUMBER: _builtins.int
+    PLAN_VERSION_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Server-assigned run id (a UUID)."""
     tenant_id: _builtins.str
@@ -555,6 +604,14 @@ class Execution(_message.Message):
     """Machine-readable cause of a failure or cancellation: STEP_FAILED, DEADLINE_EXCEEDED,
     APPROVAL_REJECTED, CANCELLED, INTERNAL_ERROR.
     """
+    retry_count: _builtins.int
+    """How many times RetryExecution sent the run back to RUNNING."""
+    plan_id: _builtins.str
+    """The plan's `plan_id`."""
+    plan_name: _builtins.str
+    """The plan's `name`."""
+    plan_version: _builtins.str
+    """The plan's `version`."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the first step started."""
@@ -587,6 +644,10 @@ class Execution(_message.Message):
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepExecution]:
         """Every step of the plan with its state."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The run's labels, as submitted."""
+
     def __init__(
         self,
         *,
@@ -610,10 +671,15 @@ class Execution(_message.Message):
         steps: _abc.Iterable[Global___StepExecution] | None = ...,
         last_sequence: _builtins.int = ...,
         error_reason: _builtins.str = ...,
+        retry_count: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        plan_id: _builtins.str = ...,
+        plan_name: _builtins.str = ...,
+        plan_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "estimated_completion", b"estimated_completion", "last_updated", b"last_updated", "results", b"results", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "correlation_id", b"correlation_id", "created_at", b"created_at", "current_step", b"current_step", "dry_run", b"dry_run", "error_message", b"error_message", "error_reason", b"error_reason", "estimated_completion", b"estimated_completion", "last_sequence", b"last_sequence", "last_updated", b"last_updated", "pending_clarifications", b"pending_clarifications", "plan_hash", b"plan_hash", "progress", b"progress", "results", b"results", "run_id", b"run_id", "started_at", b"started_at", "status", b"status", "steps", b"steps", "tenant_id", b"tenant_id", "triggered_by", b"triggered_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "correlation_id", b"correlation_id", "created_at", b"created_at", "current_step", b"current_step", "dry_run", b"dry_run", "error_message", b"error_message", "error_reason", b"error_reason", "estimated_completion", b"estimated_completion", "labels", b"labels", "last_sequence", b"last_sequence", "last_updated", b"last_updated", "pending_clarifications", b"pending_clarifications", "plan_hash", b"plan_hash", "plan_id", b"plan_id", "plan_name", b"plan_name", "plan_version", b"plan_version", "progress", b"progress", "results", b"results", "retry_count", b"retry_count", "run_id", b"run_id", "started_at", b"started_at", "status", b"status", "steps", b"steps", "tenant_id", b"tenant_id", "triggered_by", b"triggered_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -817,6 +883,26 @@ class ExecuteRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PLAN_HASH_FIELD_NUMBER: _builtins.int
     EXECUTABLE_PLAN_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
@@ -828,6 +914,7 @@ class ExecuteRequest(_message.Message):
     TRIGGERED_BY_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     plan_hash: _builtins.str
     """Optional: when set, must equal the server-computed hash of `executable_plan`."""
     dry_run: _builtins.bool
@@ -860,6 +947,14 @@ class ExecuteRequest(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """Run timeout (unset: configuration.timeout, else 600s)."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels of the run, to find it by (ExecutionFilter.labels). Keys and values follow
+        Kubernetes label syntax: a key is an optional DNS-subdomain prefix and "/" plus a name of
+        at most 63 characters ([A-Za-z0-9], with "-", "_", "." inside); a value is empty or a
+        name. At most 64 labels. A bad label is INVALID_ARGUMENT with one violation per label.
+        """
+
     def __init__(
         self,
         *,
@@ -874,10 +969,11 @@ class ExecuteRequest(_message.Message):
         triggered_by: _builtins.str = ...,
         correlation_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_async_execution", b"_async_execution", "_validate_capabilities", b"_validate_capabilities", "async_execution", b"async_execution", "executable_plan", b"executable_plan", "parameters", b"parameters", "timeout", b"timeout", "validate_capabilities", b"validate_capabilities", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_async_execution", b"_async_execution", "_validate_capabilities", b"_validate_capabilities", "async_execution", b"async_execution", "correlation_id", b"correlation_id", "dry_run", b"dry_run", "executable_plan", b"executable_plan", "idempotency_key", b"idempotency_key", "parameters", b"parameters", "plan_hash", b"plan_hash", "timeout", b"timeout", "triggered_by", b"triggered_by", "validate_capabilities", b"validate_capabilities", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_async_execution", b"_async_execution", "_validate_capabilities", b"_validate_capabilities", "async_execution", b"async_execution", "correlation_id", b"correlation_id", "dry_run", b"dry_run", "executable_plan", b"executable_plan", "idempotency_key", b"idempotency_key", "labels", b"labels", "parameters", b"parameters", "plan_hash", b"plan_hash", "timeout", b"timeout", "triggered_by", b"triggered_by", "validate_capabilities", b"validate_capabilities", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__async_execution: _TypeAlias = _typing.Literal["async_execution"]  # noqa: Y015
     _WhichOneofArgType__async_execution: _TypeAlias = _typing.Literal["_async_execution", b"_async_execution"]  # noqa: Y015
@@ -994,15 +1090,39 @@ class ExecutionFilter(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STATUSES_FIELD_NUMBER: _builtins.int
     PLAN_HASH_FIELD_NUMBER: _builtins.int
     TRIGGERED_BY_FIELD_NUMBER: _builtins.int
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
     plan_hash: _builtins.str
     """Exactly this plan hash."""
     triggered_by: _builtins.str
     """Exactly this submitter."""
+    plan_id: _builtins.str
+    """Exactly this plan id (ExecutablePlan.plan_id)."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___ExecutionStatus.ValueType]:
         """Any of these statuses."""
@@ -1015,6 +1135,10 @@ class ExecutionFilter(_message.Message):
     def created_before(self) -> _timestamp_pb2.Timestamp:
         """Created before this time."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Runs that carry every one of these labels (same key, same value)."""
+
     def __init__(
         self,
         *,
@@ -1023,10 +1147,12 @@ class ExecutionFilter(_message.Message):
         triggered_by: _builtins.str = ...,
         created_after: _timestamp_pb2.Timestamp | None = ...,
         created_before: _timestamp_pb2.Timestamp | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        plan_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "plan_hash", b"plan_hash", "statuses", b"statuses", "triggered_by", b"triggered_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "labels", b"labels", "plan_hash", b"plan_hash", "plan_id", b"plan_id", "statuses", b"statuses", "triggered_by", b"triggered_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1041,10 +1167,13 @@ class ListExecutionsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Page size: 0 means 50, at most 500, negative is INVALID_ARGUMENT."""
     page_token: _builtins.str
     """The `next_page_token` of the previous page, with the same filter."""
+    view: Global___ExecutionView.ValueType
+    """How much of each run: BASIC (the default) or FULL."""
     @_builtins.property
     def filter(self) -> Global___ExecutionFilter:
         """Which runs."""
@@ -1055,10 +1184,11 @@ class ListExecutionsRequest(_message.Message):
         filter: Global___ExecutionFilter | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: Global___ExecutionView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1455,3 +1585,61 @@ class WatchExecutionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchExecutionsResponse: _TypeAlias = WatchExecutionsResponse  # noqa: Y015
+
+@_typing.final
+class RetryExecutionRequest(_message.Message):
+    """RetryExecutionRequest names the run to retry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    RESTART_STEP_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run's id."""
+    reason: _builtins.str
+    """Why (recorded in the run's event)."""
+    @_builtins.property
+    def restart_step_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Completed steps to run again, with every step that depends on them (needed to retry a
+        COMPLETED run).
+        """
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        restart_step_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "restart_step_ids", b"restart_step_ids", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryExecutionRequest: _TypeAlias = RetryExecutionRequest  # noqa: Y015
+
+@_typing.final
+class RetryExecutionResponse(_message.Message):
+    """RetryExecutionResponse is the retried run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution:
+        """The run's snapshot right after the retry (RUNNING)."""
+
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryExecutionResponse: _TypeAlias = RetryExecutionResponse  # noqa: Y015

@@ -80,6 +80,11 @@ class OrchestratorServiceStub:
                 request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.WatchExecutionsRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.WatchExecutionsResponse.FromString,
                 _registered_method=True)
+        self.RetryExecution = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/RetryExecution',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -160,6 +165,17 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryExecution(self, request, context):
+        """RetryExecution sends a FAILED or CANCELLED run (or, with `restart_step_ids`, a COMPLETED
+        one) back to RUNNING in place: same run id, its event log goes on. Completed steps keep
+        their outputs and are not called again, except the named restart steps, which run again
+        with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
+        RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +223,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.WatchExecutions,
                     request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.WatchExecutionsRequest.FromString,
                     response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.WatchExecutionsResponse.SerializeToString,
+            ),
+            'RetryExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryExecution,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -453,6 +474,33 @@ class OrchestratorService:
             '/orchestrator.v1.OrchestratorService/WatchExecutions',
             orchestrator_dot_v1_dot_orchestrator__pb2.WatchExecutionsRequest.SerializeToString,
             orchestrator_dot_v1_dot_orchestrator__pb2.WatchExecutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/RetryExecution',
+            orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

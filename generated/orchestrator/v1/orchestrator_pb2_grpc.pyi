@@ -76,6 +76,13 @@ class OrchestratorServiceStub:
     """WatchExecutions streams every status change of the tenant's runs in commit order,
     resumable by cursor.
     """
+    RetryExecution: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryExecutionRequest, _orchestrator_pb2.RetryExecutionResponse]
+    """RetryExecution sends a FAILED or CANCELLED run (or, with `restart_step_ids`, a COMPLETED
+    one) back to RUNNING in place: same run id, its event log goes on. Completed steps keep
+    their outputs and are not called again, except the named restart steps, which run again
+    with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
+    RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -117,6 +124,13 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     WatchExecutions: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchExecutionsRequest, _orchestrator_pb2.WatchExecutionsResponse]  # type: ignore[assignment]
     """WatchExecutions streams every status change of the tenant's runs in commit order,
     resumable by cursor.
+    """
+    RetryExecution: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryExecutionRequest, _orchestrator_pb2.RetryExecutionResponse]  # type: ignore[assignment]
+    """RetryExecution sends a FAILED or CANCELLED run (or, with `restart_step_ids`, a COMPLETED
+    one) back to RUNNING in place: same run id, its event log goes on. Completed steps keep
+    their outputs and are not called again, except the named restart steps, which run again
+    with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
+    RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -210,6 +224,19 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchExecutionsResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchExecutionsResponse]]:
         """WatchExecutions streams every status change of the tenant's runs in commit order,
         resumable by cursor.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryExecution(
+        self,
+        request: _orchestrator_pb2.RetryExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.RetryExecutionResponse, _abc.Awaitable[_orchestrator_pb2.RetryExecutionResponse]]:
+        """RetryExecution sends a FAILED or CANCELLED run (or, with `restart_step_ids`, a COMPLETED
+        one) back to RUNNING in place: same run id, its event log goes on. Completed steps keep
+        their outputs and are not called again, except the named restart steps, which run again
+        with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
+        RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

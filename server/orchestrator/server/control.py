@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from orchestrator.server.errors import (
     ResourceExhausted,
     ValidationFailed,
 )
+from orchestrator.server.labels import label_violations
 from orchestrator.server.lifecycle import Action, RunStatus
 from orchestrator.server.plan import (
     MAX_REQUEST_STRING,
@@ -36,7 +37,7 @@ from orchestrator.server.plan import (
 from orchestrator.server.security import ExecuteRateLimiter, TenantPolicy
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.journal import Journal
-from orchestrator.server.store.records import NewRun, NewStep, RunFilter, Transitioned
+from orchestrator.server.store.records import NewRun, NewStep, RetryRun, RunFilter, Transitioned
 from orchestrator.server.store.runs import RunStore, not_found
 from orchestrator.server.store.snapshots import RUN_STATUS_PB, timestamp
 from orchestrator.server.tokens import TokenCodec
@@ -125,6 +126,7 @@ class ControlPlane:
             dry_run_order=validated.order if request.dry_run else None,
             trace_parent=current_traceparent(),
             max_unfinished=self.settings.max_runs_per_tenant,
+            labels=dict(request.labels),
         )
         if self.engine.enabled and self.engine.single_replica and not request.dry_run:
             # One replica on its own store runs what it accepts, without a claim round trip.
@@ -161,6 +163,9 @@ class ControlPlane:
 
     def _check_request(self, tenant_id: str, request: pb.ExecuteRequest) -> _CheckedRequest:
         """Everything Execute works out from the request alone (no store, no loop)."""
+        bad_labels = label_violations(request.labels, "labels")
+        if bad_labels:
+            raise ValidationFailed("invalid labels", violations=bad_labels)
         validated = validate_request(request, self.registry, self.limits, self.validations)
         if not request.HasField("validate_capabilities") or request.validate_capabilities:
             granted = self.policy.granted(tenant_id) if self.policy is not None else None
@@ -252,6 +257,11 @@ class ControlPlane:
                 "page_size must not be negative",
                 violations=[FieldViolation("page_size", "must be 0 (default 50) to 500")],
             )
+        if request.view not in pb.ExecutionView.values():
+            raise ValidationFailed(
+                "view is not an ExecutionView",
+                violations=[FieldViolation("view", "EXECUTION_VIEW_BASIC or EXECUTION_VIEW_FULL")],
+            )
         size = min(
             request.page_size or self.settings.default_page_size, self.settings.max_page_size
         )
@@ -269,7 +279,13 @@ class ControlPlane:
                     "page_token belongs to a different query", reason="INVALID_PAGE_TOKEN"
                 )
             before_pk = token["pk"]
-        page = await self.store.list_executions(tenant_id, flt, limit=size, before_pk=before_pk)
+        page = await self.store.list_executions(
+            tenant_id,
+            flt,
+            limit=size,
+            before_pk=before_pk,
+            full=request.view == pb.EXECUTION_VIEW_FULL,
+        )
         response = pb.ListExecutionsResponse(executions=page.executions)
         if page.last_pk is not None:
             response.next_page_token = self.tokens.encode(
@@ -285,6 +301,46 @@ class ControlPlane:
         result = await self.store.control(tenant_id, run_id, action, reason)
         self.engine.control(run_id, result.status)
         return result
+
+    async def retry(self, tenant_id: str, request: pb.RetryExecutionRequest) -> pb.Execution:
+        """Send a finished run back to RUNNING: what did not complete runs again, and so do
+        the named restart steps with everything downstream of them."""
+        _require_run_id(request.run_id)
+        _check_reason(request.reason)
+        plan = validate_request(
+            pb.ExecuteRequest(executable_plan=await self.store.run_plan(tenant_id, request.run_id)),
+            self.registry,
+            cache=self.validations,
+        )
+        violations = [
+            FieldViolation(f"restart_step_ids[{i}]", f"{sid!r} is not a step of the run's plan")
+            for i, sid in enumerate(request.restart_step_ids)
+            if sid not in plan.steps
+        ]
+        if violations:
+            raise ValidationFailed("unknown restart steps", violations=violations)
+        owner, lease = "", None
+        if self.engine.enabled and self.engine.single_replica:
+            owner, lease = self.engine.owner, time.time() + self.engine.lease_seconds
+        execution = await self.store.retry(
+            RetryRun(
+                tenant_id=tenant_id,
+                run_id=request.run_id,
+                restart_step_ids=tuple(request.restart_step_ids),
+                # Compensation is reset too: it runs again only if the flow fails again.
+                rerun_step_ids=frozenset(
+                    downstream(plan, request.restart_step_ids) | plan.rollback
+                ),
+                reason=request.reason,
+                owner=owner,
+                lease_expires_at=lease,
+            )
+        )
+        if owner:
+            self.engine.retried(request.run_id)
+        else:
+            self.engine.wake_claimer()
+        return execution
 
     async def respond(
         self, tenant_id: str, request: pb.RespondToClarificationRequest
@@ -408,9 +464,10 @@ def run_filter(flt: pb.ExecutionFilter, path: str) -> RunFilter:
             statuses.append(PB_RUN_STATUS[status])
     after = _filter_time(flt, "created_after", path, violations)
     before = _filter_time(flt, "created_before", path, violations)
-    for name in ("plan_hash", "triggered_by"):
+    for name in ("plan_hash", "triggered_by", "plan_id"):
         if "\x00" in getattr(flt, name):
             violations.append(FieldViolation(f"{path}.{name}", "must not contain NUL characters"))
+    violations += label_violations(flt.labels, f"{path}.labels")
     if after is not None and before is not None and after > before:
         violations.append(FieldViolation(f"{path}.created_before", "is before created_after"))
     if violations:
@@ -421,6 +478,8 @@ def run_filter(flt: pb.ExecutionFilter, path: str) -> RunFilter:
         triggered_by=flt.triggered_by,
         created_after=after,
         created_before=before,
+        labels=dict(flt.labels),
+        plan_id=flt.plan_id,
     )
 
 
@@ -439,6 +498,33 @@ def _filter_time(
         violations.append(FieldViolation(f"{path}.{name}", "not a valid Timestamp"))
         return None
     return float(stamp.ToNanoseconds()) / 1e9
+
+
+def downstream(plan: ValidatedPlan, step_ids: Iterable[str]) -> set[str]:
+    """`step_ids` and every step that depends on them, directly or not (`depends_on`, and in a
+    sequential flow the steps listed after)."""
+    after: dict[str, list[str]] = {}
+    for sid, info in plan.steps.items():
+        for needed in (*info.depends_on, *((info.runs_after,) if info.runs_after else ())):
+            after.setdefault(needed, []).append(sid)
+    found: set[str] = set()
+    todo = list(step_ids)
+    while todo:
+        sid = todo.pop()
+        if sid not in found:
+            found.add(sid)
+            todo.extend(after.get(sid, ()))
+    return found
+
+
+def _check_reason(reason: str) -> None:
+    if len(reason) > MAX_REQUEST_STRING or "\x00" in reason:
+        raise ValidationFailed(
+            "reason is too long or has a NUL character",
+            violations=[
+                FieldViolation("reason", "must be at most 256 characters, without NUL characters")
+            ],
+        )
 
 
 def _require_run_id(run_id: str) -> None:

@@ -45,6 +45,7 @@ class Action(enum.StrEnum):
     CANCEL = "cancel"
     COMPLETE = "complete"
     FAIL = "fail"
+    RETRY = "retry"
 
 
 TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
@@ -66,6 +67,11 @@ TRANSITIONS: dict[tuple[RunStatus, Action], RunStatus] = {
     (RunStatus.PENDING, Action.FAIL): RunStatus.FAILED,
     (RunStatus.RUNNING, Action.FAIL): RunStatus.FAILED,
     (RunStatus.PAUSED, Action.FAIL): RunStatus.FAILED,
+    # RetryExecution: a finished run goes on in place. A COMPLETED run only with steps named
+    # to run again (the store checks that), else there is nothing to retry.
+    (RunStatus.FAILED, Action.RETRY): RunStatus.RUNNING,
+    (RunStatus.CANCELLED, Action.RETRY): RunStatus.RUNNING,
+    (RunStatus.COMPLETED, Action.RETRY): RunStatus.RUNNING,
 }
 
 # The reason a refused control call reports (DESIGN §4).
@@ -73,6 +79,7 @@ REFUSAL_REASONS: dict[Action, str] = {
     Action.PAUSE: "PAUSE_FAILED",
     Action.RESUME: "RESUME_FAILED",
     Action.CANCEL: "CANCEL_FAILED",
+    Action.RETRY: "RETRY_FAILED",
 }
 
 

@@ -80,6 +80,14 @@ class OrchestratorServicer:
         execution = await self._control.respond(call_tenant(), request)
         return pb.RespondToClarificationResponse(execution=execution)
 
+    async def RetryExecution(
+        self, request: pb.RetryExecutionRequest, context: Context
+    ) -> pb.RetryExecutionResponse:
+        """Send a failed, cancelled (or, from named steps, completed) run back to RUNNING."""
+        structlog.contextvars.bind_contextvars(run_id=request.run_id)
+        execution = await self._control.retry(call_tenant(), request)
+        return pb.RetryExecutionResponse(execution=execution)
+
     async def WatchExecution(
         self, request: pb.WatchExecutionRequest, context: Context
     ) -> AsyncIterator[bytes]:

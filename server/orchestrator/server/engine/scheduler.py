@@ -217,6 +217,8 @@ class Engine:
         run_ids = await self.journal.claim(lapse=self.lease_seconds, limit=CLAIM_BATCH)
         for run_id in run_ids:
             if run_id in self.runs:
+                # A task still winding down a finished run that was retried meanwhile.
+                self.runs[run_id].resubmit = True
                 continue
             self.takeovers += 1
             if self.metrics is not None:
@@ -230,6 +232,15 @@ class Engine:
         task = self.runs.get(run_id)
         if task is not None:
             task.on_status(status)
+
+    def retried(self, run_id: str) -> None:
+        """A finished run of ours went back to RUNNING (already committed): run it again, once
+        the task that finished it, if it is still winding down, has ended."""
+        task = self.runs.get(run_id)
+        if task is None:
+            self.submit(run_id)
+        else:
+            task.resubmit = True
 
     def answered(self, run_id: str, clarification_id: str, answer: Answer) -> None:
         """A clarification was answered (already committed)."""
@@ -306,6 +317,8 @@ class RunTask:
         self.approved: set[str] = set()
         self.loaded = False
         self.lost = False
+        # The run was retried while this task wound it down: start a fresh task at the end.
+        self.resubmit = False
         # A step task that ended with an error it did not handle (a bug): the run task
         # raises it rather than launching the step again.
         self.crashed: BaseException | None = None
@@ -375,6 +388,8 @@ class RunTask:
         finally:
             self.engine.runs.pop(self.run_id, None)
             self.log.info("engine.run_task_ended", cancelled=self.cancelled, lost=self.lost)
+            if self.resubmit and not self.lost:
+                self.engine.submit(self.run_id)
 
     def _prepare(
         self, row: Mapping[str, Any]

@@ -369,6 +369,7 @@ class Journal:
                     )
                 ).mappings()
             ]
+            step_specs: list[EventSpec] = []
             for step in open_steps:
                 running = step["status"] != StepStatus.PENDING.value
                 await self._set_step(
@@ -383,6 +384,16 @@ class Journal:
                         "error_reason": "CANCELLED" if running else "NOT_REACHED",
                         "wake_at": None,
                     },
+                )
+                # Every step change has its event (DESIGN §5), before the run's own.
+                status = StepStatus(step["status"])
+                step_specs.append(
+                    EventSpec(
+                        STEP_EVENT[status],
+                        f"step {step['step_id']} {status.value.lower()}: {step['error']}",
+                        step["step_id"],
+                        [step],
+                    )
                 )
             await tx.conn.execute(
                 sa.update(clarifications)
@@ -403,7 +414,10 @@ class Journal:
                     "error_reason": error_reason,
                     "started_at": row["started_at"] or tx.now,
                 },
-                [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=open_steps)],
+                [
+                    *step_specs,
+                    EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=open_steps),
+                ],
             )
             return True
 

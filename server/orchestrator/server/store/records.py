@@ -57,6 +57,7 @@ class NewRun:
     trace_parent: str = ""
     # Unfinished runs the tenant may have (0 = no limit), checked in the creating transaction.
     max_unfinished: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,21 @@ class RunFilter:
     triggered_by: str = ""
     created_after: float | None = None
     created_before: float | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    plan_id: str = ""
+
+    @property
+    def needs_run(self) -> bool:
+        """Whether the filter reads anything of the run beyond an event's own columns."""
+        return bool(
+            self.statuses
+            or self.plan_hash
+            or self.triggered_by
+            or self.created_after is not None
+            or self.created_before is not None
+            or self.labels
+            or self.plan_id
+        )
 
 
 @dataclass
@@ -135,3 +151,17 @@ class Answer:
     def from_json(cls, data: list[JSON]) -> Answer:
         step_id, status, output, error, run_failed = data
         return cls(step_id, StepStatus(status) if status else None, output, error, run_failed)
+
+
+@dataclass(frozen=True)
+class RetryRun:
+    """What RetryExecution asks of the store: which run, the steps named to run again and
+    every step that depends on them (`rerun_step_ids`), and who executes it from here."""
+
+    tenant_id: str
+    run_id: str
+    restart_step_ids: tuple[str, ...]
+    rerun_step_ids: frozenset[str]
+    reason: str
+    owner: str = ""
+    lease_expires_at: float | None = None

@@ -38,6 +38,7 @@ from orchestrator.server.store.records import (
     EventSpec,
     ListPage,
     NewRun,
+    RetryRun,
     Row,
     RunFilter,
     Transitioned,
@@ -47,6 +48,7 @@ from orchestrator.server.store.schema import (
     clarifications,
     events,
     idempotency_keys,
+    run_labels,
     runs,
     server_settings,
     steps,
@@ -113,11 +115,20 @@ class RunStore:
         return build_execution(row, step_rows, pending)
 
     async def list_executions(
-        self, tenant_id: str, flt: RunFilter, *, limit: int, before_pk: int | None
+        self,
+        tenant_id: str,
+        flt: RunFilter,
+        *,
+        limit: int,
+        before_pk: int | None,
+        full: bool = True,
     ) -> ListPage:
-        """Up to `limit` runs, newest first, strictly older than `before_pk` when given."""
-        query = sa.select(*RUN_COLUMNS).where(runs.c.tenant_id == tenant_id)
-        query = _apply_filter(query, flt)
+        """Up to `limit` runs, newest first, strictly older than `before_pk` when given.
+        Without `full` (the BASIC view), no step outputs and no results are read or sent."""
+        columns = RUN_COLUMNS if full else tuple(c for c in RUN_COLUMNS if c.name != "results")
+        step_columns = steps.c if full else [c for c in steps.c if c.name != "output"]
+        query = sa.select(*columns).where(runs.c.tenant_id == tenant_id)
+        query = _apply_filter(query, flt, tenant_id=tenant_id)
         if before_pk is not None:
             query = query.where(runs.c.pk < before_pk)
         query = query.order_by(runs.c.pk.desc()).limit(limit + 1)
@@ -132,10 +143,12 @@ class RunStore:
             by_run: dict[str, list[Row]] = {i: [] for i in ids}
             for srow in (
                 await conn.execute(
-                    sa.select(steps).where(steps.c.run_id.in_(ids)).order_by(steps.c.position)
+                    sa.select(*step_columns)
+                    .where(steps.c.run_id.in_(ids))
+                    .order_by(steps.c.position)
                 )
             ).mappings():
-                by_run[srow["run_id"]].append(srow)
+                by_run[srow["run_id"]].append(srow if full else {**srow, "output": None})
             clar_by_run: dict[str, list[Row]] = {i: [] for i in ids}
             for crow in (
                 await conn.execute(
@@ -149,7 +162,13 @@ class RunStore:
             ).mappings():
                 clar_by_run[crow["run_id"]].append(crow)
             executions = [
-                build_execution(r, by_run[r["run_id"]], clar_by_run[r["run_id"]]) for r in rows
+                build_execution(
+                    r if full else {**r, "results": None},
+                    by_run[r["run_id"]],
+                    clar_by_run[r["run_id"]],
+                    results=full,
+                )
+                for r in rows
             ]
             return ListPage(executions, rows[-1]["pk"] if more else None)
 
@@ -201,15 +220,9 @@ class RunStore:
             events.c.status_changed == sa.true(),
             events.c.id > after_id,
         )
-        if (
-            flt.statuses
-            or flt.plan_hash
-            or flt.triggered_by
-            or flt.created_after is not None
-            or flt.created_before is not None
-        ):
+        if flt.needs_run:
             query = query.join(runs, runs.c.run_id == events.c.run_id)
-            query = _apply_filter(query, flt, status_from_event=True)
+            query = _apply_filter(query, flt, tenant_id=tenant_id, status_from_event=True)
         query = query.order_by(events.c.id).limit(limit)
 
         async def read(conn: Any) -> list[tuple[int, bytes]]:
@@ -313,6 +326,11 @@ class RunStore:
             "owner": new.owner or None,
             "trace_parent": new.trace_parent,
             "lease_expires_at": new.lease_expires_at,
+            "retry_count": 0,
+            "labels": dict(new.labels) or None,
+            "plan_id": new.plan.plan_id,
+            "plan_name": new.plan.name,
+            "plan_version": new.plan.version,
         }
         step_rows: list[dict[str, Any]] = [
             {
@@ -356,6 +374,14 @@ class RunStore:
         row["pk"] = result.inserted_primary_key[0] if result.inserted_primary_key else None
         if step_rows:
             await tx.conn.execute(INSERT_STEPS, step_rows)
+        if new.labels:
+            await tx.conn.execute(
+                sa.insert(run_labels),
+                [
+                    {"run_id": new.run_id, "tenant_id": new.tenant_id, "key": k, "value": v}
+                    for k, v in new.labels.items()
+                ],
+            )
         if new.idempotency_key:
             await tx.conn.execute(
                 sa.insert(idempotency_keys).values(
@@ -505,6 +531,108 @@ class RunStore:
 
         return await self._with_retry(unit)
 
+    async def run_plan(self, tenant_id: str, run_id: str) -> pb.ExecutablePlan:
+        """The plan a run executes; NotFound as for snapshots."""
+        query = sa.select(runs.c.plan).where(runs.c.run_id == run_id, runs.c.tenant_id == tenant_id)
+
+        async def read(conn: Any) -> bytes | None:
+            blob: bytes | None = (await conn.execute(query)).scalar()
+            return blob
+
+        blob = await self.db.read(read)
+        if blob is None:
+            raise not_found(run_id)
+        return pb.ExecutablePlan.FromString(blob)
+
+    async def retry(self, retry: RetryRun) -> pb.Execution:
+        """RetryExecution: one compare-and-set of a finished run back to RUNNING, with the
+        steps that run again reset to PENDING (each with its event) in the same transaction."""
+
+        async def unit(tx: Tx) -> pb.Execution:
+            row = await self._locked_row(tx, retry.tenant_id, retry.run_id)
+            current = RunStatus(row["status"])
+            target = next_status(current, Action.RETRY)
+            refusal = ""
+            if target is None:
+                refusal = f"it is {current.value.lower()}"
+            elif row["dry_run"]:
+                refusal = "a dry run executes nothing"
+            elif current is RunStatus.COMPLETED and not retry.restart_step_ids:
+                refusal = "it completed: name the steps to run again (restart_step_ids)"
+            if target is None or refusal:
+                raise InvalidTransition(
+                    f"cannot retry run {retry.run_id!r}: {refusal}",
+                    reason=REFUSAL_REASONS[Action.RETRY],
+                    metadata={"run_id": retry.run_id, "current_status": current.value},
+                )
+            step_rows = [
+                dict(r)
+                for r in (
+                    await tx.conn.execute(SELECT_STEPS, {"w_run_id": retry.run_id})
+                ).mappings()
+            ]
+            again = [
+                s
+                for s in step_rows
+                if s["step_id"] in retry.rerun_step_ids
+                or s["status"]
+                in (StepStatus.FAILED.value, StepStatus.SKIPPED.value, StepStatus.CANCELLED.value)
+            ]
+            reset: dict[str, Any] = {
+                "status": StepStatus.PENDING.value,
+                "started_at": None,
+                "first_started_at": None,
+                "completed_at": None,
+                "output": None,
+                "error": "",
+                "error_reason": "",
+                "wake_at": None,
+            }
+            if again:
+                await tx.conn.execute(
+                    sa.update(steps)
+                    .where(
+                        steps.c.run_id == retry.run_id,
+                        steps.c.step_id.in_([s["step_id"] for s in again]),
+                    )
+                    .values(**reset)
+                )
+            for s in again:
+                s.update(reset)
+            finished = sum(1 for s in step_rows if StepStatus(s["status"]).finished)
+            changes: dict[str, Any] = {
+                "status": RunStatus.RUNNING.value,
+                # A fresh deadline: the run's timeout counts from the retry.
+                "started_at": tx.now,
+                "completed_at": None,
+                "current_step": "",
+                "error_message": "",
+                "error_reason": "",
+                "steps_finished": finished,
+                "retry_count": row["retry_count"] + 1,
+                "owner": retry.owner or None,
+                "lease_expires_at": retry.lease_expires_at,
+            }
+            message = f"{Action.RETRY.value}: {retry.reason}" if retry.reason else "run retried"
+            specs = [
+                EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message),
+                *(
+                    EventSpec(
+                        pb.EVENT_TYPE_STEP_RETRYING,
+                        f"step {s['step_id']} runs again: the run was retried",
+                        s["step_id"],
+                        [s],
+                    )
+                    for s in again
+                ),
+            ]
+            new = await self.update_run(tx, row, changes, specs)
+            if not retry.owner:
+                tx.notify(Notice(NoticeKind.CLAIM))
+            return build_execution(new, step_rows, [])
+
+        return await self._with_retry(unit)
+
     async def _cancel_open_work(
         self, tx: Tx, run_id: str, reason: str
     ) -> tuple[list[dict[str, Any]], list[EventSpec]]:
@@ -549,6 +677,7 @@ class RunStore:
                     completed_at=tx.now,
                     error="cancelled with its run",
                     error_reason="CANCELLED",
+                    wake_at=None,
                 )
         pending = (
             await tx.conn.execute(
@@ -572,6 +701,17 @@ class RunStore:
                 )
                 for c in pending
             ]
+        # Every step change has its event (DESIGN §5); a cancelled step is a STEP_FAILED
+        # whose status says CANCELLED.
+        specs += [
+            EventSpec(
+                pb.EVENT_TYPE_STEP_FAILED,
+                f"step {s['step_id']} cancelled with its run",
+                s["step_id"],
+                [s],
+            )
+            for s in open_steps
+        ]
         return open_steps, specs
 
     async def prune(self, older_than: float, limit: int = 500) -> int:
@@ -668,7 +808,9 @@ def not_found(run_id: str) -> NotFound:
     return NotFound(f"execution {run_id!r} not found", metadata={"run_id": run_id})
 
 
-def _apply_filter(query: Any, flt: RunFilter, *, status_from_event: bool = False) -> Any:
+def _apply_filter(
+    query: Any, flt: RunFilter, *, tenant_id: str, status_from_event: bool = False
+) -> Any:
     if flt.statuses:
         # WatchExecutions filters on the status each change led to, not on today's status.
         column = events.c.status if status_from_event else runs.c.status
@@ -681,4 +823,17 @@ def _apply_filter(query: Any, flt: RunFilter, *, status_from_event: bool = False
         query = query.where(runs.c.created_at >= flt.created_after)
     if flt.created_before is not None:
         query = query.where(runs.c.created_at < flt.created_before)
+    if flt.plan_id:
+        query = query.where(runs.c.plan_id == flt.plan_id)
+    for key, value in sorted(flt.labels.items()):
+        # One indexed lookup per pair; every pair must match. Portable SQL (SQLite, Postgres).
+        query = query.where(
+            runs.c.run_id.in_(
+                sa.select(run_labels.c.run_id).where(
+                    run_labels.c.tenant_id == tenant_id,
+                    run_labels.c.key == key,
+                    run_labels.c.value == value,
+                )
+            )
+        )
     return query

@@ -48,12 +48,33 @@ runs = sa.Table(
     sa.Column("owner", sa.String(160)),
     sa.Column("lease_expires_at", sa.Float),
     sa.Column("trace_parent", sa.String(64), nullable=False, server_default=""),
+    # How many times RetryExecution sent the run back to RUNNING.
+    sa.Column("retry_count", sa.Integer, nullable=False, server_default="0"),
+    # The request's labels as given (the snapshot's); run_labels is what filters use.
+    sa.Column("labels", sa.JSON),
+    sa.Column("plan_id", sa.Text, nullable=False, server_default=""),
+    sa.Column("plan_name", sa.Text, nullable=False, server_default=""),
+    sa.Column("plan_version", sa.Text, nullable=False, server_default=""),
 )
 sa.Index("ix_runs_tenant_pk", runs.c.tenant_id, runs.c.pk)
 sa.Index("ix_runs_tenant_status", runs.c.tenant_id, runs.c.status, runs.c.pk)
 sa.Index("ix_runs_status", runs.c.status, runs.c.lease_expires_at)
 sa.Index("ix_runs_owner", runs.c.owner)
 sa.Index("ix_runs_tenant_plan", runs.c.tenant_id, runs.c.plan_hash, runs.c.status, runs.c.pk)
+sa.Index("ix_runs_tenant_plan_id", runs.c.tenant_id, runs.c.plan_id, runs.c.pk)
+
+# One row per label of a run: ExecutionFilter.labels is one indexed lookup per pair.
+run_labels = sa.Table(
+    "run_labels",
+    metadata,
+    sa.Column(
+        "run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("key", sa.String(320), primary_key=True),
+    sa.Column("tenant_id", sa.String(36), nullable=False),
+    sa.Column("value", sa.String(64), nullable=False),
+)
+sa.Index("ix_run_labels_tenant_pair", run_labels.c.tenant_id, run_labels.c.key, run_labels.c.value)
 
 steps = sa.Table(
     "steps",

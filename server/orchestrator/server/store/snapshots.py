@@ -48,6 +48,11 @@ def partial_execution(row: Row, changed_steps: Iterable[Row] = ()) -> pb.Executi
         correlation_id=row["correlation_id"],
         dry_run=bool(row["dry_run"]),
         last_sequence=row["last_sequence"],
+        retry_count=row.get("retry_count") or 0,
+        labels=row.get("labels") or {},
+        plan_id=row.get("plan_id") or "",
+        plan_name=row.get("plan_name") or "",
+        plan_version=row.get("plan_version") or "",
     )
     for name in ("started_at", "completed_at", "created_at"):
         if row[name] is not None:
@@ -107,10 +112,14 @@ def build_execution(
     run: Row,
     step_rows: Sequence[Row],
     pending: Sequence[Row],
+    *,
+    results: bool = True,
 ) -> pb.Execution:
-    """The full snapshot of a run from its rows."""
+    """The full snapshot of a run from its rows (without `results`: the BASIC view's)."""
     execution = partial_execution(run, step_rows)
-    if run["results"] is not None:
+    if not results:
+        pass
+    elif run["results"] is not None:
         execution.results.update(run["results"])
     else:
         for step in step_rows:
