@@ -1,7 +1,7 @@
 """runs.retry_count: how many times RetryExecution sent a run back to RUNNING
 
-Revision ID: 0002_run_retry
-Revises: 0001
+Revision ID: 0003_run_retry
+Revises: 0002
 Create Date: 2026-12-01 20:30:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_run_retry"
-down_revision = "0001"
+revision = "0003_run_retry"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """labels and plan identity of runs: runs.labels/plan_id/plan_name/plan_version, run_labels
 
-Revision ID: 0003_run_labels
-Revises: 0002_run_retry
+Revision ID: 0004_run_labels
+Revises: 0003_run_retry
 Create Date: 2026-12-01 20:40:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_run_labels"
-down_revision = "0002_run_retry"
+revision = "0004_run_labels"
+down_revision = "0003_run_retry"
 branch_labels = None
 depends_on = None
 
