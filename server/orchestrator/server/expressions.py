@@ -267,8 +267,9 @@ def _collect_reads(tree: lark.Tree[Any], reads: list[Path], references: set[str]
         stack.extend(child for child in node.children if isinstance(child, lark.Tree))
 
 
-def _member_path(node: lark.Tree[Any]) -> Path | None:
-    """The static path a `member` chain reads from a root, or None if it starts elsewhere."""
+def _member_path(node: lark.Tree[Any], *, exact: bool = False) -> Path | None:
+    """The static path a `member` chain reads from a root, or None if it starts elsewhere.
+    A dynamic index (`params[k]`) ends the path there, or with `exact` makes it None."""
     keys: list[Key] = []
     current: object = node
     while isinstance(current, lark.Tree):
@@ -281,6 +282,8 @@ def _member_path(node: lark.Tree[Any]) -> Path | None:
             continue
         if current.data == "member_index":
             key = _literal_key(current.children[1])
+            if key is None and exact:
+                return None
             keys = [] if key is None else [*keys, key]
             current = current.children[0]
             continue
@@ -312,28 +315,7 @@ def _whole_path(tree: lark.Tree[Any]) -> Path | None:
     node: object = tree
     while isinstance(node, lark.Tree) and node.data != "member":
         node = _only_child(node)
-    if not isinstance(node, lark.Tree):
-        return None
-    keys: list[Key] = []
-    current: object = node
-    while isinstance(current, lark.Tree):
-        if current.data == "member":
-            current = _only_child(current)
-        elif current.data == "member_dot":
-            keys.append(str(_token(current.children[1])))
-            current = current.children[0]
-        elif current.data == "member_index":
-            key = _literal_key(current.children[1])
-            if key is None:
-                return None
-            keys.append(key)
-            current = current.children[0]
-        elif current.data == "primary" and _is_ident(current):
-            name = _token(_only_child(_only_child(current)))
-            return (str(name), *reversed(keys)) if name in _ROOTS else None
-        else:
-            return None
-    return None
+    return _member_path(node, exact=True) if isinstance(node, lark.Tree) else None
 
 
 def _literal_key(node: object) -> Key | None:
