@@ -6,9 +6,11 @@ are marked `postgres`; CI runs them, they never skip."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -193,3 +195,13 @@ def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Thread
         yield srv
     finally:
         srv.stop()
+
+
+async def until(check: Callable[[], bool], within: float, what: str) -> float:
+    """Wait until `check()` holds; the monotonic time it did."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic()

@@ -23,7 +23,7 @@ from orchestrator.client import NotFound, SyncOrchestratorClient
 from orchestrator.server.logs import configure_logging
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import echo_plan, md, sqlite_url
+from tests.conftest import echo_plan, md, sqlite_url, until
 from tests.process import ORCHESTRATOR, ServeProcess
 
 
@@ -49,7 +49,20 @@ async def test_correlation_id_in_metadata_and_log_lines(
     )
     with pytest.raises(grpc.aio.AioRpcError):
         await bad
-    lines = [json.loads(line) for line in log_lines.getvalue().splitlines() if line.strip()]
+
+    def lines_of() -> list[dict[str, Any]]:
+        text = log_lines.getvalue()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def logged(correlation_id: str) -> bool:
+        return any(
+            x.get("correlation_id") == correlation_id and x["event"] == "rpc" for x in lines_of()
+        )
+
+    # The access line is written as the handler returns, which may trail the status on the
+    # wire: an aborted call's status is sent by abort() itself.
+    await until(lambda: logged("corr-bad"), 10.0, "the failed call's access line")
+    lines = lines_of()
     mine = [x for x in lines if x.get("correlation_id") == "corr-xyz"]
     access = [x for x in mine if x["event"] == "rpc"]
     assert len(access) == 1

@@ -38,7 +38,7 @@ from orchestrator.client import OrchestratorClient
 from orchestrator.server.tools import Tool, ToolContext, default_registry
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.conftest import make_settings, md, plan_of, running, sqlite_url
+from tests.conftest import make_settings, md, plan_of, running, sqlite_url, until
 from tests.outages import PostgresCluster, SmallDisk, TcpProxy
 from tests.process import ServeProcess, free_port
 from tests.stores import drop_postgres_database, postgres_database
@@ -102,16 +102,6 @@ async def health_watch(address: str, seen: list[tuple[float, int]]) -> None:
         stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
         async for reply in stream:
             seen.append((time.monotonic(), reply.status))
-
-
-async def until(check: Callable[[], bool], within: float, what: str) -> float:
-    """Wait until `check()` holds; the monotonic time it did."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic()
 
 
 def started(watched: Watched, step_id: str) -> bool:
