@@ -55,7 +55,11 @@ async def expect_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
 @pytest.mark.parametrize("name", ["sequential.json", "parallel.json", "approval.json"])
 async def test_execute_stores_example_plans(stub: Stub, tenant: str, name: str) -> None:
     plan = load_plan(name)
-    response = await execute(stub, tenant, plan, triggered_by="alice", correlation_id="corr-1")
+    parameters = struct_pb2.Struct()
+    parameters.update({"name": "ada", "version": "1.2"})
+    response = await execute(
+        stub, tenant, plan, triggered_by="alice", correlation_id="corr-1", parameters=parameters
+    )
     assert response.success
     uuid.UUID(response.run_id)
     assert response.correlation_id == "corr-1"
@@ -152,6 +156,42 @@ async def test_plan_hash_mismatch_is_invalid_and_match_is_accepted(stub: Stub, t
     d = details_of(err)
     assert d.code == grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in d.violations] == ["plan_hash"]
+
+
+async def test_a_parameter_the_plan_always_reads_is_required_at_submit(
+    stub: Stub, tenant: str
+) -> None:
+    plan = plan_of(
+        {"stepId": "a", "tool": "core.echo", "parameters": {"m": "hi {{ params.name }}"}},
+        {"stepId": "b", "tool": "core.echo", "conditions": ["params.go"]},
+        # Guarded reads and steps whose conditions may skip them require nothing.
+        {
+            "stepId": "c",
+            "tool": "core.echo",
+            "parameters": {"m": "{{ has(params.x) ? params.x : 1 }}"},
+        },
+        {
+            "stepId": "d",
+            "tool": "core.echo",
+            "conditions": ["has(params.y)"],
+            "parameters": {"m": "{{ params.y }}"},
+        },
+    )
+    err = await expect_error(
+        stub.Execute(pb.ExecuteRequest(executable_plan=plan), metadata=md(tenant))
+    )
+    d = details_of(err)
+    assert d.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert d.reason == "VALIDATION_FAILED"
+    assert [f for f, _ in d.violations] == [
+        "executable_plan.flows[0].steps[0].parameters.m",
+        "executable_plan.flows[0].steps[1].conditions[0]",
+    ]
+    assert "params.name" in d.violations[0][1]
+    parameters = struct_pb2.Struct()
+    parameters.update({"name": "ada", "go": True})
+    ok = await execute(stub, tenant, plan, parameters=parameters)
+    assert ok.success
 
 
 async def test_capability_validation_lists_every_violation(stub: Stub, tenant: str) -> None:

@@ -638,7 +638,9 @@ async def test_cancel_during_a_long_wait_is_immediate(
 
 
 async def test_cancel_withdraws_pending_clarifications(stub: Stub, tenant: str) -> None:
-    run_id = await start(stub, tenant, load_plan("approval.json"))
+    run_id = await start(
+        stub, tenant, load_plan("approval.json"), parameters=struct_of({"version": "1.2"})
+    )
     await until(stub, tenant, run_id, lambda e: len(e.pending_clarifications) == 1)
     await stub.Cancel(pb.CancelRequest(run_id=run_id), metadata=md(tenant))
     got = (

@@ -174,11 +174,15 @@ class ControlPlane:
             self._check_grants(tenant_id, validated)
         # struct_to_python: the same JSON values as json_format.MessageToDict, several times
         # faster on large Structs.
+        parameters = struct_to_python(request.parameters)
+        missing = validated.missing_parameters(parameters)
+        if missing:
+            raise ValidationFailed("the plan reads parameters it is not given", violations=missing)
         variables = struct_to_python(request.executable_plan.variables)
         variables.update(struct_to_python(request.variables))
         return _CheckedRequest(
             validated=validated,
-            parameters=struct_to_python(request.parameters),
+            parameters=parameters,
             variables=variables,
             digest=request_digest(request) if request.idempotency_key else "",
         )

@@ -131,6 +131,20 @@ class Program:
     sized: int  # operators and calls whose cost grows with their operands
     pluses: int  # `+` can grow strings and lists
     literal_items: int  # items of the largest list or map literal (commas + 1)
+    # It may read a part of the scope only on some paths: has(), `in`, `?:`, `&&`, `||`
+    # (CEL's `&&` and `||` absorb an error when the other side decides).
+    guarded: bool = False
+
+    def required_params(self) -> set[str]:
+        """The parameters every evaluation reads (`params.x`, `params["x"]`): none for a
+        guarded expression, which may read a parameter only when it is there."""
+        if self.guarded:
+            return set()
+        return {
+            path[1]
+            for path in self.reads
+            if path[0] == "params" and len(path) > 1 and isinstance(path[1], str)
+        }
 
 
 # Made once: the C++ environment is immutable and shared by every compiled expression.
@@ -209,6 +223,7 @@ def _inspect(source: str, tree: lark.Tree[Any]) -> Program:
     references: set[str] = set()
     reads: list[Path] = []
     deepest = tokens = sized = literal_items = 0
+    guarded = False
     stack: list[tuple[lark.Tree[Any], int, int]] = [(tree, 0, 0)]
     while stack:
         node, depth, comprehensions = stack.pop()
@@ -229,6 +244,8 @@ def _inspect(source: str, tree: lark.Tree[Any]) -> Program:
             sized += 1
         if kind in ("exprlist", "mapinits"):
             literal_items = max(literal_items, len(node.children))
+        if _guards(node):
+            guarded = True
         for child in node.children:
             if isinstance(child, lark.Tree):
                 stack.append((child, depth + 1, comprehensions))
@@ -246,7 +263,18 @@ def _inspect(source: str, tree: lark.Tree[Any]) -> Program:
         sized=sized,
         pluses=source.count("+"),
         literal_items=literal_items,
+        guarded=guarded,
     )
+
+
+def _guards(node: lark.Tree[Any]) -> bool:
+    """Whether the node makes what is read below it depend on the data (see Program)."""
+    kind = node.data
+    if kind == "relation_in":
+        return True
+    if kind in ("expr", "conditionalor", "conditionaland"):
+        return len(node.children) > 1
+    return kind == "ident_arg" and _token(node.children[0]) == "has"
 
 
 def _collect_reads(tree: lark.Tree[Any], reads: list[Path], references: set[str]) -> None:

@@ -130,6 +130,16 @@ class ValidatedPlan:
     timeout_seconds: float
     flows: dict[str, pb.Flow] = field(default_factory=dict)
     default_retry_policy: pb.RetryPolicy | None = None
+    # (field path, parameter name): parameters the plan reads whenever the step runs
+    parameter_reads: tuple[tuple[str, str], ...] = ()
+
+    def missing_parameters(self, given: Mapping[str, Any]) -> list[FieldViolation]:
+        """A violation for each parameter the plan always reads and the request lacks."""
+        return [
+            FieldViolation(where, f"reads params.{name}, which the request's parameters lack")
+            for where, name in self.parameter_reads
+            if name not in given
+        ]
 
 
 @dataclass
@@ -260,6 +270,7 @@ def validate_request(
         timeout_seconds=validated.timeout_seconds,
         flows=validated.flows,
         default_retry_policy=validated.default_retry_policy,
+        parameter_reads=validated.parameter_reads,
     )
 
 
@@ -271,6 +282,7 @@ class _Result:
     timeout_seconds: float
     flows: dict[str, pb.Flow]
     default_retry_policy: pb.RetryPolicy | None
+    parameter_reads: tuple[tuple[str, str], ...]
 
 
 class _PlanValidator:
@@ -287,6 +299,7 @@ class _PlanValidator:
         self.runs_after: dict[str, str] = {}
         self.templates: dict[str, Template] = {}
         self.conditions: dict[str, tuple[Condition, ...]] = {}
+        self.parameter_reads: list[tuple[str, str]] = []
 
     def run(self, request_timeout: float | None) -> _Result | None:
         self._check_flows()
@@ -325,6 +338,7 @@ class _PlanValidator:
             timeout_seconds=timeout,
             flows=self.flows,
             default_retry_policy=default_retry,
+            parameter_reads=tuple(self.parameter_reads),
         )
 
     # --- structure ------------------------------------------------------------------------
@@ -549,6 +563,24 @@ class _PlanValidator:
             if self.first.get(step.step_id) is entry and template is not None:
                 self.templates[step.step_id] = template
                 self.conditions[step.step_id] = tuple(conditions)
+                self._note_parameter_reads(entry, template, conditions)
+
+    def _note_parameter_reads(
+        self, entry: _Entry, template: Template, conditions: list[Condition]
+    ) -> None:
+        """The parameters the step reads whenever it runs. A step with conditions may not
+        run, so only its conditions count, and those only when none of them is guarded."""
+        if any(condition.program.guarded for condition in conditions):
+            return
+        for k, condition in enumerate(conditions):
+            for name in sorted(condition.program.required_params()):
+                self.parameter_reads.append((f"{entry.path}.conditions[{k}]", name))
+        if conditions:
+            return
+        for where, program in template.programs():
+            for name in sorted(program.required_params()):
+                field = _join(f"{entry.path}.parameters", where)
+                self.parameter_reads.append((field, name))
 
     def _check_finite_structs(self) -> None:
         _check_finite(self.problems, f"{_PLAN}.variables", struct_to_python(self.plan.variables))
