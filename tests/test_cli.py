@@ -483,6 +483,22 @@ async def test_retry_goes_on_where_the_run_failed(
     assert {s.step_id: s.attempts for s in final.steps} == {"a": 1, "b": 3}
 
 
+async def test_events_exports_the_whole_history_as_json_lines(
+    invoke: Invoke, client: OrchestratorClient, plans: dict[str, str]
+) -> None:
+    run = await client.execute(plans["quick"], wait=True)
+    lines = ok(await invoke("events", run.run_id)).stdout.splitlines()
+    exported = [json.loads(line) for line in lines]
+    final = await client.get(run.run_id)
+    assert [int(e["sequence"]) for e in exported] == list(range(1, final.last_sequence + 1))
+    assert exported[0]["type"] == "EVENT_TYPE_RUN_STATUS_CHANGED"
+    assert exported[-1]["execution"]["status"] == "EXECUTION_STATUS_COMPLETED"
+    steps = [e["stepId"] for e in exported if e["type"] == "EVENT_TYPE_STEP_COMPLETED"]
+    assert steps == ["s0", "s1", "s2"]
+    missing = ok(await invoke("events", str(uuid.uuid4())), 1)
+    assert missing.stderr.startswith("error: NOT_FOUND ")
+
+
 async def test_quiet_labels_and_progress_of_a_failed_run(
     invoke: Invoke, client: OrchestratorClient, plans: dict[str, str]
 ) -> None:

@@ -28,6 +28,10 @@ from orchestrator.client import (
     PermissionDenied,
     SyncOrchestratorClient,
     Unavailable,
+    event_type_name,
+    outputs,
+    results,
+    step_status_name,
 )
 from orchestrator.server.app import Server
 from orchestrator.server.settings import Settings
@@ -132,11 +136,15 @@ async def test_execute_wait_parameters_variables_and_timeout(client: Orchestrato
         EXAMPLES / "sequential.json", parameters={"name": "ada"}, wait=True, timeout=30
     )
     assert response.execution.status == pb.EXECUTION_STATUS_COMPLETED
-    results = json_format.MessageToDict(response.execution.results)
-    assert results["greet"] == {"message": "hello ada"}
+    # Plain Python values where a user wants them.
+    assert results(response.execution)["greet"] == {"message": "hello ada"}
+    assert outputs(response.execution)["report"] == {"greeting": "hello ada", "length": 9}
+    assert step_status_name(response.execution.steps[0].status) == "COMPLETED"
     plan = plan_of({"stepId": "v", "tool": "core.echo", "parameters": {"x": "{{ vars.x }}"}})
     with_vars = await client.execute(plan, variables={"x": [1, "two"]}, wait=True)
-    assert json_format.MessageToDict(with_vars.execution.results)["v"] == {"x": [1, "two"]}
+    assert results(with_vars.execution)["v"] == {"x": [1, "two"]}
+    names = [event_type_name(e.type) async for e in client.watch(with_vars.run_id, from_start=True)]
+    assert names[0] == "RUN_STATUS_CHANGED" and "STEP_COMPLETED" in names
     timed_out = await client.execute(waits(1, seconds=5), wait=True, timeout=0.3)
     assert timed_out.execution.status == pb.EXECUTION_STATUS_FAILED
     assert timed_out.execution.error_reason == "DEADLINE_EXCEEDED"
@@ -362,6 +370,10 @@ async def test_watch_yields_every_event_once_in_order_and_stops_at_the_end(
     (snapshot,) = [e async for e in client.watch(run.run_id)]
     assert snapshot.type == pb.EVENT_TYPE_SNAPSHOT
     assert snapshot.execution.status == pb.EXECUTION_STATUS_COMPLETED
+    # The whole history, from the first event, in place of a snapshot.
+    history = [e async for e in client.watch(run.run_id, from_start=True)]
+    assert [e.sequence for e in history] == list(range(1, final.last_sequence + 1))
+    assert [e.type for e in history[-len(events) + 1 :]] == [e.type for e in events[1:]]
     with pytest.raises(OutOfRange):
         [e async for e in client.watch(run.run_id, after_sequence=final.last_sequence + 5)]
     with pytest.raises(NotFound):

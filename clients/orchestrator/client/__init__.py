@@ -1,12 +1,13 @@
 """The Orchestrator client library (async and sync) and the `orchestrator` CLI.
 
 ```python
-from orchestrator.client import OrchestratorClient
+from orchestrator.client import OrchestratorClient, event_type_name, results
 
 async with OrchestratorClient("127.0.0.1:50051", tenant) as client:
     run = await client.execute("plan.json", parameters={"name": "ada"})
     async for event in client.watch(run.run_id):
-        print(event.sequence, event.type)
+        print(event.sequence, event_type_name(event.type), event.step_id)
+    print(results(await client.wait(run.run_id)))
 ```
 """
 
@@ -35,7 +36,18 @@ from orchestrator.client.errors import (
     Unimplemented,
     Unknown,
 )
-from orchestrator.client.messages import TERMINAL, PlanError, is_terminal_event, load_plan
+from orchestrator.client.messages import (
+    TERMINAL,
+    PlanError,
+    event_type_name,
+    is_terminal_event,
+    load_plan,
+    outputs,
+    plain,
+    results,
+    status_name,
+    step_status_name,
+)
 from orchestrator.client.sync import SyncOrchestratorClient
 
 __all__ = [
@@ -64,6 +76,12 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "event_type_name",
     "is_terminal_event",
     "load_plan",
+    "outputs",
+    "plain",
+    "results",
+    "status_name",
+    "step_status_name",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -449,6 +450,25 @@ def watch(ctx: typer.Context, run: RunArgument, output: OutputOption = Output.ta
     finish(status)
 
 
+@app.command()
+def events(
+    ctx: typer.Context,
+    run: RunArgument,
+    follow_run: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep printing until the run ends."),
+    ] = False,
+) -> None:
+    """A run's whole history, one JSON object (proto3 JSON) per line, for export: every
+    event from the first up to now, or with --follow until the run ends."""
+    with connected(ctx) as client:
+        last = client.get(run).last_sequence
+        for event in client.watch(run, from_start=True):
+            typer.echo(render.json_text(event, compact=True))
+            if not follow_run and event.sequence >= last:
+                break
+
+
 def _transition(
     message: pb.PauseResponse | pb.ResumeResponse | pb.CancelResponse, output: Output
 ) -> None:
@@ -529,7 +549,11 @@ def respond(
     ctx: typer.Context,
     run: RunArgument,
     clarification: Annotated[
-        str, typer.Argument(help="The clarification's id.", show_default=False)
+        str,
+        typer.Argument(
+            help="The clarification's id, or the id of the step that asks (waits for it to ask).",
+            show_default=False,
+        ),
     ],
     value: Annotated[
         str,
@@ -538,10 +562,42 @@ def respond(
     responded_by: Annotated[str, typer.Option(help="Who answers.")] = "",
     output: OutputOption = Output.table,
 ) -> None:
-    """Answer a pending clarification."""
+    """Answer a pending clarification (an approval is one: answer true or false)."""
     with connected(ctx) as client:
-        execution = client.respond(run, clarification, json_value(value), responded_by)
+        clarification_id = asked(client, run, clarification)
+        execution = client.respond(run, clarification_id, json_value(value), responded_by)
     show(output, execution, render.execution_view(execution))
+
+
+ASK_TIMEOUT = 30.0
+
+
+def asked(client: SyncOrchestratorClient, run_id: str, key: str) -> str:
+    """The id of the clarification `key` names: a clarification id (a UUID) as it is, else
+    the one the step `key` asks, waiting (watching the run) until the step asks."""
+    try:
+        uuid.UUID(key)
+        return key
+    except ValueError:
+        pass
+
+    def pending(execution: pb.Execution) -> str | None:
+        for item in execution.pending_clarifications:
+            if key in (item.clarification_id, item.step_id):
+                return str(item.clarification_id)
+        return None
+
+    for event in client.watch(run_id, timeout=ASK_TIMEOUT):
+        if event.type == pb.EVENT_TYPE_SNAPSHOT:
+            found = pending(event.execution)
+        elif event.type == pb.EVENT_TYPE_CLARIFICATION_REQUESTED and event.step_id == key:
+            found = pending(client.get(run_id))
+        else:
+            continue
+        if found is not None:
+            return found
+    # The run ended without asking: let the server say why the answer does not apply.
+    return key
 
 
 def main(argv: list[str] | None = None) -> None:

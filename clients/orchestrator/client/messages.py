@@ -109,6 +109,43 @@ def status_name(status: pb.ExecutionStatus.ValueType) -> str:
     return pb.ExecutionStatus.Name(status).removeprefix("EXECUTION_STATUS_")
 
 
+def step_status_name(status: pb.StepStatus.ValueType) -> str:
+    """`COMPLETED` for STEP_STATUS_COMPLETED."""
+    return pb.StepStatus.Name(status).removeprefix("STEP_STATUS_")
+
+
+def event_type_name(kind: pb.EventType.ValueType) -> str:
+    """`STEP_COMPLETED` for EVENT_TYPE_STEP_COMPLETED."""
+    return pb.EventType.Name(kind).removeprefix("EVENT_TYPE_")
+
+
+def plain(value: struct_pb2.Value | struct_pb2.Struct) -> Any:
+    """A Value or Struct as plain Python values; a whole number is an int, as in templates."""
+    return _whole(json_format.MessageToDict(value))
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole(item) for item in value]
+    return value
+
+
+def results(execution: pb.Execution) -> dict[str, Any]:
+    """A run's `results` as plain Python values: step id -> output of each completed step
+    (a dry run's: the execution order)."""
+    out: dict[str, Any] = plain(execution.results)
+    return out
+
+
+def outputs(execution: pb.Execution) -> dict[str, Any]:
+    """Each step that has an output, with it as a plain Python value (a FULL view's steps)."""
+    return {step.step_id: plain(step.output) for step in execution.steps if step.HasField("output")}
+
+
 def execute_request(
     plan: PlanSource,
     *,

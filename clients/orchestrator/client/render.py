@@ -12,7 +12,12 @@ from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.client.messages import TERMINAL, status_name
+from orchestrator.client.messages import (
+    TERMINAL,
+    event_type_name,
+    status_name,
+    step_status_name,
+)
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 # A wide console off a terminal, so that piped tables are not wrapped in the middle of ids.
@@ -55,14 +60,6 @@ def json_text(value: Message | Iterable[Message], *, compact: bool = False) -> s
     return json.dumps(data, separators=(",", ":")) if compact else json.dumps(data, indent=2)
 
 
-def step_status(status: pb.StepStatus.ValueType) -> str:
-    return pb.StepStatus.Name(status).removeprefix("STEP_STATUS_")
-
-
-def event_type(kind: pb.EventType.ValueType) -> str:
-    return pb.EventType.Name(kind).removeprefix("EVENT_TYPE_")
-
-
 def styled(name: str) -> str:
     style = _STATUS_STYLE.get(name)
     return f"[{style}]{name}[/]" if style else name
@@ -103,7 +100,7 @@ def steps_table(steps: Iterable[pb.StepExecution]) -> Table:
         table.add_row(
             step.step_id,
             step.tool,
-            styled(step_status(step.status)),
+            styled(step_status_name(step.status)),
             str(step.attempts),
             detail,
         )
@@ -204,7 +201,7 @@ def status_line(execution: pb.Execution) -> str:
 
 def event_line(event: pb.ExecutionEvent) -> str:
     """One line per event, for logs and pipes."""
-    parts = [f"{event.sequence:>5}", f"{event_type(event.type):<24}"]
+    parts = [f"{event.sequence:>5}", f"{event_type_name(event.type):<24}"]
     if event.type in (pb.EVENT_TYPE_SNAPSHOT, pb.EVENT_TYPE_RUN_STATUS_CHANGED):
         parts.append(status_name(event.execution.status))
     if event.step_id:

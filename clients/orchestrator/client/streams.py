@@ -82,7 +82,16 @@ class WatchCursor:
 
     position: int = 0
     heartbeats: bool = False
+    from_start: bool = False  # from position 0: the whole history, not a SNAPSHOT
     done: bool = False
+
+    def request(self, run_id: str) -> pb.WatchExecutionRequest:
+        """The request that (re)opens the stream where the watcher is."""
+        return pb.WatchExecutionRequest(
+            run_id=run_id,
+            after_sequence=self.position,
+            from_start=self.from_start and self.position == 0,
+        )
 
     def accept(self, event: pb.ExecutionEvent) -> bool:
         """Record `event`; True when the caller should see it."""

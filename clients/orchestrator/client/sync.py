@@ -243,22 +243,24 @@ class SyncOrchestratorClient:
         after_sequence: int = 0,
         *,
         heartbeats: bool = False,
+        from_start: bool = False,
         timeout: float | None = None,
         reconnect_timeout: float | None = RECONNECT_TIMEOUT,
     ) -> Iterator[pb.ExecutionEvent]:
         """Every event of a run, each once and in order, until its terminal event.
 
-        From `after_sequence=0`: a SNAPSHOT first, then each later event. A dropped stream
+        From `after_sequence=0`: a SNAPSHOT first (with `from_start`, every event from the
+        first instead), then each later event. A dropped stream
         (server restarting, connection reset) is reopened with back-off from the last
         sequence seen. HEARTBEATs are skipped unless `heartbeats`. Raises TimeoutError after
         `timeout` seconds in all, and the last error once reconnecting failed for
         `reconnect_timeout` seconds.
         """
-        cursor = WatchCursor(position=after_sequence, heartbeats=heartbeats)
+        cursor = WatchCursor(position=after_sequence, heartbeats=heartbeats, from_start=from_start)
         retry = WatchRetry(run_id, timeout, reconnect_timeout)
         while True:
             call = self._stub.WatchExecution(
-                pb.WatchExecutionRequest(run_id=run_id, after_sequence=cursor.position),
+                cursor.request(run_id),
                 metadata=self._metadata,
                 timeout=retry.remaining(),
             )

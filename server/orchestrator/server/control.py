@@ -409,7 +409,9 @@ class ControlPlane:
 
     def watch(self, tenant_id: str, request: pb.WatchExecutionRequest) -> AsyncIterator[bytes]:
         _require_run_id(request.run_id)
-        return self.watcher.run_events(tenant_id, request.run_id, request.after_sequence)
+        return self.watcher.run_events(
+            tenant_id, request.run_id, request.after_sequence, from_start=request.from_start
+        )
 
     def watch_all(self, tenant_id: str, request: pb.WatchExecutionsRequest) -> AsyncIterator[bytes]:
         return self.watcher.tenant_changes(

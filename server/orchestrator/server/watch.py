@@ -226,9 +226,10 @@ class Watcher:
     heartbeat_seconds: float = 15.0
 
     async def run_events(
-        self, tenant_id: str, run_id: str, after_sequence: int
+        self, tenant_id: str, run_id: str, after_sequence: int, *, from_start: bool = False
     ) -> AsyncIterator[bytes]:
-        """WatchExecution frames: snapshot or replay, then live events until the terminal one."""
+        """WatchExecution frames: snapshot or replay (`from_start`: from the first event),
+        then live events until the terminal one."""
         if after_sequence < 0:
             raise InvalidArgument("after_sequence must not be negative", reason="INVALID_SEQUENCE")
         # The limit first: a stream refused costs no store read, so thousands refused at
@@ -243,7 +244,7 @@ class Watcher:
             if status.terminal and after_sequence == last:
                 return
             position = after_sequence
-            if after_sequence == 0:
+            if after_sequence == 0 and not from_start:
                 snapshot = await self._snapshot(tenant_id, run_id, resync=False)
                 yield run_frame(snapshot.SerializeToString())
                 if snapshot.execution.status in TERMINAL_PB:
