@@ -196,6 +196,27 @@ async def test_a_completed_run_retried_from_a_step_reruns_it_and_its_dependents(
     assert attempts == {"a": 1, "b": 2, "c": 2, "d": 1}
 
 
+async def test_a_retried_step_gets_its_retry_policy_afresh(stub: Stub, tenant: str) -> None:
+    policy = {"maxAttempts": 2, "initialDelay": "0.01s", "maxDelay": "0.02s"}
+    plan = plan_of(
+        {
+            "stepId": "flaky",
+            "tool": "core.fail",
+            "parameters": {"fail_times": 3, "message": "still down"},
+            "retryPolicy": policy,
+        }
+    )
+    failed = await execute(stub, tenant, plan)
+    assert failed.status == pb.EXECUTION_STATUS_FAILED
+    assert steps_of(failed)["flaky"].attempts == 2
+    assert steps_of(failed)["flaky"].error_reason == "RETRIES_EXHAUSTED"
+    # Two more attempts, as the policy says, not one: attempt 3 fails, attempt 4 succeeds.
+    await retry(stub, tenant, failed.run_id)
+    done = await terminal(stub, tenant, failed.run_id)
+    assert done.status == pb.EXECUTION_STATUS_COMPLETED, done.error_message
+    assert steps_of(done)["flaky"].attempts == 4
+
+
 async def test_retry_of_a_running_run_is_refused(stub: Stub, tenant: str) -> None:
     plan = plan_of({"stepId": "nap", "tool": "core.wait", "parameters": {"seconds": 30}})
     response: pb.ExecuteResponse = await stub.Execute(

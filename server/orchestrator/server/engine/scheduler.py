@@ -873,15 +873,16 @@ class RunTask:
                     self.vars = {**self.vars, **variables}
                 await self._record([Outcome(step_id, StepStatus.COMPLETED, output)], variables)
                 return
-            if retryable and started.attempt < retry.max_attempts:
-                delay = retry.delay(started.attempt)
+            if retryable and started.budget_attempt < retry.max_attempts:
+                delay = retry.delay(started.budget_attempt)
                 await self.journal.step_retrying(
                     self.run_id, step_id, secrets.redact(error, self.secrets), time.time() + delay
                 )
                 self.status[step_id] = StepStatus.PENDING
                 await asyncio.sleep(delay)
                 continue
-            attempts = f" after {started.attempt} attempts" if started.attempt > 1 else ""
+            tried = started.budget_attempt
+            attempts = f" after {tried} attempts" if tried > 1 else ""
             if retryable and retry.max_attempts > 1:
                 reason = "RETRIES_EXHAUSTED"
             await self._fail(step_id, f"{error}{attempts}", reason)

@@ -52,6 +52,13 @@ class Started:
 
     attempt: int
     first_started_at: float
+    # Attempts made before the run's last retry; `attempt - attempts_before` is the attempt
+    # within the current retry policy's budget.
+    attempts_before: int = 0
+
+    @property
+    def budget_attempt(self) -> int:
+        return self.attempt - self.attempts_before
 
 
 @dataclass(frozen=True)
@@ -224,8 +231,9 @@ class Journal:
             if row is None or row["status"] != RunStatus.RUNNING.value:
                 return None
             step = await self._step_row(tx, run_id, step_id)
+            before = int(step["attempts_before"] or 0)
             if wrote and wrote[-1][:2] == (step["attempts"], step["started_at"]):
-                return Started(wrote[-1][0], wrote[-1][2])
+                return Started(wrote[-1][0], wrote[-1][2], before)
             if step["status"] not in (StepStatus.PENDING.value, StepStatus.RUNNING.value):
                 return None
             attempt = step["attempts"] + 1
@@ -256,7 +264,7 @@ class Journal:
                     )
                 ],
             )
-            return Started(attempt, first)
+            return Started(attempt, first, before)
 
         return await self._durably(unit)
 

@@ -595,10 +595,11 @@ class RunStore:
                         steps.c.run_id == retry.run_id,
                         steps.c.step_id.in_([s["step_id"] for s in again]),
                     )
-                    .values(**reset)
+                    # A step run again gets its retry policy's attempts afresh.
+                    .values(**reset, attempts_before=steps.c.attempts)
                 )
             for s in again:
-                s.update(reset)
+                s.update(reset, attempts_before=s["attempts"])
             finished = sum(1 for s in step_rows if StepStatus(s["status"]).finished)
             changes: dict[str, Any] = {
                 "status": RunStatus.RUNNING.value,

@@ -88,6 +88,8 @@ steps = sa.Table(
     sa.Column("tool", sa.String(128), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # Attempts made before the run's last retry: a retried step's policy starts afresh.
+    sa.Column("attempts_before", sa.Integer, nullable=False, server_default="0"),
     sa.Column("first_started_at", sa.Float),  # durable timers count from here
     sa.Column("started_at", sa.Float),
     sa.Column("completed_at", sa.Float),
