@@ -305,6 +305,7 @@ async def build_server(
         journal,
         registry,
         max_steps_in_flight=settings.max_steps_in_flight,
+        step_slot_reserve=settings.step_slot_reserve,
         enabled=settings.execute,
         lease_seconds=settings.lease_seconds,
         single_replica=db.dialect.single_replica,
@@ -319,8 +320,8 @@ async def build_server(
     writer.on_batch = metrics.on_batch
     metrics.watch_gauges(
         runs=lambda: len(engine.runs),
-        # The engine's slots are a semaphore: what is taken is what is in flight.
-        steps=lambda: engine.max_steps_in_flight - engine.slots._value,
+        steps=lambda: engine.slots.held,
+        steps_waiting=engine.slots.waiting,
         watchers=lambda: hub.watchers,
         writer_queue=lambda: writer.queue_depth,
         store_up=lambda: float(db.health.reachable),

@@ -8,7 +8,7 @@ for all of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -20,6 +20,8 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from orchestrator.server.store.writer import Change
 
@@ -129,8 +131,11 @@ class Metrics:
         watchers: Callable[[], float],
         writer_queue: Callable[[], float],
         store_up: Callable[[], float],
+        steps_waiting: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         """Gauges read at scrape time."""
+        if steps_waiting is not None:
+            self.registry.register(_TenantQueue(steps_waiting))
         self.runs_in_flight.set_function(runs)
         self.steps_in_flight.set_function(steps)
         self.watchers.set_function(watchers)
@@ -158,3 +163,24 @@ class Metrics:
         if http is not None:
             http.shutdown()
             http.server_close()
+
+
+class _TenantQueue(Collector):
+    """`orchestrator_steps_waiting{tenant_id}`: steps waiting for a slot, per tenant, read at
+    scrape time (only tenants with waiters: no series lingers for a tenant gone idle)."""
+
+    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "orchestrator_steps_waiting",
+            "Steps waiting for a step slot on this replica, by tenant",
+            labels=["tenant_id"],
+        )
+        for tenant, count in self._read().items():
+            family.add_metric([tenant], count)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("orchestrator_steps_waiting", "", labels=["tenant_id"])

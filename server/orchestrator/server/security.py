@@ -80,6 +80,8 @@ class TenantPolicy:
         self.path = path
         self._grants: dict[str, frozenset[str]] = {}
         self._default: frozenset[str] = frozenset()
+        self._weights: dict[str, float] = {}
+        self._default_weight = 1.0
         self.reload()
 
     def reload(self) -> None:
@@ -89,10 +91,25 @@ class TenantPolicy:
             for tenant, entry in data.get("tenants", {}).items()
         }
         self._default = frozenset(data.get("default", {}).get("capabilities", []))
+        self._weights = {
+            str(uuid.UUID(tenant)): _weight(entry.get("weight", 1.0), tenant)
+            for tenant, entry in data.get("tenants", {}).items()
+        }
+        self._default_weight = _weight(data.get("default", {}).get("weight", 1.0), "default")
         log.info("security.policy_loaded", tenants=len(self._grants))
 
     def granted(self, tenant_id: str) -> frozenset[str]:
         return self._grants.get(tenant_id, self._default)
+
+    def weight(self, tenant_id: str) -> float:
+        """The tenant's share of step slots relative to the others (default 1)."""
+        return self._weights.get(tenant_id, self._default_weight)
+
+
+def _weight(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1000:
+        raise ValueError(f"tenant policy: {where}: weight must be a number in (0, 1000]")
+    return float(value)
 
 
 class ExecuteRateLimiter:

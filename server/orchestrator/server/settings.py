@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_steps_in_flight: int = Field(
         256, ge=1, description="Tool calls at once, across all runs of the replica."
     )
+    step_slot_reserve: int | None = Field(
+        None,
+        ge=0,
+        description="Step slots no single tenant may take, kept for the others "
+        "(default: a sixteenth of --max-steps-in-flight, at least 1).",
+    )
     execute: bool = Field(
         True, description="Execute runs; --no-execute serves the API only (runs wait PENDING)."
     )

@@ -20,6 +20,7 @@ from opentelemetry import trace
 
 from orchestrator.server import sandbox
 from orchestrator.server.engine import secrets
+from orchestrator.server.engine.slots import FairSlots
 from orchestrator.server.errors import STORE_OUTAGES, OrchestratorError
 from orchestrator.server.expressions import DEFAULT_BUDGET_SECONDS, ExpressionError, Scope, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
@@ -108,6 +109,7 @@ class Engine:
     journal: Journal
     registry: ToolRegistry
     max_steps_in_flight: int = 256
+    step_slot_reserve: int | None = None
     enabled: bool = True
     lease_seconds: float = 10.0
     # One replica on its own store (SQLite): it takes every unfinished run at start and runs
@@ -129,7 +131,11 @@ class Engine:
     validations: ValidationCache = field(default_factory=ValidationCache)
 
     def __post_init__(self) -> None:
-        self.slots = asyncio.Semaphore(self.max_steps_in_flight)
+        self.slots = FairSlots(
+            self.max_steps_in_flight,
+            reserve=self.step_slot_reserve,
+            weight=self.policy.weight if self.policy is not None else None,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._claim_wake = asyncio.Event()
         self._lease_task: asyncio.Task[None] | None = None
@@ -834,7 +840,7 @@ class RunTask:
             began = time.monotonic()
             try:
                 with trace.use_span(span, end_on_exit=True, record_exception=False):
-                    async with self.engine.slots:
+                    async with self.engine.slots.take(self.tenant_id):
                         call = tool.call(ctx, params if isinstance(params, dict) else {})
                         output = await (asyncio.wait_for(call, timeout) if timeout else call)
             except (ToolError, TimeoutError, OrchestratorError) as exc:
