@@ -527,3 +527,28 @@ async def test_quiet_labels_and_progress_of_a_failed_run(
     shown = ok(await invoke("get", failed_id)).stdout
     assert "progress" in shown and "100%" not in shown
     assert "0% (0/1 steps completed)" in shown
+
+
+async def test_execute_with_a_concurrency_key_shows_why_a_run_waits(
+    invoke: Invoke, client: OrchestratorClient, plans: dict[str, str]
+) -> None:
+    keyed = ("--concurrency-key", "deploy/prod", "--priority", "2", "-q")
+    first = ok(await invoke("execute", plans["slow"], *keyed)).stdout.strip()
+    second = ok(await invoke("execute", plans["slow"], *keyed)).stdout.strip()
+    waiting: list[str] = []
+
+    async def opened() -> bool:  # on PostgreSQL, once a replica has claimed it
+        waiting.append((await client.get(second)).waiting_reason)
+        return waiting[-1] == "CONCURRENCY_KEY"
+
+    for _ in range(200):
+        if await opened():
+            break
+        await asyncio.sleep(0.05)
+    shown = ok(await invoke("get", second)).stdout
+    assert "PENDING" in shown
+    assert "for concurrency key 'deploy/prod' (1 at once)" in shown
+    data = json.loads(ok(await invoke("get", second, "-o", "json")).stdout)
+    assert (data["waitingReason"], data["priority"]) == ("CONCURRENCY_KEY", 2)
+    for run_id in (second, first):
+        await client.cancel(run_id)

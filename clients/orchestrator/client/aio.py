@@ -127,6 +127,9 @@ class OrchestratorClient:
         triggered_by: str = "",
         validate_capabilities: bool | None = None,
         labels: Mapping[str, str] | None = None,
+        concurrency_key: str = "",
+        max_concurrent: int = 0,
+        priority: int = 0,
     ) -> pb.ExecuteResponse:
         """Submit `plan` (a message, a proto3 JSON dict or a JSON file's path) as a new run.
 
@@ -145,6 +148,9 @@ class OrchestratorClient:
             triggered_by=triggered_by,
             validate_capabilities=validate_capabilities,
             labels=labels,
+            concurrency_key=concurrency_key,
+            max_concurrent=max_concurrent,
+            priority=priority,
         )
         backoff = Backoff(initial=0.2, maximum=2.0)
         attempt = 1

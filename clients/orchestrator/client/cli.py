@@ -347,6 +347,16 @@ def execute(
         typer.Option("--watch", help="Show the run live until it ends (exit codes as --wait)."),
     ] = False,
     label: LabelOption = None,
+    concurrency_key: Annotated[
+        str,
+        typer.Option(help="Runs of the tenant with this key run at most --max-concurrent at once."),
+    ] = "",
+    max_concurrent: Annotated[
+        int, typer.Option(help="With --concurrency-key: runs at once (0: 1, a mutex).", min=0)
+    ] = 0,
+    priority: Annotated[
+        int, typer.Option(help="1 (first) to 5 (last) among the tenant's waiting work; 0: 3.")
+    ] = 0,
     quiet: QuietOption = False,
     output: OutputOption = Output.table,
 ) -> None:
@@ -371,6 +381,9 @@ def execute(
             triggered_by=triggered_by,
             validate_capabilities=None if validate_capabilities else False,
             labels=labels,
+            concurrency_key=concurrency_key,
+            max_concurrent=max_concurrent,
+            priority=priority,
         )
         if quiet:
             # The id alone, at once, whatever else was asked: `RUN=$(orchestrator execute -q …)`.

@@ -159,8 +159,13 @@ def execute_request(
     validate_capabilities: bool | None = None,
     plan_hash: str = "",
     labels: Mapping[str, str] | None = None,
+    concurrency_key: str = "",
+    max_concurrent: int = 0,
+    priority: int = 0,
 ) -> pb.ExecuteRequest:
-    """An ExecuteRequest; `wait=True` asks the server to answer once the run is terminal."""
+    """An ExecuteRequest; `wait=True` asks the server to answer once the run is terminal.
+    With `concurrency_key`, at most `max_concurrent` (0: 1) of the tenant's runs with the key
+    run at once; `priority` 1 (first) to 5 (last), 0 for the default 3."""
     request = pb.ExecuteRequest(
         executable_plan=load_plan(plan),
         dry_run=dry_run,
@@ -170,6 +175,9 @@ def execute_request(
         parameters=to_struct(parameters),
         variables=to_struct(variables),
         labels=dict(labels or {}),
+        concurrency_key=concurrency_key,
+        max_concurrent=max_concurrent,
+        priority=priority,
     )
     if wait:
         request.async_execution = False

@@ -120,6 +120,7 @@ def execution_view(execution: pb.Execution) -> RenderableType:
         ("plan name", plan_text(execution) if execution.plan_name or execution.plan_id else ""),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(execution.labels.items()))),
         ("retries", str(execution.retry_count) if execution.retry_count else ""),
+        ("waiting", _waiting(execution)),
         ("triggered by", execution.triggered_by),
         ("correlation id", execution.correlation_id),
         ("dry run", "yes" if execution.dry_run else ""),
@@ -255,3 +256,11 @@ class RunView:
 
     def __rich__(self) -> RenderableType:
         return Group(self._progress, steps_table(self.steps.values()))
+
+
+def _waiting(execution: pb.Execution) -> str:
+    """Why a PENDING run waits, for people."""
+    if execution.waiting_reason == "CONCURRENCY_KEY":
+        limit = execution.max_concurrent
+        return f"for concurrency key {execution.concurrency_key!r} ({limit} at once)"
+    return execution.waiting_reason

@@ -578,6 +578,10 @@ class Execution(_message.Message):
     PLAN_ID_FIELD_NUMBER: _builtins.int
     PLAN_NAME_FIELD_NUMBER: _builtins.int
     PLAN_VERSION_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Server-assigned run id (a UUID)."""
     tenant_id: _builtins.str
@@ -612,6 +616,14 @@ class Execution(_message.Message):
     """The plan's `name`."""
     plan_version: _builtins.str
     """The plan's `version`."""
+    waiting_reason: _builtins.str
+    """Why a PENDING run waits: "CONCURRENCY_KEY" (others with its key run), else empty."""
+    concurrency_key: _builtins.str
+    """As submitted (ExecuteRequest)."""
+    max_concurrent: _builtins.int
+    """As submitted, with the defaults applied."""
+    priority: _builtins.int
+    """As submitted, with the default applied (1 first ... 5 last)."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the first step started."""
@@ -676,10 +688,14 @@ class Execution(_message.Message):
         plan_id: _builtins.str = ...,
         plan_name: _builtins.str = ...,
         plan_version: _builtins.str = ...,
+        waiting_reason: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
+        max_concurrent: _builtins.int = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "estimated_completion", b"estimated_completion", "last_updated", b"last_updated", "results", b"results", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "correlation_id", b"correlation_id", "created_at", b"created_at", "current_step", b"current_step", "dry_run", b"dry_run", "error_message", b"error_message", "error_reason", b"error_reason", "estimated_completion", b"estimated_completion", "labels", b"labels", "last_sequence", b"last_sequence", "last_updated", b"last_updated", "pending_clarifications", b"pending_clarifications", "plan_hash", b"plan_hash", "plan_id", b"plan_id", "plan_name", b"plan_name", "plan_version", b"plan_version", "progress", b"progress", "results", b"results", "retry_count", b"retry_count", "run_id", b"run_id", "started_at", b"started_at", "status", b"status", "steps", b"steps", "tenant_id", b"tenant_id", "triggered_by", b"triggered_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "concurrency_key", b"concurrency_key", "correlation_id", b"correlation_id", "created_at", b"created_at", "current_step", b"current_step", "dry_run", b"dry_run", "error_message", b"error_message", "error_reason", b"error_reason", "estimated_completion", b"estimated_completion", "labels", b"labels", "last_sequence", b"last_sequence", "last_updated", b"last_updated", "max_concurrent", b"max_concurrent", "pending_clarifications", b"pending_clarifications", "plan_hash", b"plan_hash", "plan_id", b"plan_id", "plan_name", b"plan_name", "plan_version", b"plan_version", "priority", b"priority", "progress", b"progress", "results", b"results", "retry_count", b"retry_count", "run_id", b"run_id", "started_at", b"started_at", "status", b"status", "steps", b"steps", "tenant_id", b"tenant_id", "triggered_by", b"triggered_by", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -915,6 +931,9 @@ class ExecuteRequest(_message.Message):
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     plan_hash: _builtins.str
     """Optional: when set, must equal the server-computed hash of `executable_plan`."""
     dry_run: _builtins.bool
@@ -930,6 +949,16 @@ class ExecuteRequest(_message.Message):
     idempotency_key: _builtins.str
     """The same tenant, key and request return the first run; a different request with the same
     key is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    """
+    concurrency_key: _builtins.str
+    """Runs of the tenant with this key (at most 128 characters) run at most `max_concurrent`
+    at once (RUNNING or PAUSED); the others wait PENDING, in priority then submit order.
+    """
+    max_concurrent: _builtins.int
+    """With `concurrency_key`: how many may run at once (unset or 0: 1, a mutex)."""
+    priority: _builtins.int
+    """1 (first) to 5 (last); unset or 0: 3. Orders the tenant's own waiting work: runs waiting
+    on a concurrency key and steps waiting for a step slot. Never across tenants.
     """
     @_builtins.property
     def executable_plan(self) -> Global___ExecutablePlan:
@@ -970,10 +999,13 @@ class ExecuteRequest(_message.Message):
         correlation_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        concurrency_key: _builtins.str = ...,
+        max_concurrent: _builtins.int = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_async_execution", b"_async_execution", "_validate_capabilities", b"_validate_capabilities", "async_execution", b"async_execution", "executable_plan", b"executable_plan", "parameters", b"parameters", "timeout", b"timeout", "validate_capabilities", b"validate_capabilities", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_async_execution", b"_async_execution", "_validate_capabilities", b"_validate_capabilities", "async_execution", b"async_execution", "correlation_id", b"correlation_id", "dry_run", b"dry_run", "executable_plan", b"executable_plan", "idempotency_key", b"idempotency_key", "labels", b"labels", "parameters", b"parameters", "plan_hash", b"plan_hash", "timeout", b"timeout", "triggered_by", b"triggered_by", "validate_capabilities", b"validate_capabilities", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_async_execution", b"_async_execution", "_validate_capabilities", b"_validate_capabilities", "async_execution", b"async_execution", "concurrency_key", b"concurrency_key", "correlation_id", b"correlation_id", "dry_run", b"dry_run", "executable_plan", b"executable_plan", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_concurrent", b"max_concurrent", "parameters", b"parameters", "plan_hash", b"plan_hash", "priority", b"priority", "timeout", b"timeout", "triggered_by", b"triggered_by", "validate_capabilities", b"validate_capabilities", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__async_execution: _TypeAlias = _typing.Literal["async_execution"]  # noqa: Y015
     _WhichOneofArgType__async_execution: _TypeAlias = _typing.Literal["_async_execution", b"_async_execution"]  # noqa: Y015

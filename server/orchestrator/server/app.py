@@ -213,6 +213,10 @@ def on_cluster_message(hub: Hub, engine: Engine) -> Handler:
                 engine.answered(notice.run_id, notice.clarification_id, notice.answer)
             elif notice.kind in (NoticeKind.CLAIM, NoticeKind.RESYNC):
                 engine.wake_claimer()
+            if notice.kind is NoticeKind.CHANGE and notice.status_changed:
+                engine.tenant_changed(notice.tenant_id)
+            elif notice.kind is NoticeKind.RESYNC:
+                engine.tenant_changed(None)
 
     return handle
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from orchestrator.server.engine import Engine
+from orchestrator.server.engine.slots import DEFAULT_PRIORITY
 from orchestrator.server.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -127,6 +128,9 @@ class ControlPlane:
             trace_parent=current_traceparent(),
             max_unfinished=self.settings.max_runs_per_tenant,
             labels=dict(request.labels),
+            concurrency_key=request.concurrency_key,
+            max_concurrent=(request.max_concurrent or 1) if request.concurrency_key else 0,
+            priority=request.priority or DEFAULT_PRIORITY,
         )
         if self.engine.enabled and self.engine.single_replica and not request.dry_run:
             # One replica on its own store runs what it accepts, without a claim round trip.

@@ -232,6 +232,7 @@ def validate_request(
             problems.add(name, f"must be at most {MAX_REQUEST_STRING} characters")
         elif "\x00" in getattr(request, name):
             problems.add(name, "must not contain NUL characters")
+    _check_queueing(problems, request)
     if request.HasField("timeout"):
         request_timeout = _check_duration(problems, "timeout", request.timeout, positive=True)
     for name in ("parameters", "variables"):
@@ -703,6 +704,25 @@ def _config_seconds(value: struct_pb2.Value) -> float | None:
     if not math.isfinite(seconds) or seconds > _MAX_DURATION_SECONDS:
         return None
     return seconds
+
+
+MAX_CONCURRENCY_KEY = 128
+MAX_CONCURRENT = 10_000
+
+
+def _check_queueing(problems: _Problems, request: pb.ExecuteRequest) -> None:
+    """concurrency_key, max_concurrent and priority."""
+    key = request.concurrency_key
+    if len(key) > MAX_CONCURRENCY_KEY:
+        problems.add("concurrency_key", f"must be at most {MAX_CONCURRENCY_KEY} characters")
+    elif "\x00" in key or key != key.strip():
+        problems.add("concurrency_key", "must not contain NUL or start or end with a space")
+    if request.max_concurrent and not key:
+        problems.add("max_concurrent", "needs a concurrency_key")
+    elif not 0 <= request.max_concurrent <= MAX_CONCURRENT:
+        problems.add("max_concurrent", f"must be between 1 and {MAX_CONCURRENT:,}")
+    if not 0 <= request.priority <= 5:
+        problems.add("priority", "must be between 1 (first) and 5 (last)")
 
 
 def _check_size(problems: _Problems, request: pb.ExecuteRequest, limits: Limits) -> None:

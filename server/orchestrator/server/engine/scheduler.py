@@ -20,7 +20,7 @@ from opentelemetry import trace
 
 from orchestrator.server import sandbox
 from orchestrator.server.engine import secrets
-from orchestrator.server.engine.slots import FairSlots
+from orchestrator.server.engine.slots import DEFAULT_PRIORITY, FairSlots
 from orchestrator.server.errors import STORE_OUTAGES, OrchestratorError
 from orchestrator.server.expressions import DEFAULT_BUDGET_SECONDS, ExpressionError, Scope, scope
 from orchestrator.server.lifecycle import Action, RunStatus, StepStatus
@@ -100,6 +100,9 @@ class StepFailed(Exception):
 
 # Runs one claim takes at a time: small, so that replicas woken together share new runs.
 CLAIM_BATCH = 8
+# A run waiting on its concurrency key asks again this often at the latest (a notice from
+# the replica where a run with the key ended wakes it at once).
+KEY_RECHECK_SECONDS = 5.0
 
 
 @dataclass
@@ -130,6 +133,29 @@ class Engine:
     # Runs of one plan (the common case) share its validation (read-only).
     validations: ValidationCache = field(default_factory=ValidationCache)
 
+    async def wait_for_key(self, key: tuple[str, str], wake: asyncio.Event, at_most: float) -> None:
+        """Until a run with `key` ends here, the tenant's runs change elsewhere, `wake` is
+        set, or `at_most` seconds pass."""
+        freed = self._key_freed.setdefault(key, asyncio.Event())
+        waits = [asyncio.ensure_future(freed.wait()), asyncio.ensure_future(wake.wait())]
+        try:
+            await asyncio.wait(waits, timeout=at_most, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    def key_freed(self, key: tuple[str, str]) -> None:
+        """A run with `key` ended (or stopped waiting): the runs waiting on it ask again."""
+        freed = self._key_freed.pop(key, None)
+        if freed is not None:
+            freed.set()
+
+    def tenant_changed(self, tenant_id: str | None) -> None:
+        """A run of the tenant (None: of any, notices may have been missed) changed status on
+        another replica: its keys may be free."""
+        for key in [k for k in self._key_freed if tenant_id in (None, k[0])]:
+            self.key_freed(key)
+
     def __post_init__(self) -> None:
         self.slots = FairSlots(
             self.max_steps_in_flight,
@@ -141,6 +167,7 @@ class Engine:
         self._lease_task: asyncio.Task[None] | None = None
         self.closing = False
         self.takeovers = 0
+        self._key_freed: dict[tuple[str, str], asyncio.Event] = {}
 
     @property
     def owner(self) -> str:
@@ -328,6 +355,9 @@ class RunTask:
         # A step task that ended with an error it did not handle (a bug): the run task
         # raises it rather than launching the step again.
         self.crashed: BaseException | None = None
+        # (tenant, concurrency key) of a run that has one: its end lets the next one start.
+        self.key: tuple[str, str] | None = None
+        self.priority = DEFAULT_PRIORITY
 
     # ------------------------------------------------------------ notifications
 
@@ -393,6 +423,8 @@ class RunTask:
             )
         finally:
             self.engine.runs.pop(self.run_id, None)
+            if self.key is not None:
+                self.engine.key_freed(self.key)
             self.log.info("engine.run_task_ended", cancelled=self.cancelled, lost=self.lost)
             if self.resubmit and not self.lost:
                 self.engine.submit(self.run_id)
@@ -409,6 +441,18 @@ class RunTask:
 
     async def _main(self) -> None:
         row, step_rows, self.approved = await self.journal.open(self.run_id)
+        if row["concurrency_key"]:
+            self.key = (row["tenant_id"], row["concurrency_key"])
+        while row["status"] == RunStatus.PENDING.value:
+            # Its key's runs are all taken: wait for one to end, here or on another replica
+            # (heard by notice, and at the latest after KEY_RECHECK_SECONDS), then ask again.
+            assert self.key is not None
+            self.wake.clear()
+            if self.cancelled or self.lost or self.engine.closing:
+                return  # still PENDING in the store: whoever opens it next decides
+            await self.engine.wait_for_key(self.key, self.wake, KEY_RECHECK_SECONDS)
+            row, step_rows, self.approved = await self.journal.open(self.run_id)
+        self.priority = row["priority"] or DEFAULT_PRIORITY
         self.tenant_id: str = row["tenant_id"]
         self.log = self.log.bind(tenant_id=self.tenant_id)
         # A large plan or large values take long Python work: off the event loop.
@@ -840,7 +884,7 @@ class RunTask:
             began = time.monotonic()
             try:
                 with trace.use_span(span, end_on_exit=True, record_exception=False):
-                    async with self.engine.slots.take(self.tenant_id):
+                    async with self.engine.slots.take(self.tenant_id, self.priority):
                         call = tool.call(ctx, params if isinstance(params, dict) else {})
                         output = await (asyncio.wait_for(call, timeout) if timeout else call)
             except (ToolError, TimeoutError, OrchestratorError) as exc:

@@ -82,6 +82,10 @@ class Dialect:
     def order_events(self, stage: Callable[[Any], None]) -> None:
         """Stage what makes event ids grow in commit order (given the Tx's `stage`)."""
 
+    async def lock_key(self, conn: Any, name: str) -> None:
+        """Hold `name` until the transaction ends, against other replicas' transactions (a
+        single writer needs nothing: its transactions never overlap)."""
+
     async def lock_migrations(self, conn: AsyncConnection) -> None:
         """Keep replicas starting together from migrating at the same time."""
 
@@ -184,6 +188,11 @@ class PostgresDialect(Dialect):
         # Event ids are WatchExecutions' cursor: they must grow in commit order across
         # replicas, so commits that write events take turns from first id to commit.
         stage(LOCK_EVENT_ORDER)
+
+    async def lock_key(self, conn: Any, name: str) -> None:
+        await conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"), {"name": name}
+        )
 
     async def lock_migrations(self, conn: AsyncConnection) -> None:
         await conn.execute(sa.text(f"SELECT pg_advisory_lock({MIGRATION_LOCK})"))

@@ -43,6 +43,8 @@ STEP_EVENT = {
 }
 # Replica rows older than this (and 10 heartbeat timeouts) are forgotten at the next start.
 STALE_REPLICA_SECONDS = 3600.0
+# Execution.waiting_reason of a PENDING run whose concurrency key's runs are all taken.
+WAITING_FOR_KEY = "CONCURRENCY_KEY"
 OPEN_STEPS = (StepStatus.PENDING.value, StepStatus.RUNNING.value, StepStatus.WAITING.value)
 
 
@@ -633,10 +635,33 @@ class Journal:
 
         return await self.writer.run(unit)
 
+    async def _admitted(self, tx: Tx, row: dict[str, Any]) -> bool:
+        """Whether a PENDING run with a concurrency key may start now: fewer than its
+        `max_concurrent` runs of the tenant with the key are started (RUNNING or PAUSED),
+        counting those that wait ahead of it (by priority, then submit order)."""
+        key = row["concurrency_key"]
+        await self.store.db.dialect.lock_key(tx.conn, f"{row['tenant_id']}/{key}")
+        same = sa.and_(runs.c.tenant_id == row["tenant_id"], runs.c.concurrency_key == key)
+        started = sa.select(sa.func.count()).where(
+            same, one_of(runs.c.status, (RunStatus.RUNNING.value, RunStatus.PAUSED.value))
+        )
+        ahead = sa.select(sa.func.count()).where(
+            same,
+            runs.c.status == RunStatus.PENDING.value,
+            sa.or_(
+                runs.c.priority < row["priority"],
+                sa.and_(runs.c.priority == row["priority"], runs.c.pk < row["pk"]),
+            ),
+        )
+        taken = (await tx.conn.execute(started)).scalar_one()
+        taken += (await tx.conn.execute(ahead)).scalar_one()
+        return int(taken) < max(1, int(row["max_concurrent"]))
+
     async def open(self, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], set[str]]:
         """What (re)starting the run's task needs, in one unit: the run row (a PENDING run is
-        started: RUNNING), its step rows, and the steps (and "" for the run) whose approval
-        was answered yes."""
+        started: RUNNING, unless its concurrency key says wait: then it stays PENDING with
+        its `waiting_reason`), its step rows, and the steps (and "" for the run) whose
+        approval was answered yes."""
 
         async def unit(tx: Tx) -> tuple[dict[str, Any], list[dict[str, Any]], set[str]]:
             row = await self._run_row(tx, run_id)
@@ -650,13 +675,26 @@ class Journal:
             run_inputs = dict(inputs.one())
             answers = await tx.conn.execute(SELECT_APPROVALS, {"w_run_id": run_id})
             approved = {r["step_id"] for r in answers.mappings() if r["response"] is True}
-            if row["status"] == RunStatus.PENDING.value:
+            if (
+                row["status"] == RunStatus.PENDING.value
+                and row["concurrency_key"]
+                and not await self._admitted(tx, row)
+            ):
+                if row["waiting_reason"] != WAITING_FOR_KEY:
+                    row = await self.store.update_run(
+                        tx, row, {"waiting_reason": WAITING_FOR_KEY}, []
+                    )
+            elif row["status"] == RunStatus.PENDING.value:
                 target = next_status(RunStatus.PENDING, Action.START)
                 assert target is not None
                 row = await self.store.update_run(
                     tx,
                     row,
-                    {"status": target.value, "started_at": row["started_at"] or tx.now},
+                    {
+                        "status": target.value,
+                        "started_at": row["started_at"] or tx.now,
+                        "waiting_reason": "",
+                    },
                     [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")],
                 )
             return {**row, **run_inputs}, step_rows, approved

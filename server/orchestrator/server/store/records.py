@@ -58,6 +58,9 @@ class NewRun:
     # Unfinished runs the tenant may have (0 = no limit), checked in the creating transaction.
     max_unfinished: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    concurrency_key: str = ""
+    max_concurrent: int = 0
+    priority: int = 3
 
 
 @dataclass(frozen=True)

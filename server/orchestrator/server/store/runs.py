@@ -331,6 +331,10 @@ class RunStore:
             "plan_id": new.plan.plan_id,
             "plan_name": new.plan.name,
             "plan_version": new.plan.version,
+            "concurrency_key": new.concurrency_key,
+            "max_concurrent": new.max_concurrent,
+            "priority": new.priority,
+            "waiting_reason": "",
         }
         step_rows: list[dict[str, Any]] = [
             {

@@ -55,6 +55,12 @@ runs = sa.Table(
     sa.Column("plan_id", sa.Text, nullable=False, server_default=""),
     sa.Column("plan_name", sa.Text, nullable=False, server_default=""),
     sa.Column("plan_version", sa.Text, nullable=False, server_default=""),
+    # At most `max_concurrent` of the tenant's runs with a concurrency key run at once; the
+    # others wait PENDING in (priority, pk) order, `waiting_reason` saying so.
+    sa.Column("concurrency_key", sa.String(128), nullable=False, server_default=""),
+    sa.Column("max_concurrent", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="3"),
+    sa.Column("waiting_reason", sa.String(32), nullable=False, server_default=""),
 )
 sa.Index("ix_runs_tenant_pk", runs.c.tenant_id, runs.c.pk)
 sa.Index("ix_runs_tenant_status", runs.c.tenant_id, runs.c.status, runs.c.pk)
@@ -62,6 +68,9 @@ sa.Index("ix_runs_status", runs.c.status, runs.c.lease_expires_at)
 sa.Index("ix_runs_owner", runs.c.owner)
 sa.Index("ix_runs_tenant_plan", runs.c.tenant_id, runs.c.plan_hash, runs.c.status, runs.c.pk)
 sa.Index("ix_runs_tenant_plan_id", runs.c.tenant_id, runs.c.plan_id, runs.c.pk)
+sa.Index(
+    "ix_runs_tenant_key_status", runs.c.tenant_id, runs.c.concurrency_key, runs.c.status, runs.c.pk
+)
 
 # One row per label of a run: ExecutionFilter.labels is one indexed lookup per pair.
 run_labels = sa.Table(

@@ -53,6 +53,10 @@ def partial_execution(row: Row, changed_steps: Iterable[Row] = ()) -> pb.Executi
         plan_id=row.get("plan_id") or "",
         plan_name=row.get("plan_name") or "",
         plan_version=row.get("plan_version") or "",
+        waiting_reason=row.get("waiting_reason") or "",
+        concurrency_key=row.get("concurrency_key") or "",
+        max_concurrent=row.get("max_concurrent") or 0,
+        priority=row.get("priority") or 3,
     )
     for name in ("started_at", "completed_at", "created_at"):
         if row[name] is not None:
