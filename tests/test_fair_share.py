@@ -135,3 +135,26 @@ async def test_a_tenant_saturating_every_slot_does_not_delay_another(
         assert "orchestrator_steps_in_flight 3.0" in scraped
         for run_id in backlog:
             await stub.Cancel(pb.CancelRequest(run_id=run_id), metadata=md(a))
+
+
+async def test_claims_take_each_tenants_first_run_before_anyones_second(
+    tmp_path: Path, database_url: str
+) -> None:
+    # The API only: nothing claims the runs but the call below.
+    settings = make_settings(tmp_path, database_url, execute=False)
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    quick = plan_of({"stepId": "echo", "tool": "core.echo"})
+    async with running(settings) as server, grpc.aio.insecure_channel(server.address) as ch:
+        stub = pb_grpc.OrchestratorServiceStub(ch)
+
+        async def submit(tenant: str, **fields: int) -> str:
+            request = pb.ExecuteRequest(executable_plan=quick, **fields)
+            response = await stub.Execute(request, metadata=md(tenant))
+            return str(response.run_id)
+
+        backlog = [await submit(a) for _ in range(30)]
+        urgent = await submit(a, priority=1)
+        lone = await submit(b)
+        claimed = await server.engine.journal.claim(lapse=10.0, limit=4)
+        # B's one run and A's most urgent first, then A's oldest.
+        assert set(claimed) == {lone, urgent, *backlog[:2]}

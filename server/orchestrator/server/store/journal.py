@@ -161,13 +161,17 @@ class Journal:
         self, *, lapse: float, limit: int, own: bool = False, everything: bool = False
     ) -> list[str]:
         """Take up to `limit` unfinished runs nobody owns or whose owner's heartbeat is older
-        than `lapse` seconds, oldest first; `own` also takes back runs of this replica id's
-        earlier incarnations (a restart: the port is exclusive, so they are dead);
-        `everything` takes every unfinished run (a single-replica store after a restart)."""
+        than `lapse` seconds, fairly by tenant (each tenant's first, by priority then age,
+        before anyone's second: one tenant's backlog never stands in front of another's run);
+        `own` also takes back runs of this replica id's earlier incarnations (a restart: the
+        port is exclusive, so they are dead); `everything` takes every unfinished run (a
+        single-replica store after a restart)."""
 
         async def unit(tx: Tx) -> list[str]:
             query = sa.select(runs.c.run_id).where(one_of(runs.c.status, UNFINISHED))
-            if not everything:
+            if everything:
+                query = query.order_by(runs.c.pk).limit(limit)
+            else:
                 free = sa.or_(
                     runs.c.owner.is_(None), runs.c.owner.not_in(self._live(tx.now, lapse))
                 )
@@ -176,10 +180,18 @@ class Journal:
                         replicas.c.replica_id == self.replica_id
                     )
                     free = sa.or_(free, runs.c.owner.in_(earlier))
-                query = query.where(
-                    free, sa.or_(runs.c.owner.is_(None), runs.c.owner != self.owner)
+                free = sa.and_(free, sa.or_(runs.c.owner.is_(None), runs.c.owner != self.owner))
+                query = query.where(free)
+                turn = sa.func.row_number().over(
+                    partition_by=runs.c.tenant_id, order_by=(runs.c.priority, runs.c.pk)
                 )
-            query = query.order_by(runs.c.pk).limit(limit)
+                ranked = query.add_columns(turn.label("turn"), runs.c.pk).subquery()
+                fair = sa.select(ranked.c.run_id).order_by(ranked.c.turn, ranked.c.pk).limit(limit)
+                # The rows are locked (SKIP LOCKED) outside the window: a replica claiming at
+                # the same time skips them, and the free check is made again on each row.
+                query = sa.select(runs.c.run_id).where(
+                    runs.c.run_id.in_(fair), free, one_of(runs.c.status, UNFINISHED)
+                )
             query = self.store.db.dialect.claimable(query)
             run_ids = [r.run_id for r in (await tx.conn.execute(query)).all()]
             if run_ids:
