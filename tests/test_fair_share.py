@@ -147,8 +147,8 @@ async def test_claims_take_each_tenants_first_run_before_anyones_second(
     async with running(settings) as server, grpc.aio.insecure_channel(server.address) as ch:
         stub = pb_grpc.OrchestratorServiceStub(ch)
 
-        async def submit(tenant: str, **fields: int) -> str:
-            request = pb.ExecuteRequest(executable_plan=quick, **fields)
+        async def submit(tenant: str, priority: int = 0) -> str:
+            request = pb.ExecuteRequest(executable_plan=quick, priority=priority)
             response = await stub.Execute(request, metadata=md(tenant))
             return str(response.run_id)
 
