@@ -2,8 +2,8 @@
 table of every figure with its ratio to the ceiling measured in this same run.
 
 Flags: --quick (about 2-3 minutes instead of about 10), --only NAME[,NAME] (ceilings, accept,
-end_to_end, reads, watch_fanout, memory, expressions), --no-postgres, --profile (py-spy the
-server after the benches; `make bench` installs py-spy, the `bench` extra).
+end_to_end, reads, watch_fanout, memory, expressions, fair_share), --no-postgres, --profile
+(py-spy the server after the benches; `make bench` installs py-spy, the `bench` extra).
 `make bench BENCH_ARGS=--quick` passes flags through."""
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import accept, ceilings, end_to_end, expressions, memory, reads, watch_fanout
+from bench import (
+    accept,
+    ceilings,
+    end_to_end,
+    expressions,
+    fair_share,
+    memory,
+    reads,
+    watch_fanout,
+)
 from bench.common import summary_table
 
 
@@ -42,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "memory": lambda: memory.run(memory.Scale.quick() if quick else memory.Scale()),
         "expressions": lambda: expressions.run(500 if quick else 2000),
+        "fair_share": lambda: fair_share.run(
+            fair_share.Scale.quick() if quick else fair_share.Scale(), postgres=pg
+        ),
     }
     chosen = [b for b in args.only.split(",") if b] or list(benches)
     unknown = set(chosen) - set(benches)
