@@ -4,6 +4,8 @@ at once; the rest wait PENDING, in priority then submit order, and start as runs
 from __future__ import annotations
 
 import asyncio
+import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -12,6 +14,8 @@ import pytest
 from orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import md, plan_of
 from tests.errors import details_of
+from tests.stores import drop_postgres_database, fetch, postgres_database
+from tests.test_durability import Cluster, call, finished, wait_for
 
 if TYPE_CHECKING:
     from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -131,3 +135,55 @@ async def test_bad_queueing_fields_are_invalid_argument(
     details = details_of(refused.value)
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in details.violations] == [field]
+
+
+@pytest.mark.postgres
+def test_kill_9_of_the_replica_running_a_keyed_run_neither_doubles_nor_loses(
+    tmp_path: Path,
+) -> None:
+    url = postgres_database()
+    cluster = Cluster(url, tmp_path)
+    tenant = str(uuid.uuid4())
+    try:
+        cluster.start("r1", lease=2.0)
+        cluster.start("r2", lease=2.0)
+        run_ids = [
+            call(
+                cluster,
+                ("r1", "r2")[i % 2],
+                "Execute",
+                pb.ExecuteRequest(
+                    executable_plan=waits_in_steps(3, 0.3), concurrency_key="deploy/prod"
+                ),
+                tenant,
+            ).run_id
+            for i in range(6)
+        ]
+
+        def running() -> str | None:
+            rows = fetch(
+                url,
+                "SELECT r.run_id, p.replica_id FROM runs r JOIN replicas p ON p.incarnation ="
+                " r.owner WHERE r.run_id = ANY($1::text[]) AND r.status = 'RUNNING'",
+                run_ids,
+            )
+            return str(rows[0]["replica_id"]) if len(rows) == 1 else None
+
+        victim = wait_for(running, 30, "a keyed run under way")
+        cluster.procs[victim].kill()  # SIGKILL, mid-run
+        survivor = "r2" if victim == "r1" else "r1"
+        done = [finished(cluster, survivor, run_id, tenant, 90) for run_id in run_ids]
+        assert [d.status for d in done] == [pb.EXECUTION_STATUS_COMPLETED] * 6
+        assert overlapping(done) == 1
+    finally:
+        cluster.stop_all()
+        drop_postgres_database(url)
+
+
+def waits_in_steps(n: int, seconds: float) -> pb.ExecutablePlan:
+    return plan_of(
+        *(
+            {"stepId": f"w{i}", "tool": "core.wait", "parameters": {"seconds": seconds}}
+            for i in range(n)
+        )
+    )
