@@ -116,7 +116,7 @@ class OrchestratorClient:
 
     async def execute(
         self,
-        plan: PlanSource,
+        plan: PlanSource | None,
         *,
         parameters: StructLike | None = None,
         variables: StructLike | None = None,
@@ -127,8 +127,10 @@ class OrchestratorClient:
         triggered_by: str = "",
         validate_capabilities: bool | None = None,
         labels: Mapping[str, str] | None = None,
+        plan_hash: str = "",
     ) -> pb.ExecuteResponse:
-        """Submit `plan` (a message, a proto3 JSON dict or a JSON file's path) as a new run.
+        """Submit `plan` (a message, a proto3 JSON dict or a JSON file's path) as a new run;
+        with `plan=None` and a `plan_hash`, the tenant's stored plan of that hash.
 
         `wait=True` returns once the run is terminal (`async_execution=false`); `timeout` is
         the run's timeout. With an `idempotency_key` the call is retried when the server is
@@ -145,6 +147,7 @@ class OrchestratorClient:
             triggered_by=triggered_by,
             validate_capabilities=validate_capabilities,
             labels=labels,
+            plan_hash=plan_hash,
         )
         backoff = Backoff(initial=0.2, maximum=2.0)
         attempt = 1
@@ -238,6 +241,83 @@ class OrchestratorClient:
             ),
         )
         return response.execution
+
+    # ---------------------------------------------------------------- plans and schedules
+
+    async def get_plan(self, plan_hash: str) -> pb.StoredPlan:
+        """One of the tenant's stored plans, with its body."""
+        response = await self._call(self._stub.GetPlan, pb.GetPlanRequest(plan_hash=plan_hash))
+        return response.plan
+
+    async def list_plans(
+        self, *, page_size: int = 100, limit: int | None = None
+    ) -> AsyncIterator[pb.StoredPlan]:
+        """The tenant's stored plans (without bodies), most recently stored first."""
+        token, seen = "", 0
+        while limit is None or seen < limit:
+            size = page_size if limit is None else min(page_size, limit - seen)
+            page = await self._call(
+                self._stub.ListPlans, pb.ListPlansRequest(page_size=size, page_token=token)
+            )
+            for plan in page.plans:
+                yield plan
+                seen += 1
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def create_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
+        """Store a new schedule (see `schedule_message`); returns it as stored."""
+        request = pb.CreateScheduleRequest(schedule=schedule)
+        return (await self._call(self._stub.CreateSchedule, request)).schedule
+
+    async def get_schedule(self, schedule_id: str) -> pb.Schedule:
+        """One schedule with its recent actions and next fire times."""
+        request = pb.GetScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(self._stub.GetSchedule, request)).schedule
+
+    async def list_schedules(
+        self, *, page_size: int = 100, limit: int | None = None
+    ) -> AsyncIterator[pb.Schedule]:
+        """The tenant's schedules, by id."""
+        token, seen = "", 0
+        while limit is None or seen < limit:
+            size = page_size if limit is None else min(page_size, limit - seen)
+            page = await self._call(
+                self._stub.ListSchedules, pb.ListSchedulesRequest(page_size=size, page_token=token)
+            )
+            for schedule in page.schedules:
+                yield schedule
+                seen += 1
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def update_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
+        """Replace a schedule's definition; returns it as stored."""
+        request = pb.UpdateScheduleRequest(schedule=schedule)
+        return (await self._call(self._stub.UpdateSchedule, request)).schedule
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Remove a schedule (its runs stay)."""
+        await self._call(
+            self._stub.DeleteSchedule, pb.DeleteScheduleRequest(schedule_id=schedule_id)
+        )
+
+    async def pause_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Stop a schedule from firing."""
+        request = pb.PauseScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(self._stub.PauseSchedule, request)).schedule
+
+    async def unpause_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Let a paused schedule fire again, from its next fire time."""
+        request = pb.UnpauseScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(self._stub.UnpauseSchedule, request)).schedule
+
+    async def trigger_schedule(self, schedule_id: str) -> pb.Execution:
+        """Start one run of the schedule now; returns the run."""
+        request = pb.TriggerScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(self._stub.TriggerSchedule, request)).execution
 
     async def watch(
         self,

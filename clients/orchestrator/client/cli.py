@@ -22,6 +22,8 @@ from orchestrator.client.messages import (
     TERMINAL,
     PlanError,
     load_plan,
+    overlap_names,
+    schedule_message,
     status_name,
     status_names,
     to_status,
@@ -312,8 +314,15 @@ def finish(status: pb.ExecutionStatus.ValueType) -> NoReturn:
 def execute(
     ctx: typer.Context,
     plan: Annotated[
-        Path, typer.Argument(help="The ExecutablePlan, a proto3 JSON file.", show_default=False)
-    ],
+        Path | None,
+        typer.Argument(
+            help="The ExecutablePlan, a proto3 JSON file (or name a stored one: --plan-hash).",
+            show_default=False,
+        ),
+    ] = None,
+    plan_hash: Annotated[
+        str, typer.Option(help="Run the tenant's stored plan of this hash (see `plans list`).")
+    ] = "",
     param: Annotated[
         list[str] | None,
         typer.Option("--param", "-p", help="k=v run parameter (v is JSON when it parses)."),
@@ -349,13 +358,10 @@ def execute(
     quiet: QuietOption = False,
     output: OutputOption = Output.table,
 ) -> None:
-    """Submit a plan as a new run."""
+    """Submit a plan (or a stored plan, by hash) as a new run."""
     if wait and watch:
         raise typer.BadParameter("choose one of --wait and --watch", param_hint="--watch")
-    try:
-        executable = load_plan(plan)
-    except PlanError as err:
-        raise typer.BadParameter(str(err), param_hint="PLAN") from None
+    executable = plan_argument(plan, plan_hash)
     parameters = pairs(param or [], "--param")
     variables = pairs(var or [], "--var")
     labels = labels_of(label or [], "--label")
@@ -370,6 +376,7 @@ def execute(
             triggered_by=triggered_by,
             validate_capabilities=None if validate_capabilities else False,
             labels=labels,
+            plan_hash=plan_hash,
         )
         if quiet:
             # The id alone, at once, whatever else was asked: `RUN=$(orchestrator execute -q …)`.
@@ -542,6 +549,201 @@ def respond(
     with connected(ctx) as client:
         execution = client.respond(run, clarification, json_value(value), responded_by)
     show(output, execution, render.execution_view(execution))
+
+
+def plan_argument(plan: Path | None, plan_hash: str) -> pb.ExecutablePlan | None:
+    """The plan file given, or None for a stored plan named by --plan-hash (one of them)."""
+    if (plan is None) == (not plan_hash):
+        raise typer.BadParameter("give a PLAN file or --plan-hash (one of them)", param_hint="PLAN")
+    if plan is None:
+        return None
+    try:
+        return load_plan(plan)
+    except PlanError as err:
+        raise typer.BadParameter(str(err), param_hint="PLAN") from None
+
+
+# ---------------------------------------------------------------- schedules and plans
+
+schedule_app = typer.Typer(no_args_is_help=True, help="Schedules: plans that run themselves.")
+plans_app = typer.Typer(no_args_is_help=True, help="The tenant's stored plans (by hash).")
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(plans_app, name="plans")
+ScheduleArgument = Annotated[str, typer.Argument(help="The schedule's id.", show_default=False)]
+
+
+@schedule_app.command("create")
+def schedule_create(
+    ctx: typer.Context,
+    plan: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The ExecutablePlan, a proto3 JSON file (or name a stored one: --plan-hash).",
+            show_default=False,
+        ),
+    ] = None,
+    plan_hash: Annotated[str, typer.Option(help="Run the tenant's stored plan of this hash.")] = "",
+    schedule_id: Annotated[
+        str, typer.Option("--id", help="The schedule's id (default: a new UUID).")
+    ] = "",
+    cron: Annotated[
+        str, typer.Option(help="Five-field cron: minute hour day-of-month month weekday.")
+    ] = "",
+    every: Annotated[
+        float | None,
+        typer.Option(help="Fire every this many seconds (at least 1).", show_default=False),
+    ] = None,
+    timezone: Annotated[str, typer.Option(help="IANA time zone of --cron (default UTC).")] = "",
+    overlap: Annotated[
+        str,
+        typer.Option(help=f"While the last run is going: {', '.join(overlap_names())}."),
+    ] = "skip",
+    catchup: Annotated[
+        float | None,
+        typer.Option(
+            help="Run missed fire times at most this many seconds old (default 60).",
+            show_default=False,
+        ),
+    ] = None,
+    paused: Annotated[bool, typer.Option(help="Create it paused.")] = False,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="k=v run parameter (v is JSON when it parses)."),
+    ] = None,
+    var: Annotated[
+        list[str] | None,
+        typer.Option("--var", help="k=v run variable (v is JSON when it parses)."),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Run timeout in seconds.", show_default=False)
+    ] = None,
+    label: LabelOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Create a schedule: a plan that runs itself on a cron or every interval."""
+    executable = plan_argument(plan, plan_hash)
+    try:
+        schedule = schedule_message(
+            schedule_id,
+            plan=executable,
+            plan_hash=plan_hash,
+            cron=cron,
+            interval=every,
+            timezone=timezone,
+            overlap=overlap,
+            catchup_window=catchup,
+            paused=paused,
+            parameters=pairs(param or [], "--param"),
+            variables=pairs(var or [], "--var"),
+            labels=labels_of(label or [], "--label"),
+            timeout=timeout,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--overlap") from None
+    with connected(ctx) as client:
+        made = client.create_schedule(schedule)
+    show(output, made, render.schedule_view(made))
+
+
+@schedule_app.command("list")
+def schedule_list(
+    ctx: typer.Context, quiet: QuietOption = False, output: OutputOption = Output.table
+) -> None:
+    """List the tenant's schedules."""
+    with connected(ctx) as client:
+        schedules = list(client.list_schedules())
+    if quiet:
+        for schedule in schedules:
+            typer.echo(schedule.schedule_id)
+    elif output is Output.json:
+        typer.echo(render.json_text(schedules))
+    else:
+        render.console().print(render.schedules_table(schedules))
+
+
+@schedule_app.command("get")
+def schedule_get(
+    ctx: typer.Context, schedule_id: ScheduleArgument, output: OutputOption = Output.table
+) -> None:
+    """Show a schedule: its timing, counters, next fire times and recent actions."""
+    with connected(ctx) as client:
+        schedule = client.get_schedule(schedule_id)
+    show(output, schedule, render.schedule_view(schedule))
+
+
+@schedule_app.command("pause")
+def schedule_pause(
+    ctx: typer.Context, schedule_id: ScheduleArgument, output: OutputOption = Output.table
+) -> None:
+    """Stop a schedule from firing."""
+    with connected(ctx) as client:
+        schedule = client.pause_schedule(schedule_id)
+    show(output, schedule, f"schedule {schedule_id} paused")
+
+
+@schedule_app.command("unpause")
+def schedule_unpause(
+    ctx: typer.Context, schedule_id: ScheduleArgument, output: OutputOption = Output.table
+) -> None:
+    """Let a paused schedule fire again."""
+    with connected(ctx) as client:
+        schedule = client.unpause_schedule(schedule_id)
+    show(output, schedule, render.schedule_view(schedule))
+
+
+@schedule_app.command("trigger")
+def schedule_trigger(
+    ctx: typer.Context,
+    schedule_id: ScheduleArgument,
+    quiet: QuietOption = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Start one run of the schedule now (paused or not)."""
+    with connected(ctx) as client:
+        execution = client.trigger_schedule(schedule_id)
+    if quiet:
+        typer.echo(execution.run_id)
+        return
+    show(output, execution, render.execution_view(execution))
+
+
+@schedule_app.command("delete")
+def schedule_delete(ctx: typer.Context, schedule_id: ScheduleArgument) -> None:
+    """Delete a schedule (its runs stay)."""
+    with connected(ctx) as client:
+        client.delete_schedule(schedule_id)
+    typer.echo(f"schedule {schedule_id} deleted")
+
+
+@plans_app.command("list")
+def plans_list(
+    ctx: typer.Context, quiet: QuietOption = False, output: OutputOption = Output.table
+) -> None:
+    """List the tenant's stored plans, most recently stored first."""
+    with connected(ctx) as client:
+        stored = list(client.list_plans())
+    if quiet:
+        for plan in stored:
+            typer.echo(plan.plan_hash)
+    elif output is Output.json:
+        typer.echo(render.json_text(stored))
+    else:
+        render.console().print(render.plans_table(stored))
+
+
+@plans_app.command("get")
+def plans_get(
+    ctx: typer.Context,
+    plan_hash: Annotated[str, typer.Argument(help="The plan's hash.", show_default=False)],
+    output: OutputOption = Output.table,
+) -> None:
+    """Show a stored plan (-o json: with its body, ready for `orchestrator execute`)."""
+    with connected(ctx) as client:
+        stored = client.get_plan(plan_hash)
+    if output is Output.json:
+        typer.echo(render.json_text(stored.executable_plan))
+    else:
+        render.console().print(render.plans_table([stored]))
 
 
 def main(argv: list[str] | None = None) -> None:
