@@ -1712,7 +1712,9 @@ class StoredPlan(_message.Message):
 
     @_builtins.property
     def last_run_at(self) -> _timestamp_pb2.Timestamp:
-        """When a run of it was last created."""
+        """When a run of it was last created (to within 10s: a plan run again and again moves it
+        at most that often).
+        """
 
     def __init__(
         self,

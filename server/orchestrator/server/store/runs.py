@@ -80,6 +80,10 @@ from orchestrator.server.store.writer import (
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 JSON = Any
+# A plan's last_run_at is moved at most this often per process (seconds), and this many
+# plans are remembered as stored before the memory starts over.
+PLAN_RUN_PRECISION = 10.0
+PLANS_REMEMBERED = 10_000
 
 
 class RunStore:
@@ -94,6 +98,18 @@ class RunStore:
             index_elements=[plans.c.tenant_id, plans.c.plan_hash],
             set_={"last_run_at": upsert.excluded.last_run_at},
         )
+        self._plan_ran = (
+            sa.update(plans)
+            .where(
+                plans.c.tenant_id == sa.bindparam("w_tenant_id"),
+                plans.c.plan_hash == sa.bindparam("w_plan_hash"),
+            )
+            .values(last_run_at=sa.bindparam("last_run_at"))
+        )
+        # (tenant, plan hash) -> when this process last committed its plans row. A plan run
+        # again soon after writes nothing there: every replica's group commits would
+        # otherwise queue on the row lock of a plan they all run.
+        self._plans_written: dict[tuple[str, str], float] = {}
 
     @property
     def health(self) -> StoreHealth:
@@ -288,7 +304,10 @@ class RunStore:
                     return Created(execution, created=False)
             return Created(await self.insert_run(tx, new), created=True)
 
-        return await self.writer.run(unit)
+        created = await self.writer.run(unit)
+        if created.created:
+            self._plan_written(new, created.execution.created_at.ToNanoseconds() / 1e9)
+        return created
 
     async def insert_run(self, tx: Tx, new: NewRun) -> pb.Execution:
         """Store a new run in the caller's unit of work, within the tenant's run quota."""
@@ -393,19 +412,7 @@ class RunStore:
                     for k, v in new.labels.items()
                 ],
             )
-        await tx.conn.execute(
-            self._store_plan,
-            {
-                "tenant_id": new.tenant_id,
-                "plan_hash": new.plan_hash,
-                "plan": row["plan"],
-                "plan_id": new.plan.plan_id,
-                "plan_name": new.plan.name,
-                "plan_version": new.plan.version,
-                "created_at": now,
-                "last_run_at": now,
-            },
-        )
+        await self._keep_plan(tx, new, row["plan"])
         if new.idempotency_key:
             await tx.conn.execute(
                 sa.insert(idempotency_keys).values(
@@ -418,6 +425,43 @@ class RunStore:
             )
         await self._insert_events(tx, row, specs, first_sequence=1, status_changed=True)
         return build_execution(row, step_rows, [])
+
+    async def _keep_plan(self, tx: Tx, new: NewRun, blob: bytes) -> None:
+        """Store the run's plan in the plan store, or move its last_run_at (at most every
+        PLAN_RUN_PRECISION seconds per process)."""
+        written = self._plans_written.get((new.tenant_id, new.plan_hash))
+        if written is None:
+            await tx.conn.execute(
+                self._store_plan,
+                {
+                    "tenant_id": new.tenant_id,
+                    "plan_hash": new.plan_hash,
+                    "plan": blob,
+                    "plan_id": new.plan.plan_id,
+                    "plan_name": new.plan.name,
+                    "plan_version": new.plan.version,
+                    "created_at": tx.now,
+                    "last_run_at": tx.now,
+                },
+            )
+        elif tx.now - written >= PLAN_RUN_PRECISION:
+            await tx.conn.execute(
+                self._plan_ran,
+                {
+                    "w_tenant_id": new.tenant_id,
+                    "w_plan_hash": new.plan_hash,
+                    "last_run_at": tx.now,
+                },
+            )
+
+    def _plan_written(self, new: NewRun, at: float) -> None:
+        """After the commit: the plans row of `new` is there, as of `at`."""
+        key = (new.tenant_id, new.plan_hash)
+        last = self._plans_written.get(key)
+        if last is None or at - last >= PLAN_RUN_PRECISION:
+            if len(self._plans_written) >= PLANS_REMEMBERED:
+                self._plans_written.clear()
+            self._plans_written[key] = at
 
     async def _insert_events(
         self,
