@@ -267,6 +267,7 @@ def _require_id(schedule_id: str) -> None:
         raise ValidationFailed("invalid schedule_id", violations=violations)
 
 
+TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
 # After a look that fired nothing although a schedule was due (another replica holds it, or
 # the clock ran a hair early), wait this long before the next.
 RECHECK_SECONDS = 0.05
@@ -282,6 +283,8 @@ class ScheduleClock:
         self.poll = poll_seconds
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Whether a schedule had a buffered fire waiting at the last look.
+        self._buffered = False
         schedules.clock = self
 
     def start(self) -> None:
@@ -300,8 +303,8 @@ class ScheduleClock:
         self._wake.set()
 
     def on_commit(self, changes: list[Change]) -> None:
-        """A run that ends may release a buffered fire."""
-        if any(c.status_changed and RunStatus(c.status) in TERMINAL for c in changes if c.status):
+        """A run that ends may release a buffered fire (looked for only while one waits)."""
+        if self._buffered and any(c.status_changed and c.status in TERMINAL_NAMES for c in changes):
             self._wake.set()
 
     async def _loop(self) -> None:
@@ -311,6 +314,7 @@ class ScheduleClock:
             wait = self.poll
             try:
                 due, buffered = await store.earliest_due()
+                self._buffered = buffered
                 now = time.time()
                 if (due is not None and due <= now) or (buffered and not buffered_seen):
                     fired = await store.fire_due(self.schedules.build_run)
