@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
+ItemT = TypeVar("ItemT")
 
 _UNSET: Any = object()
 
@@ -114,6 +115,25 @@ class OrchestratorClient:
         except grpc.aio.AioRpcError as err:
             raise from_aio_error(err) from err
 
+    async def _pages(
+        self,
+        rpc: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: Callable[[int, str], RequestT],
+        page: Callable[[ResponseT], tuple[Sequence[ItemT], str]],
+        page_size: int,
+        limit: int | None,
+    ) -> AsyncIterator[ItemT]:
+        """Every item of a paged List call, fetched a page at a time; at most `limit`."""
+        token, seen = "", 0
+        while limit is None or seen < limit:
+            size = page_size if limit is None else min(page_size, limit - seen)
+            items, token = page(await self._call(rpc, request(size, token)))
+            for item in items:
+                yield item
+                seen += 1
+            if not token:
+                return
+
     async def execute(
         self,
         plan: PlanSource | None,
@@ -187,20 +207,16 @@ class OrchestratorClient:
             statuses, plan_hash, triggered_by, created_after, created_before, labels, plan_id
         )
         view = pb.EXECUTION_VIEW_FULL if full else pb.EXECUTION_VIEW_BASIC
-        token = ""
-        seen = 0
-        while limit is None or seen < limit:
-            size = page_size if limit is None else min(page_size, limit - seen)
-            page = await self._call(
-                self._stub.ListExecutions,
-                pb.ListExecutionsRequest(filter=flt, page_size=size, page_token=token, view=view),
-            )
-            for execution in page.executions:
-                yield execution
-                seen += 1
-            token = page.next_page_token
-            if not token:
-                return
+        async for execution in self._pages(
+            self._stub.ListExecutions,
+            lambda size, token: pb.ListExecutionsRequest(
+                filter=flt, page_size=size, page_token=token, view=view
+            ),
+            lambda page: (page.executions, page.next_page_token),
+            page_size,
+            limit,
+        ):
+            yield execution
 
     async def pause(self, run_id: str, reason: str = "") -> pb.PauseResponse:
         """Stop new steps from starting (PENDING or RUNNING runs)."""
@@ -253,18 +269,14 @@ class OrchestratorClient:
         self, *, page_size: int = 100, limit: int | None = None
     ) -> AsyncIterator[pb.StoredPlan]:
         """The tenant's stored plans (without bodies), most recently stored first."""
-        token, seen = "", 0
-        while limit is None or seen < limit:
-            size = page_size if limit is None else min(page_size, limit - seen)
-            page = await self._call(
-                self._stub.ListPlans, pb.ListPlansRequest(page_size=size, page_token=token)
-            )
-            for plan in page.plans:
-                yield plan
-                seen += 1
-            token = page.next_page_token
-            if not token:
-                return
+        async for plan in self._pages(
+            self._stub.ListPlans,
+            lambda size, token: pb.ListPlansRequest(page_size=size, page_token=token),
+            lambda page: (page.plans, page.next_page_token),
+            page_size,
+            limit,
+        ):
+            yield plan
 
     async def create_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
         """Store a new schedule (see `schedule_message`); returns it as stored."""
@@ -280,18 +292,14 @@ class OrchestratorClient:
         self, *, page_size: int = 100, limit: int | None = None
     ) -> AsyncIterator[pb.Schedule]:
         """The tenant's schedules, by id."""
-        token, seen = "", 0
-        while limit is None or seen < limit:
-            size = page_size if limit is None else min(page_size, limit - seen)
-            page = await self._call(
-                self._stub.ListSchedules, pb.ListSchedulesRequest(page_size=size, page_token=token)
-            )
-            for schedule in page.schedules:
-                yield schedule
-                seen += 1
-            token = page.next_page_token
-            if not token:
-                return
+        async for schedule in self._pages(
+            self._stub.ListSchedules,
+            lambda size, token: pb.ListSchedulesRequest(page_size=size, page_token=token),
+            lambda page: (page.schedules, page.next_page_token),
+            page_size,
+            limit,
+        ):
+            yield schedule
 
     async def update_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
         """Replace a schedule's definition; returns it as stored."""

@@ -65,6 +65,27 @@ QuietOption = Annotated[
     bool, typer.Option("--quiet", "-q", help="Print run ids only, one a line (for scripts).")
 ]
 ReasonOption = Annotated[str, typer.Option(help="Why (recorded in the run's event).")]
+PlanArgument = Annotated[
+    Path | None,
+    typer.Argument(
+        help="The ExecutablePlan, a proto3 JSON file (or name a stored one: --plan-hash).",
+        show_default=False,
+    ),
+]
+PlanHashOption = Annotated[
+    str, typer.Option(help="Run the tenant's stored plan of this hash (see `plans list`).")
+]
+ParamOption = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="k=v run parameter (v is JSON when it parses)."),
+]
+VarOption = Annotated[
+    list[str] | None,
+    typer.Option("--var", help="k=v run variable (v is JSON when it parses)."),
+]
+TimeoutOption = Annotated[
+    float | None, typer.Option(help="Run timeout in seconds.", show_default=False)
+]
 
 
 @dataclass(frozen=True)
@@ -313,32 +334,16 @@ def finish(status: pb.ExecutionStatus.ValueType) -> NoReturn:
 @app.command()
 def execute(
     ctx: typer.Context,
-    plan: Annotated[
-        Path | None,
-        typer.Argument(
-            help="The ExecutablePlan, a proto3 JSON file (or name a stored one: --plan-hash).",
-            show_default=False,
-        ),
-    ] = None,
-    plan_hash: Annotated[
-        str, typer.Option(help="Run the tenant's stored plan of this hash (see `plans list`).")
-    ] = "",
-    param: Annotated[
-        list[str] | None,
-        typer.Option("--param", "-p", help="k=v run parameter (v is JSON when it parses)."),
-    ] = None,
-    var: Annotated[
-        list[str] | None,
-        typer.Option("--var", help="k=v run variable (v is JSON when it parses)."),
-    ] = None,
+    plan: PlanArgument = None,
+    plan_hash: PlanHashOption = "",
+    param: ParamOption = None,
+    var: VarOption = None,
     dry_run: Annotated[bool, typer.Option(help="Validate and order; call no tool.")] = False,
     idempotency_key: Annotated[
         str, typer.Option(help="The same key and request return the first run.")
     ] = "",
     triggered_by: Annotated[str, typer.Option(help="Who submits the run.")] = "",
-    timeout: Annotated[
-        float | None, typer.Option(help="Run timeout in seconds.", show_default=False)
-    ] = None,
+    timeout: TimeoutOption = None,
     validate_capabilities: Annotated[
         bool,
         typer.Option(
@@ -575,14 +580,8 @@ ScheduleArgument = Annotated[str, typer.Argument(help="The schedule's id.", show
 @schedule_app.command("create")
 def schedule_create(
     ctx: typer.Context,
-    plan: Annotated[
-        Path | None,
-        typer.Argument(
-            help="The ExecutablePlan, a proto3 JSON file (or name a stored one: --plan-hash).",
-            show_default=False,
-        ),
-    ] = None,
-    plan_hash: Annotated[str, typer.Option(help="Run the tenant's stored plan of this hash.")] = "",
+    plan: PlanArgument = None,
+    plan_hash: PlanHashOption = "",
     schedule_id: Annotated[
         str, typer.Option("--id", help="The schedule's id (default: a new UUID).")
     ] = "",
@@ -606,17 +605,9 @@ def schedule_create(
         ),
     ] = None,
     paused: Annotated[bool, typer.Option(help="Create it paused.")] = False,
-    param: Annotated[
-        list[str] | None,
-        typer.Option("--param", "-p", help="k=v run parameter (v is JSON when it parses)."),
-    ] = None,
-    var: Annotated[
-        list[str] | None,
-        typer.Option("--var", help="k=v run variable (v is JSON when it parses)."),
-    ] = None,
-    timeout: Annotated[
-        float | None, typer.Option(help="Run timeout in seconds.", show_default=False)
-    ] = None,
+    param: ParamOption = None,
+    var: VarOption = None,
+    timeout: TimeoutOption = None,
     label: LabelOption = None,
     output: OutputOption = Output.table,
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
+ItemT = TypeVar("ItemT")
 
 _UNSET: Any = object()
 
@@ -114,6 +115,25 @@ class SyncOrchestratorClient:
         except grpc.RpcError as err:
             raise from_call_error(err) from err
 
+    def _pages(
+        self,
+        rpc: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: Callable[[int, str], RequestT],
+        page: Callable[[ResponseT], tuple[Sequence[ItemT], str]],
+        page_size: int,
+        limit: int | None,
+    ) -> Iterator[ItemT]:
+        """Every item of a paged List call, fetched a page at a time; at most `limit`."""
+        token, seen = "", 0
+        while limit is None or seen < limit:
+            size = page_size if limit is None else min(page_size, limit - seen)
+            items, token = page(self._call(rpc, request(size, token)))
+            for item in items:
+                yield item
+                seen += 1
+            if not token:
+                return
+
     def execute(
         self,
         plan: PlanSource | None,
@@ -185,20 +205,15 @@ class SyncOrchestratorClient:
             statuses, plan_hash, triggered_by, created_after, created_before, labels, plan_id
         )
         view = pb.EXECUTION_VIEW_FULL if full else pb.EXECUTION_VIEW_BASIC
-        token = ""
-        seen = 0
-        while limit is None or seen < limit:
-            size = page_size if limit is None else min(page_size, limit - seen)
-            page = self._call(
-                self._stub.ListExecutions,
-                pb.ListExecutionsRequest(filter=flt, page_size=size, page_token=token, view=view),
-            )
-            for execution in page.executions:
-                yield execution
-                seen += 1
-            token = page.next_page_token
-            if not token:
-                return
+        yield from self._pages(
+            self._stub.ListExecutions,
+            lambda size, token: pb.ListExecutionsRequest(
+                filter=flt, page_size=size, page_token=token, view=view
+            ),
+            lambda page: (page.executions, page.next_page_token),
+            page_size,
+            limit,
+        )
 
     def pause(self, run_id: str, reason: str = "") -> pb.PauseResponse:
         """Stop new steps from starting (PENDING or RUNNING runs)."""
@@ -251,18 +266,13 @@ class SyncOrchestratorClient:
         self, *, page_size: int = 100, limit: int | None = None
     ) -> Iterator[pb.StoredPlan]:
         """The tenant's stored plans (without bodies), most recently stored first."""
-        token, seen = "", 0
-        while limit is None or seen < limit:
-            size = page_size if limit is None else min(page_size, limit - seen)
-            page = self._call(
-                self._stub.ListPlans, pb.ListPlansRequest(page_size=size, page_token=token)
-            )
-            for plan in page.plans:
-                yield plan
-                seen += 1
-            token = page.next_page_token
-            if not token:
-                return
+        yield from self._pages(
+            self._stub.ListPlans,
+            lambda size, token: pb.ListPlansRequest(page_size=size, page_token=token),
+            lambda page: (page.plans, page.next_page_token),
+            page_size,
+            limit,
+        )
 
     def create_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
         """Store a new schedule (see `schedule_message`); returns it as stored."""
@@ -278,18 +288,13 @@ class SyncOrchestratorClient:
         self, *, page_size: int = 100, limit: int | None = None
     ) -> Iterator[pb.Schedule]:
         """The tenant's schedules, by id."""
-        token, seen = "", 0
-        while limit is None or seen < limit:
-            size = page_size if limit is None else min(page_size, limit - seen)
-            page = self._call(
-                self._stub.ListSchedules, pb.ListSchedulesRequest(page_size=size, page_token=token)
-            )
-            for schedule in page.schedules:
-                yield schedule
-                seen += 1
-            token = page.next_page_token
-            if not token:
-                return
+        yield from self._pages(
+            self._stub.ListSchedules,
+            lambda size, token: pb.ListSchedulesRequest(page_size=size, page_token=token),
+            lambda page: (page.schedules, page.next_page_token),
+            page_size,
+            limit,
+        )
 
     def update_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
         """Replace a schedule's definition; returns it as stored."""

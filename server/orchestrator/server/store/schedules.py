@@ -102,12 +102,8 @@ class ScheduleStore:
                 .values(
                     tenant_id=tenant_id,
                     schedule_id=spec.schedule_id,
-                    spec=spec.SerializeToString(deterministic=True),
-                    plan_hash=spec.plan_hash,
-                    paused=spec.paused,
-                    next_fire_at=None if spec.paused else next_fire_at,
                     created_at=tx.now,
-                    updated_at=tx.now,
+                    **_definition(spec, next_fire_at, tx.now),
                 )
             )
             if inserted.rowcount != 1:
@@ -138,14 +134,7 @@ class ScheduleStore:
                     schedules.c.tenant_id == tenant_id,
                     schedules.c.schedule_id == spec.schedule_id,
                 )
-                .values(
-                    spec=spec.SerializeToString(deterministic=True),
-                    plan_hash=spec.plan_hash,
-                    paused=spec.paused,
-                    next_fire_at=None if spec.paused else next_fire_at,
-                    buffered_fire_at=None,
-                    updated_at=tx.now,
-                )
+                .values(buffered_fire_at=None, **_definition(spec, next_fire_at, tx.now))
             )
             return await self._load(tx.conn, tenant_id, spec.schedule_id)
 
@@ -551,6 +540,17 @@ def record(row: Row, actions: tuple[pb.ScheduleAction, ...] = ()) -> ScheduleRec
         updated_at=row["updated_at"],
         actions=actions,
     )
+
+
+def _definition(spec: pb.Schedule, next_fire_at: float | None, now: float) -> dict[str, Any]:
+    """The columns a schedule's definition sets (create and update)."""
+    return {
+        "spec": spec.SerializeToString(deterministic=True),
+        "plan_hash": spec.plan_hash,
+        "paused": spec.paused,
+        "next_fire_at": None if spec.paused else next_fire_at,
+        "updated_at": now,
+    }
 
 
 def _fire_row(
