@@ -146,7 +146,8 @@ class OrchestratorServiceServicer:
         response is sent. With `async_execution=false` the call returns once the run is terminal.
         Errors: INVALID_ARGUMENT (validation, with one field violation per problem),
         PERMISSION_DENIED (capability validation), ALREADY_EXISTS (idempotency key reused with
-        a different request).
+        a different request), NOT_FOUND (PLAN_NOT_FOUND: a `plan_hash` without a plan that the
+        tenant has not stored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,8 @@ class OrchestratorServiceStub:
     response is sent. With `async_execution=false` the call returns once the run is terminal.
     Errors: INVALID_ARGUMENT (validation, with one field violation per problem),
     PERMISSION_DENIED (capability validation), ALREADY_EXISTS (idempotency key reused with
-    a different request).
+    a different request), NOT_FOUND (PLAN_NOT_FOUND: a `plan_hash` without a plan that the
+    tenant has not stored).
     """
     GetExecution: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetExecutionRequest, _orchestrator_pb2.GetExecutionResponse]
     """GetExecution returns the current snapshot of one run. NOT_FOUND for unknown runs and for
@@ -128,7 +129,8 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     response is sent. With `async_execution=false` the call returns once the run is terminal.
     Errors: INVALID_ARGUMENT (validation, with one field violation per problem),
     PERMISSION_DENIED (capability validation), ALREADY_EXISTS (idempotency key reused with
-    a different request).
+    a different request), NOT_FOUND (PLAN_NOT_FOUND: a `plan_hash` without a plan that the
+    tenant has not stored).
     """
     GetExecution: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetExecutionRequest, _orchestrator_pb2.GetExecutionResponse]  # type: ignore[assignment]
     """GetExecution returns the current snapshot of one run. NOT_FOUND for unknown runs and for
@@ -214,7 +216,8 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         response is sent. With `async_execution=false` the call returns once the run is terminal.
         Errors: INVALID_ARGUMENT (validation, with one field violation per problem),
         PERMISSION_DENIED (capability validation), ALREADY_EXISTS (idempotency key reused with
-        a different request).
+        a different request), NOT_FOUND (PLAN_NOT_FOUND: a `plan_hash` without a plan that the
+        tenant has not stored).
         """
 
     @_abc_1.abstractmethod

@@ -76,7 +76,11 @@ class Timing:
     def next_after(self, after: float) -> float:
         """The first fire time strictly after `after` (epoch seconds)."""
         if self.interval:
-            return (math.floor(after / self.interval) + 1) * self.interval
+            step = math.floor(after / self.interval) + 1
+            # (k * interval) / interval can round below k: never answer `after` itself.
+            while step * self.interval <= after:
+                step += 1
+            return float(step * self.interval)
         start = datetime.fromtimestamp(after, ZoneInfo(self.zone))
         return next(iter(CronSim(self.cron, start))).timestamp()
 
