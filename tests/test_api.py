@@ -738,6 +738,16 @@ async def test_reflection_lists_the_nine_rpcs(channel: grpc.aio.Channel, version
             "WatchExecution",
             "WatchExecutions",
             "RetryExecution",
+            "GetPlan",
+            "ListPlans",
+            "CreateSchedule",
+            "GetSchedule",
+            "ListSchedules",
+            "UpdateSchedule",
+            "DeleteSchedule",
+            "PauseSchedule",
+            "UnpauseSchedule",
+            "TriggerSchedule",
         ]
     )
 

@@ -552,3 +552,56 @@ async def test_execute_with_a_concurrency_key_shows_why_a_run_waits(
     assert (data["waitingReason"], data["priority"]) == ("CONCURRENCY_KEY", 2)
     for run_id in (second, first):
         await client.cancel(run_id)
+
+
+async def test_plans_and_execute_by_plan_hash(invoke: Invoke, plans: dict[str, str]) -> None:
+    ran = await invoke("execute", plans["quick"], "-o", "json")
+    assert ran.exit_code == 0, ran.output
+    plan_hash = json.loads(ran.output)["execution"]["planHash"]
+    listed = await invoke("plans", "list", "-q")
+    assert listed.output.split() == [plan_hash]
+    table = await invoke("plans", "list")
+    assert plan_hash in table.output and "test plan" in table.output
+    body = await invoke("plans", "get", plan_hash, "-o", "json")
+    assert json.loads(body.output)["flows"][0]["steps"][0]["stepId"] == "s0"
+    again = await invoke("execute", "--plan-hash", plan_hash, "--wait", "-o", "json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output)["planHash"] == plan_hash
+    unknown = await invoke("execute", "--plan-hash", "sha256:" + "0" * 64)
+    assert unknown.exit_code == 1 and "PLAN_NOT_FOUND" in unknown.output
+    both = await invoke("execute", plans["quick"], "--plan-hash", plan_hash)
+    assert both.exit_code == 2
+
+
+async def test_schedule_commands(invoke: Invoke, plans: dict[str, str]) -> None:
+    made = await invoke(
+        "schedule", "create", plans["quick"], "--id", "nightly", "--cron", "0 9 * * 1-5",
+        "--timezone", "Europe/Paris", "--overlap", "buffer_one", "-l", "team=data", "-o", "json",
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    schedule = json.loads(made.output)
+    assert schedule["scheduleId"] == "nightly" and schedule["overlapPolicy"] == (
+        "OVERLAP_POLICY_BUFFER_ONE"
+    )
+    assert len(schedule["nextFireTimes"]) == 5
+    listed = await invoke("schedule", "list")
+    assert "nightly" in listed.output and "cron 0 9 * * 1-5 Europe/Paris" in listed.output
+    paused = await invoke("schedule", "pause", "nightly")
+    assert paused.output.strip() == "schedule nightly paused"
+    shown = await invoke("schedule", "get", "nightly")
+    assert "paused" in shown.output
+    run_id = (await invoke("schedule", "trigger", "nightly", "-q")).output.strip()
+    runs = await invoke("list", "-q", "-l", "schedule_id=nightly")
+    assert runs.output.split() == [run_id]
+    shown = await invoke("schedule", "get", "nightly")
+    assert "TRIGGERED" in shown.output and run_id in shown.output
+    unpaused = await invoke("schedule", "unpause", "nightly", "-o", "json")
+    assert not json.loads(unpaused.output).get("paused", False)
+    bad = await invoke("schedule", "create", plans["quick"], "--cron", "99 * * * *")
+    assert bad.exit_code == 1 and "schedule.cron" in bad.output
+    short = await invoke("schedule", "create", plans["quick"], "--every", "0.5")
+    assert short.exit_code == 1 and "schedule.interval" in short.output
+    deleted = await invoke("schedule", "delete", "nightly")
+    assert deleted.exit_code == 0
+    gone = await invoke("schedule", "get", "nightly")
+    assert gone.exit_code == 1 and "SCHEDULE_NOT_FOUND" in gone.output

@@ -22,7 +22,11 @@ DISTRIBUTIONS = {
     "orchestrator-rpc-stubs": (ROOT / "generated" / "pyproject.toml", ROOT / "generated"),
 }
 # Used without an import of their own: SQLAlchemy loads the drivers a URL names.
-USED_BY_NAME = {"aiosqlite": "sqlite+aiosqlite:// URLs", "asyncpg": "postgresql+asyncpg:// URLs"}
+USED_BY_NAME = {
+    "aiosqlite": "sqlite+aiosqlite:// URLs",
+    "asyncpg": "postgresql+asyncpg:// URLs",
+    "tzdata": "zoneinfo's fallback where the system has no zone data",
+}
 
 
 def requirements(pyproject: Path) -> list[Requirement]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
+ItemT = TypeVar("ItemT")
 
 _UNSET: Any = object()
 
@@ -114,9 +115,28 @@ class OrchestratorClient:
         except grpc.aio.AioRpcError as err:
             raise from_aio_error(err) from err
 
+    async def _pages(
+        self,
+        rpc: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: Callable[[int, str], RequestT],
+        page: Callable[[ResponseT], tuple[Sequence[ItemT], str]],
+        page_size: int,
+        limit: int | None,
+    ) -> AsyncIterator[ItemT]:
+        """Every item of a paged List call, fetched a page at a time; at most `limit`."""
+        token, seen = "", 0
+        while limit is None or seen < limit:
+            size = page_size if limit is None else min(page_size, limit - seen)
+            items, token = page(await self._call(rpc, request(size, token)))
+            for item in items:
+                yield item
+                seen += 1
+            if not token:
+                return
+
     async def execute(
         self,
-        plan: PlanSource,
+        plan: PlanSource | None,
         *,
         parameters: StructLike | None = None,
         variables: StructLike | None = None,
@@ -130,8 +150,10 @@ class OrchestratorClient:
         concurrency_key: str = "",
         max_concurrent: int = 0,
         priority: int = 0,
+        plan_hash: str = "",
     ) -> pb.ExecuteResponse:
-        """Submit `plan` (a message, a proto3 JSON dict or a JSON file's path) as a new run.
+        """Submit `plan` (a message, a proto3 JSON dict or a JSON file's path) as a new run;
+        with `plan=None` and a `plan_hash`, the tenant's stored plan of that hash.
 
         `wait=True` returns once the run is terminal (`async_execution=false`); `timeout` is
         the run's timeout. With an `idempotency_key` the call is retried when the server is
@@ -151,6 +173,7 @@ class OrchestratorClient:
             concurrency_key=concurrency_key,
             max_concurrent=max_concurrent,
             priority=priority,
+            plan_hash=plan_hash,
         )
         backoff = Backoff(initial=0.2, maximum=2.0)
         attempt = 1
@@ -190,20 +213,16 @@ class OrchestratorClient:
             statuses, plan_hash, triggered_by, created_after, created_before, labels, plan_id
         )
         view = pb.EXECUTION_VIEW_FULL if full else pb.EXECUTION_VIEW_BASIC
-        token = ""
-        seen = 0
-        while limit is None or seen < limit:
-            size = page_size if limit is None else min(page_size, limit - seen)
-            page = await self._call(
-                self._stub.ListExecutions,
-                pb.ListExecutionsRequest(filter=flt, page_size=size, page_token=token, view=view),
-            )
-            for execution in page.executions:
-                yield execution
-                seen += 1
-            token = page.next_page_token
-            if not token:
-                return
+        async for execution in self._pages(
+            self._stub.ListExecutions,
+            lambda size, token: pb.ListExecutionsRequest(
+                filter=flt, page_size=size, page_token=token, view=view
+            ),
+            lambda page: (page.executions, page.next_page_token),
+            page_size,
+            limit,
+        ):
+            yield execution
 
     async def pause(self, run_id: str, reason: str = "") -> pb.PauseResponse:
         """Stop new steps from starting (PENDING or RUNNING runs)."""
@@ -244,6 +263,75 @@ class OrchestratorClient:
             ),
         )
         return response.execution
+
+    # ---------------------------------------------------------------- plans and schedules
+
+    async def get_plan(self, plan_hash: str) -> pb.StoredPlan:
+        """One of the tenant's stored plans, with its body."""
+        response = await self._call(self._stub.GetPlan, pb.GetPlanRequest(plan_hash=plan_hash))
+        return response.plan
+
+    async def list_plans(
+        self, *, page_size: int = 100, limit: int | None = None
+    ) -> AsyncIterator[pb.StoredPlan]:
+        """The tenant's stored plans (without bodies), most recently stored first."""
+        async for plan in self._pages(
+            self._stub.ListPlans,
+            lambda size, token: pb.ListPlansRequest(page_size=size, page_token=token),
+            lambda page: (page.plans, page.next_page_token),
+            page_size,
+            limit,
+        ):
+            yield plan
+
+    async def create_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
+        """Store a new schedule (see `schedule_message`); returns it as stored."""
+        request = pb.CreateScheduleRequest(schedule=schedule)
+        return (await self._call(self._stub.CreateSchedule, request)).schedule
+
+    async def get_schedule(self, schedule_id: str) -> pb.Schedule:
+        """One schedule with its recent actions and next fire times."""
+        request = pb.GetScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(self._stub.GetSchedule, request)).schedule
+
+    async def list_schedules(
+        self, *, page_size: int = 100, limit: int | None = None
+    ) -> AsyncIterator[pb.Schedule]:
+        """The tenant's schedules, by id."""
+        async for schedule in self._pages(
+            self._stub.ListSchedules,
+            lambda size, token: pb.ListSchedulesRequest(page_size=size, page_token=token),
+            lambda page: (page.schedules, page.next_page_token),
+            page_size,
+            limit,
+        ):
+            yield schedule
+
+    async def update_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
+        """Replace a schedule's definition; returns it as stored."""
+        request = pb.UpdateScheduleRequest(schedule=schedule)
+        return (await self._call(self._stub.UpdateSchedule, request)).schedule
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Remove a schedule (its runs stay)."""
+        await self._call(
+            self._stub.DeleteSchedule, pb.DeleteScheduleRequest(schedule_id=schedule_id)
+        )
+
+    async def pause_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Stop a schedule from firing."""
+        request = pb.PauseScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(self._stub.PauseSchedule, request)).schedule
+
+    async def unpause_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Let a paused schedule fire again, from its next fire time."""
+        request = pb.UnpauseScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(self._stub.UnpauseSchedule, request)).schedule
+
+    async def trigger_schedule(self, schedule_id: str) -> pb.Execution:
+        """Start one run of the schedule now; returns the run."""
+        request = pb.TriggerScheduleRequest(schedule_id=schedule_id)
+        return (await self._call(self._stub.TriggerSchedule, request)).execution
 
     async def watch(
         self,

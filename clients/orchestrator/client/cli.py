@@ -23,6 +23,8 @@ from orchestrator.client.messages import (
     TERMINAL,
     PlanError,
     load_plan,
+    overlap_names,
+    schedule_message,
     status_name,
     status_names,
     to_status,
@@ -64,6 +66,27 @@ QuietOption = Annotated[
     bool, typer.Option("--quiet", "-q", help="Print run ids only, one a line (for scripts).")
 ]
 ReasonOption = Annotated[str, typer.Option(help="Why (recorded in the run's event).")]
+PlanArgument = Annotated[
+    Path | None,
+    typer.Argument(
+        help="The ExecutablePlan, a proto3 JSON file (or name a stored one: --plan-hash).",
+        show_default=False,
+    ),
+]
+PlanHashOption = Annotated[
+    str, typer.Option(help="Run the tenant's stored plan of this hash (see `plans list`).")
+]
+ParamOption = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="k=v run parameter (v is JSON when it parses)."),
+]
+VarOption = Annotated[
+    list[str] | None,
+    typer.Option("--var", help="k=v run variable (v is JSON when it parses)."),
+]
+TimeoutOption = Annotated[
+    float | None, typer.Option(help="Run timeout in seconds.", show_default=False)
+]
 
 
 @dataclass(frozen=True)
@@ -312,25 +335,16 @@ def finish(status: pb.ExecutionStatus.ValueType) -> NoReturn:
 @app.command()
 def execute(
     ctx: typer.Context,
-    plan: Annotated[
-        Path, typer.Argument(help="The ExecutablePlan, a proto3 JSON file.", show_default=False)
-    ],
-    param: Annotated[
-        list[str] | None,
-        typer.Option("--param", "-p", help="k=v run parameter (v is JSON when it parses)."),
-    ] = None,
-    var: Annotated[
-        list[str] | None,
-        typer.Option("--var", help="k=v run variable (v is JSON when it parses)."),
-    ] = None,
+    plan: PlanArgument = None,
+    plan_hash: PlanHashOption = "",
+    param: ParamOption = None,
+    var: VarOption = None,
     dry_run: Annotated[bool, typer.Option(help="Validate and order; call no tool.")] = False,
     idempotency_key: Annotated[
         str, typer.Option(help="The same key and request return the first run.")
     ] = "",
     triggered_by: Annotated[str, typer.Option(help="Who submits the run.")] = "",
-    timeout: Annotated[
-        float | None, typer.Option(help="Run timeout in seconds.", show_default=False)
-    ] = None,
+    timeout: TimeoutOption = None,
     validate_capabilities: Annotated[
         bool,
         typer.Option(
@@ -360,13 +374,10 @@ def execute(
     quiet: QuietOption = False,
     output: OutputOption = Output.table,
 ) -> None:
-    """Submit a plan as a new run."""
+    """Submit a plan (or a stored plan, by hash) as a new run."""
     if wait and watch:
         raise typer.BadParameter("choose one of --wait and --watch", param_hint="--watch")
-    try:
-        executable = load_plan(plan)
-    except PlanError as err:
-        raise typer.BadParameter(str(err), param_hint="PLAN") from None
+    executable = plan_argument(plan, plan_hash)
     parameters = pairs(param or [], "--param")
     variables = pairs(var or [], "--var")
     labels = labels_of(label or [], "--label")
@@ -384,6 +395,7 @@ def execute(
             concurrency_key=concurrency_key,
             max_concurrent=max_concurrent,
             priority=priority,
+            plan_hash=plan_hash,
         )
         if quiet:
             # The id alone, at once, whatever else was asked: `RUN=$(orchestrator execute -q …)`.
@@ -611,6 +623,187 @@ def asked(client: SyncOrchestratorClient, run_id: str, key: str) -> str:
             return found
     # The run ended without asking: let the server say why the answer does not apply.
     return key
+
+
+def plan_argument(plan: Path | None, plan_hash: str) -> pb.ExecutablePlan | None:
+    """The plan file given, or None for a stored plan named by --plan-hash (one of them)."""
+    if (plan is None) == (not plan_hash):
+        raise typer.BadParameter("give a PLAN file or --plan-hash (one of them)", param_hint="PLAN")
+    if plan is None:
+        return None
+    try:
+        return load_plan(plan)
+    except PlanError as err:
+        raise typer.BadParameter(str(err), param_hint="PLAN") from None
+
+
+# ---------------------------------------------------------------- schedules and plans
+
+schedule_app = typer.Typer(no_args_is_help=True, help="Schedules: plans that run themselves.")
+plans_app = typer.Typer(no_args_is_help=True, help="The tenant's stored plans (by hash).")
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(plans_app, name="plans")
+ScheduleArgument = Annotated[str, typer.Argument(help="The schedule's id.", show_default=False)]
+
+
+@schedule_app.command("create")
+def schedule_create(
+    ctx: typer.Context,
+    plan: PlanArgument = None,
+    plan_hash: PlanHashOption = "",
+    schedule_id: Annotated[
+        str, typer.Option("--id", help="The schedule's id (default: a new UUID).")
+    ] = "",
+    cron: Annotated[
+        str, typer.Option(help="Five-field cron: minute hour day-of-month month weekday.")
+    ] = "",
+    every: Annotated[
+        float | None,
+        typer.Option(help="Fire every this many seconds (at least 1).", show_default=False),
+    ] = None,
+    timezone: Annotated[str, typer.Option(help="IANA time zone of --cron (default UTC).")] = "",
+    overlap: Annotated[
+        str,
+        typer.Option(help=f"While the last run is going: {', '.join(overlap_names())}."),
+    ] = "skip",
+    catchup: Annotated[
+        float | None,
+        typer.Option(
+            help="Run missed fire times at most this many seconds old (default 60).",
+            show_default=False,
+        ),
+    ] = None,
+    paused: Annotated[bool, typer.Option(help="Create it paused.")] = False,
+    param: ParamOption = None,
+    var: VarOption = None,
+    timeout: TimeoutOption = None,
+    label: LabelOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Create a schedule: a plan that runs itself on a cron or every interval."""
+    executable = plan_argument(plan, plan_hash)
+    try:
+        schedule = schedule_message(
+            schedule_id,
+            plan=executable,
+            plan_hash=plan_hash,
+            cron=cron,
+            interval=every,
+            timezone=timezone,
+            overlap=overlap,
+            catchup_window=catchup,
+            paused=paused,
+            parameters=pairs(param or [], "--param"),
+            variables=pairs(var or [], "--var"),
+            labels=labels_of(label or [], "--label"),
+            timeout=timeout,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--overlap") from None
+    with connected(ctx) as client:
+        made = client.create_schedule(schedule)
+    show(output, made, render.schedule_view(made))
+
+
+@schedule_app.command("list")
+def schedule_list(
+    ctx: typer.Context, quiet: QuietOption = False, output: OutputOption = Output.table
+) -> None:
+    """List the tenant's schedules."""
+    with connected(ctx) as client:
+        schedules = list(client.list_schedules())
+    if quiet:
+        for schedule in schedules:
+            typer.echo(schedule.schedule_id)
+    elif output is Output.json:
+        typer.echo(render.json_text(schedules))
+    else:
+        render.console().print(render.schedules_table(schedules))
+
+
+@schedule_app.command("get")
+def schedule_get(
+    ctx: typer.Context, schedule_id: ScheduleArgument, output: OutputOption = Output.table
+) -> None:
+    """Show a schedule: its timing, counters, next fire times and recent actions."""
+    with connected(ctx) as client:
+        schedule = client.get_schedule(schedule_id)
+    show(output, schedule, render.schedule_view(schedule))
+
+
+@schedule_app.command("pause")
+def schedule_pause(
+    ctx: typer.Context, schedule_id: ScheduleArgument, output: OutputOption = Output.table
+) -> None:
+    """Stop a schedule from firing."""
+    with connected(ctx) as client:
+        schedule = client.pause_schedule(schedule_id)
+    show(output, schedule, f"schedule {schedule_id} paused")
+
+
+@schedule_app.command("unpause")
+def schedule_unpause(
+    ctx: typer.Context, schedule_id: ScheduleArgument, output: OutputOption = Output.table
+) -> None:
+    """Let a paused schedule fire again."""
+    with connected(ctx) as client:
+        schedule = client.unpause_schedule(schedule_id)
+    show(output, schedule, render.schedule_view(schedule))
+
+
+@schedule_app.command("trigger")
+def schedule_trigger(
+    ctx: typer.Context,
+    schedule_id: ScheduleArgument,
+    quiet: QuietOption = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Start one run of the schedule now (paused or not)."""
+    with connected(ctx) as client:
+        execution = client.trigger_schedule(schedule_id)
+    if quiet:
+        typer.echo(execution.run_id)
+        return
+    show(output, execution, render.execution_view(execution))
+
+
+@schedule_app.command("delete")
+def schedule_delete(ctx: typer.Context, schedule_id: ScheduleArgument) -> None:
+    """Delete a schedule (its runs stay)."""
+    with connected(ctx) as client:
+        client.delete_schedule(schedule_id)
+    typer.echo(f"schedule {schedule_id} deleted")
+
+
+@plans_app.command("list")
+def plans_list(
+    ctx: typer.Context, quiet: QuietOption = False, output: OutputOption = Output.table
+) -> None:
+    """List the tenant's stored plans, most recently stored first."""
+    with connected(ctx) as client:
+        stored = list(client.list_plans())
+    if quiet:
+        for plan in stored:
+            typer.echo(plan.plan_hash)
+    elif output is Output.json:
+        typer.echo(render.json_text(stored))
+    else:
+        render.console().print(render.plans_table(stored))
+
+
+@plans_app.command("get")
+def plans_get(
+    ctx: typer.Context,
+    plan_hash: Annotated[str, typer.Argument(help="The plan's hash.", show_default=False)],
+    output: OutputOption = Output.table,
+) -> None:
+    """Show a stored plan (-o json: with its body, ready for `orchestrator execute`)."""
+    with connected(ctx) as client:
+        stored = client.get_plan(plan_hash)
+    if output is Output.json:
+        typer.echo(render.json_text(stored.executable_plan))
+    else:
+        render.console().print(render.plans_table([stored]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -147,7 +147,7 @@ def outputs(execution: pb.Execution) -> dict[str, Any]:
 
 
 def execute_request(
-    plan: PlanSource,
+    plan: PlanSource | None,
     *,
     parameters: StructLike | None = None,
     variables: StructLike | None = None,
@@ -165,9 +165,10 @@ def execute_request(
 ) -> pb.ExecuteRequest:
     """An ExecuteRequest; `wait=True` asks the server to answer once the run is terminal.
     With `concurrency_key`, at most `max_concurrent` (0: 1) of the tenant's runs with the key
-    run at once; `priority` 1 (first) to 5 (last), 0 for the default 3."""
+    run at once; `priority` 1 (first) to 5 (last), 0 for the default 3. Without a plan, the
+    server runs the tenant's stored plan of `plan_hash`."""
     request = pb.ExecuteRequest(
-        executable_plan=load_plan(plan),
+        executable_plan=load_plan(plan) if plan is not None else None,
         dry_run=dry_run,
         idempotency_key=idempotency_key,
         triggered_by=triggered_by,
@@ -218,3 +219,65 @@ def is_terminal_event(event: pb.ExecutionEvent) -> bool:
     if event.type in (pb.EVENT_TYPE_RUN_STATUS_CHANGED, pb.EVENT_TYPE_SNAPSHOT):
         return event.execution.status in TERMINAL
     return False
+
+
+def overlap_policy(name: str) -> pb.OverlapPolicy.ValueType:
+    """An OverlapPolicy from its name: `skip`, `BUFFER_ONE`, `OVERLAP_POLICY_ALLOW_ALL`."""
+    key = name.strip().upper().replace("-", "_")
+    if not key.startswith("OVERLAP_POLICY_"):
+        key = f"OVERLAP_POLICY_{key}"
+    try:
+        return pb.OverlapPolicy.Value(key)
+    except ValueError:
+        names = ", ".join(overlap_names())
+        raise ValueError(f"unknown overlap policy {name!r}; one of {names}") from None
+
+
+def overlap_names() -> list[str]:
+    """The overlap policies, short and lower case (`skip`, `buffer_one`, ...)."""
+    return [
+        n.removeprefix("OVERLAP_POLICY_").lower()
+        for n in pb.OverlapPolicy.keys()
+        if not n.endswith("UNSPECIFIED")
+    ]
+
+
+def schedule_message(
+    schedule_id: str = "",
+    *,
+    plan: PlanSource | None = None,
+    plan_hash: str = "",
+    cron: str = "",
+    interval: DurationLike | None = None,
+    timezone: str = "",
+    overlap: pb.OverlapPolicy.ValueType | str = pb.OVERLAP_POLICY_UNSPECIFIED,
+    catchup_window: DurationLike | None = None,
+    paused: bool = False,
+    parameters: StructLike | None = None,
+    variables: StructLike | None = None,
+    labels: Mapping[str, str] | None = None,
+    timeout: DurationLike | None = None,
+) -> pb.Schedule:
+    """A Schedule of a plan (a message, a dict, a JSON file) or a stored plan's hash, on a
+    five-field `cron` in `timezone` or every `interval`."""
+    schedule = pb.Schedule(
+        schedule_id=schedule_id,
+        plan_hash=plan_hash,
+        cron=cron,
+        timezone=timezone,
+        overlap_policy=overlap_policy(overlap) if isinstance(overlap, str) else overlap,
+        paused=paused,
+        parameters=to_struct(parameters),
+        variables=to_struct(variables),
+        labels=dict(labels or {}),
+    )
+    if plan is not None:
+        schedule.executable_plan.CopyFrom(load_plan(plan))
+    for name, value in (
+        ("interval", interval),
+        ("catchup_window", catchup_window),
+        ("timeout", timeout),
+    ):
+        if value is not None:
+            getattr(schedule, name).CopyFrom(to_duration(value))
+    return schedule

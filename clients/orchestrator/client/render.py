@@ -264,3 +264,79 @@ def _waiting(execution: pb.Execution) -> str:
         limit = execution.max_concurrent
         return f"for concurrency key {execution.concurrency_key!r} ({limit} at once)"
     return execution.waiting_reason
+
+
+def when_text(schedule: pb.Schedule) -> str:
+    """A schedule's timing as people say it: `cron 0 9 * * 1-5 Europe/Paris`, `every 30s`."""
+    if schedule.cron:
+        return f"cron {schedule.cron} {schedule.timezone or 'UTC'}"
+    return f"every {schedule.interval.ToNanoseconds() / 1e9:g}s"
+
+
+def overlap_text(policy: pb.OverlapPolicy.ValueType) -> str:
+    name = pb.OverlapPolicy.Name(policy).removeprefix("OVERLAP_POLICY_")
+    return "SKIP" if name == "UNSPECIFIED" else name
+
+
+def schedules_table(schedules: Iterable[pb.Schedule]) -> Table:
+    """One row per schedule, by id."""
+    table = Table()
+    for column in ("schedule", "when", "overlap", "state", "next fire", "started", "plan"):
+        table.add_column(column, no_wrap=True)
+    for s in schedules:
+        table.add_row(
+            s.schedule_id,
+            when_text(s),
+            overlap_text(s.overlap_policy),
+            styled("PAUSED") if s.paused else "active",
+            _stamp(s.next_fire_times[0]) if s.next_fire_times else "-",
+            str(s.started_count),
+            s.plan_hash[:19],
+        )
+    return table
+
+
+def schedule_view(schedule: pb.Schedule) -> RenderableType:
+    """One schedule: its definition, counters, next fire times and recent actions."""
+    head = Table.grid(padding=(0, 2))
+    for name, value in (
+        ("schedule", schedule.schedule_id),
+        ("when", when_text(schedule)),
+        ("overlap", overlap_text(schedule.overlap_policy)),
+        ("state", "paused" if schedule.paused else "active"),
+        ("plan", schedule.plan_hash),
+        (
+            "runs",
+            f"{schedule.started_count} started, {schedule.skipped_count} skipped, "
+            f"{schedule.missed_count} missed",
+        ),
+        ("next", ", ".join(_stamp(t) for t in schedule.next_fire_times) or "-"),
+    ):
+        head.add_row(name, value)
+    actions = Table()
+    for column in ("fire time", "outcome", "run", "message"):
+        actions.add_column(column, no_wrap=column != "message")
+    for a in schedule.recent_actions:
+        actions.add_row(_stamp(a.fire_time), a.outcome, a.run_id, a.message)
+    return Group(head, actions) if schedule.recent_actions else head
+
+
+def plans_table(plans: Iterable[pb.StoredPlan]) -> Table:
+    """One row per stored plan, most recently stored first."""
+    table = Table()
+    for column in ("plan hash", "plan id", "name", "version", "stored", "last run"):
+        table.add_column(column, no_wrap=True)
+    for p in plans:
+        table.add_row(
+            p.plan_hash,
+            p.plan_id,
+            p.name,
+            p.version,
+            _when(p, "created_at"),
+            _when(p, "last_run_at"),
+        )
+    return table
+
+
+def _stamp(stamp: Any) -> str:
+    return str(stamp.ToDatetime().isoformat(timespec="seconds")) + "Z"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
+ItemT = TypeVar("ItemT")
 
 _UNSET: Any = object()
 
@@ -114,9 +115,28 @@ class SyncOrchestratorClient:
         except grpc.RpcError as err:
             raise from_call_error(err) from err
 
+    def _pages(
+        self,
+        rpc: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: Callable[[int, str], RequestT],
+        page: Callable[[ResponseT], tuple[Sequence[ItemT], str]],
+        page_size: int,
+        limit: int | None,
+    ) -> Iterator[ItemT]:
+        """Every item of a paged List call, fetched a page at a time; at most `limit`."""
+        token, seen = "", 0
+        while limit is None or seen < limit:
+            size = page_size if limit is None else min(page_size, limit - seen)
+            items, token = page(self._call(rpc, request(size, token)))
+            for item in items:
+                yield item
+                seen += 1
+            if not token:
+                return
+
     def execute(
         self,
-        plan: PlanSource,
+        plan: PlanSource | None,
         *,
         parameters: StructLike | None = None,
         variables: StructLike | None = None,
@@ -130,8 +150,10 @@ class SyncOrchestratorClient:
         concurrency_key: str = "",
         max_concurrent: int = 0,
         priority: int = 0,
+        plan_hash: str = "",
     ) -> pb.ExecuteResponse:
-        """Submit `plan` (a message, a proto3 JSON dict or a JSON file's path) as a new run.
+        """Submit `plan` (a message, a proto3 JSON dict or a JSON file's path) as a new run;
+        with `plan=None` and a `plan_hash`, the tenant's stored plan of that hash.
 
         `wait=True` returns once the run is terminal (`async_execution=false`); `timeout` is
         the run's timeout. With an `idempotency_key` the call is retried when the server is
@@ -151,6 +173,7 @@ class SyncOrchestratorClient:
             concurrency_key=concurrency_key,
             max_concurrent=max_concurrent,
             priority=priority,
+            plan_hash=plan_hash,
         )
         backoff = Backoff(initial=0.2, maximum=2.0)
         attempt = 1
@@ -188,20 +211,15 @@ class SyncOrchestratorClient:
             statuses, plan_hash, triggered_by, created_after, created_before, labels, plan_id
         )
         view = pb.EXECUTION_VIEW_FULL if full else pb.EXECUTION_VIEW_BASIC
-        token = ""
-        seen = 0
-        while limit is None or seen < limit:
-            size = page_size if limit is None else min(page_size, limit - seen)
-            page = self._call(
-                self._stub.ListExecutions,
-                pb.ListExecutionsRequest(filter=flt, page_size=size, page_token=token, view=view),
-            )
-            for execution in page.executions:
-                yield execution
-                seen += 1
-            token = page.next_page_token
-            if not token:
-                return
+        yield from self._pages(
+            self._stub.ListExecutions,
+            lambda size, token: pb.ListExecutionsRequest(
+                filter=flt, page_size=size, page_token=token, view=view
+            ),
+            lambda page: (page.executions, page.next_page_token),
+            page_size,
+            limit,
+        )
 
     def pause(self, run_id: str, reason: str = "") -> pb.PauseResponse:
         """Stop new steps from starting (PENDING or RUNNING runs)."""
@@ -242,6 +260,71 @@ class SyncOrchestratorClient:
             ),
         )
         return response.execution
+
+    # ---------------------------------------------------------------- plans and schedules
+
+    def get_plan(self, plan_hash: str) -> pb.StoredPlan:
+        """One of the tenant's stored plans, with its body."""
+        response = self._call(self._stub.GetPlan, pb.GetPlanRequest(plan_hash=plan_hash))
+        return response.plan
+
+    def list_plans(
+        self, *, page_size: int = 100, limit: int | None = None
+    ) -> Iterator[pb.StoredPlan]:
+        """The tenant's stored plans (without bodies), most recently stored first."""
+        yield from self._pages(
+            self._stub.ListPlans,
+            lambda size, token: pb.ListPlansRequest(page_size=size, page_token=token),
+            lambda page: (page.plans, page.next_page_token),
+            page_size,
+            limit,
+        )
+
+    def create_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
+        """Store a new schedule (see `schedule_message`); returns it as stored."""
+        request = pb.CreateScheduleRequest(schedule=schedule)
+        return self._call(self._stub.CreateSchedule, request).schedule
+
+    def get_schedule(self, schedule_id: str) -> pb.Schedule:
+        """One schedule with its recent actions and next fire times."""
+        request = pb.GetScheduleRequest(schedule_id=schedule_id)
+        return self._call(self._stub.GetSchedule, request).schedule
+
+    def list_schedules(
+        self, *, page_size: int = 100, limit: int | None = None
+    ) -> Iterator[pb.Schedule]:
+        """The tenant's schedules, by id."""
+        yield from self._pages(
+            self._stub.ListSchedules,
+            lambda size, token: pb.ListSchedulesRequest(page_size=size, page_token=token),
+            lambda page: (page.schedules, page.next_page_token),
+            page_size,
+            limit,
+        )
+
+    def update_schedule(self, schedule: pb.Schedule) -> pb.Schedule:
+        """Replace a schedule's definition; returns it as stored."""
+        request = pb.UpdateScheduleRequest(schedule=schedule)
+        return self._call(self._stub.UpdateSchedule, request).schedule
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Remove a schedule (its runs stay)."""
+        self._call(self._stub.DeleteSchedule, pb.DeleteScheduleRequest(schedule_id=schedule_id))
+
+    def pause_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Stop a schedule from firing."""
+        request = pb.PauseScheduleRequest(schedule_id=schedule_id)
+        return self._call(self._stub.PauseSchedule, request).schedule
+
+    def unpause_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Let a paused schedule fire again, from its next fire time."""
+        request = pb.UnpauseScheduleRequest(schedule_id=schedule_id)
+        return self._call(self._stub.UnpauseSchedule, request).schedule
+
+    def trigger_schedule(self, schedule_id: str) -> pb.Execution:
+        """Start one run of the schedule now; returns the run."""
+        request = pb.TriggerScheduleRequest(schedule_id=schedule_id)
+        return self._call(self._stub.TriggerSchedule, request).execution
 
     def watch(
         self,

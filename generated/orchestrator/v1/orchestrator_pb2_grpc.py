@@ -85,6 +85,56 @@ class OrchestratorServiceStub:
                 request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.FromString,
                 _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/GetPlan',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.GetPlanResponse.FromString,
+                _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/ListPlans',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/CreateSchedule',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.CreateScheduleResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/GetSchedule',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.GetScheduleRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.GetScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/ListSchedules',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.UpdateSchedule = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/UpdateSchedule',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateScheduleRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateScheduleResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/DeleteSchedule',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/PauseSchedule',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.PauseScheduleResponse.FromString,
+                _registered_method=True)
+        self.UnpauseSchedule = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/UnpauseSchedule',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.UnpauseScheduleRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.UnpauseScheduleResponse.FromString,
+                _registered_method=True)
+        self.TriggerSchedule = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/TriggerSchedule',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -96,7 +146,8 @@ class OrchestratorServiceServicer:
         response is sent. With `async_execution=false` the call returns once the run is terminal.
         Errors: INVALID_ARGUMENT (validation, with one field violation per problem),
         PERMISSION_DENIED (capability validation), ALREADY_EXISTS (idempotency key reused with
-        a different request).
+        a different request), NOT_FOUND (PLAN_NOT_FOUND: a `plan_hash` without a plan that the
+        tenant has not stored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +227,85 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPlan(self, request, context):
+        """---- Plan store and schedules. Every plan a tenant executes is kept by its `plan_hash`;
+        `Execute{plan_hash}` without a plan runs the stored one (else NOT_FOUND PLAN_NOT_FOUND).
+
+        GetPlan returns one of the tenant's stored plans. NOT_FOUND (PLAN_NOT_FOUND) for unknown
+        hashes and other tenants' plans alike.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlans(self, request, context):
+        """ListPlans lists the tenant's stored plans, most recently stored first, one page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSchedule(self, request, context):
+        """CreateSchedule stores a schedule that starts runs by itself (cron or interval). A bad
+        cron, an unknown timezone or an interval under 1s is INVALID_ARGUMENT naming the field;
+        an id already used by the tenant is ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """GetSchedule returns one schedule with its recent actions and next fire times. NOT_FOUND
+        (SCHEDULE_NOT_FOUND) for unknown ids and other tenants' schedules alike.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """ListSchedules lists the tenant's schedules by id, one page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSchedule(self, request, context):
+        """UpdateSchedule replaces what a schedule runs, when and how (as CreateSchedule takes it);
+        the next fire time counts from now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """DeleteSchedule removes a schedule; its runs are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """PauseSchedule stops a schedule from firing; fire times passed while paused are not run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpauseSchedule(self, request, context):
+        """UnpauseSchedule lets a paused schedule fire again, from the next fire time after now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerSchedule(self, request, context):
+        """TriggerSchedule starts one run of the schedule now, paused or not, whatever its overlap
+        policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +358,56 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.RetryExecution,
                     request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.FromString,
                     response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.GetPlanRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.GetPlanResponse.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListPlansRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListPlansResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.CreateScheduleResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.GetScheduleRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.GetScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'UpdateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSchedule,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateScheduleRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateScheduleResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.PauseScheduleResponse.SerializeToString,
+            ),
+            'UnpauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpauseSchedule,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.UnpauseScheduleRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.UnpauseScheduleResponse.SerializeToString,
+            ),
+            'TriggerSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerSchedule,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -501,6 +681,276 @@ class OrchestratorService:
             '/orchestrator.v1.OrchestratorService/RetryExecution',
             orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.SerializeToString,
             orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/GetPlan',
+            orchestrator_dot_v1_dot_orchestrator__pb2.GetPlanRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.GetPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/ListPlans',
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListPlansRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListPlansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/CreateSchedule',
+            orchestrator_dot_v1_dot_orchestrator__pb2.CreateScheduleRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.CreateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/GetSchedule',
+            orchestrator_dot_v1_dot_orchestrator__pb2.GetScheduleRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.GetScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/ListSchedules',
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulesRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/UpdateSchedule',
+            orchestrator_dot_v1_dot_orchestrator__pb2.UpdateScheduleRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.UpdateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/DeleteSchedule',
+            orchestrator_dot_v1_dot_orchestrator__pb2.DeleteScheduleRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/PauseSchedule',
+            orchestrator_dot_v1_dot_orchestrator__pb2.PauseScheduleRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.PauseScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/UnpauseSchedule',
+            orchestrator_dot_v1_dot_orchestrator__pb2.UnpauseScheduleRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.UnpauseScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/TriggerSchedule',
+            orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,7 +45,8 @@ class OrchestratorServiceStub:
     response is sent. With `async_execution=false` the call returns once the run is terminal.
     Errors: INVALID_ARGUMENT (validation, with one field violation per problem),
     PERMISSION_DENIED (capability validation), ALREADY_EXISTS (idempotency key reused with
-    a different request).
+    a different request), NOT_FOUND (PLAN_NOT_FOUND: a `plan_hash` without a plan that the
+    tenant has not stored).
     """
     GetExecution: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetExecutionRequest, _orchestrator_pb2.GetExecutionResponse]
     """GetExecution returns the current snapshot of one run. NOT_FOUND for unknown runs and for
@@ -83,6 +84,40 @@ class OrchestratorServiceStub:
     with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
     RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
     """
+    GetPlan: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetPlanRequest, _orchestrator_pb2.GetPlanResponse]
+    """---- Plan store and schedules. Every plan a tenant executes is kept by its `plan_hash`;
+    `Execute{plan_hash}` without a plan runs the stored one (else NOT_FOUND PLAN_NOT_FOUND).
+
+    GetPlan returns one of the tenant's stored plans. NOT_FOUND (PLAN_NOT_FOUND) for unknown
+    hashes and other tenants' plans alike.
+    """
+    ListPlans: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListPlansRequest, _orchestrator_pb2.ListPlansResponse]
+    """ListPlans lists the tenant's stored plans, most recently stored first, one page at a time."""
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateScheduleRequest, _orchestrator_pb2.CreateScheduleResponse]
+    """CreateSchedule stores a schedule that starts runs by itself (cron or interval). A bad
+    cron, an unknown timezone or an interval under 1s is INVALID_ARGUMENT naming the field;
+    an id already used by the tenant is ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS).
+    """
+    GetSchedule: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetScheduleRequest, _orchestrator_pb2.GetScheduleResponse]
+    """GetSchedule returns one schedule with its recent actions and next fire times. NOT_FOUND
+    (SCHEDULE_NOT_FOUND) for unknown ids and other tenants' schedules alike.
+    """
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListSchedulesRequest, _orchestrator_pb2.ListSchedulesResponse]
+    """ListSchedules lists the tenant's schedules by id, one page at a time."""
+    UpdateSchedule: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateScheduleRequest, _orchestrator_pb2.UpdateScheduleResponse]
+    """UpdateSchedule replaces what a schedule runs, when and how (as CreateSchedule takes it);
+    the next fire time counts from now.
+    """
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteScheduleRequest, _orchestrator_pb2.DeleteScheduleResponse]
+    """DeleteSchedule removes a schedule; its runs are kept."""
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.PauseScheduleRequest, _orchestrator_pb2.PauseScheduleResponse]
+    """PauseSchedule stops a schedule from firing; fire times passed while paused are not run."""
+    UnpauseSchedule: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.UnpauseScheduleRequest, _orchestrator_pb2.UnpauseScheduleResponse]
+    """UnpauseSchedule lets a paused schedule fire again, from the next fire time after now."""
+    TriggerSchedule: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.TriggerScheduleRequest, _orchestrator_pb2.TriggerScheduleResponse]
+    """TriggerSchedule starts one run of the schedule now, paused or not, whatever its overlap
+    policy.
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -94,7 +129,8 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     response is sent. With `async_execution=false` the call returns once the run is terminal.
     Errors: INVALID_ARGUMENT (validation, with one field violation per problem),
     PERMISSION_DENIED (capability validation), ALREADY_EXISTS (idempotency key reused with
-    a different request).
+    a different request), NOT_FOUND (PLAN_NOT_FOUND: a `plan_hash` without a plan that the
+    tenant has not stored).
     """
     GetExecution: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetExecutionRequest, _orchestrator_pb2.GetExecutionResponse]  # type: ignore[assignment]
     """GetExecution returns the current snapshot of one run. NOT_FOUND for unknown runs and for
@@ -132,6 +168,40 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
     RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
     """
+    GetPlan: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetPlanRequest, _orchestrator_pb2.GetPlanResponse]  # type: ignore[assignment]
+    """---- Plan store and schedules. Every plan a tenant executes is kept by its `plan_hash`;
+    `Execute{plan_hash}` without a plan runs the stored one (else NOT_FOUND PLAN_NOT_FOUND).
+
+    GetPlan returns one of the tenant's stored plans. NOT_FOUND (PLAN_NOT_FOUND) for unknown
+    hashes and other tenants' plans alike.
+    """
+    ListPlans: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListPlansRequest, _orchestrator_pb2.ListPlansResponse]  # type: ignore[assignment]
+    """ListPlans lists the tenant's stored plans, most recently stored first, one page at a time."""
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateScheduleRequest, _orchestrator_pb2.CreateScheduleResponse]  # type: ignore[assignment]
+    """CreateSchedule stores a schedule that starts runs by itself (cron or interval). A bad
+    cron, an unknown timezone or an interval under 1s is INVALID_ARGUMENT naming the field;
+    an id already used by the tenant is ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS).
+    """
+    GetSchedule: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetScheduleRequest, _orchestrator_pb2.GetScheduleResponse]  # type: ignore[assignment]
+    """GetSchedule returns one schedule with its recent actions and next fire times. NOT_FOUND
+    (SCHEDULE_NOT_FOUND) for unknown ids and other tenants' schedules alike.
+    """
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListSchedulesRequest, _orchestrator_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """ListSchedules lists the tenant's schedules by id, one page at a time."""
+    UpdateSchedule: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateScheduleRequest, _orchestrator_pb2.UpdateScheduleResponse]  # type: ignore[assignment]
+    """UpdateSchedule replaces what a schedule runs, when and how (as CreateSchedule takes it);
+    the next fire time counts from now.
+    """
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteScheduleRequest, _orchestrator_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """DeleteSchedule removes a schedule; its runs are kept."""
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.PauseScheduleRequest, _orchestrator_pb2.PauseScheduleResponse]  # type: ignore[assignment]
+    """PauseSchedule stops a schedule from firing; fire times passed while paused are not run."""
+    UnpauseSchedule: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.UnpauseScheduleRequest, _orchestrator_pb2.UnpauseScheduleResponse]  # type: ignore[assignment]
+    """UnpauseSchedule lets a paused schedule fire again, from the next fire time after now."""
+    TriggerSchedule: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.TriggerScheduleRequest, _orchestrator_pb2.TriggerScheduleResponse]  # type: ignore[assignment]
+    """TriggerSchedule starts one run of the schedule now, paused or not, whatever its overlap
+    policy.
+    """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """OrchestratorService submits, inspects, controls and streams plan executions ("runs")."""
@@ -146,7 +216,8 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         response is sent. With `async_execution=false` the call returns once the run is terminal.
         Errors: INVALID_ARGUMENT (validation, with one field violation per problem),
         PERMISSION_DENIED (capability validation), ALREADY_EXISTS (idempotency key reused with
-        a different request).
+        a different request), NOT_FOUND (PLAN_NOT_FOUND: a `plan_hash` without a plan that the
+        tenant has not stored).
         """
 
     @_abc_1.abstractmethod
@@ -237,6 +308,100 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         their outputs and are not called again, except the named restart steps, which run again
         with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
         RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPlan(
+        self,
+        request: _orchestrator_pb2.GetPlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetPlanResponse, _abc.Awaitable[_orchestrator_pb2.GetPlanResponse]]:
+        """---- Plan store and schedules. Every plan a tenant executes is kept by its `plan_hash`;
+        `Execute{plan_hash}` without a plan runs the stored one (else NOT_FOUND PLAN_NOT_FOUND).
+
+        GetPlan returns one of the tenant's stored plans. NOT_FOUND (PLAN_NOT_FOUND) for unknown
+        hashes and other tenants' plans alike.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPlans(
+        self,
+        request: _orchestrator_pb2.ListPlansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListPlansResponse, _abc.Awaitable[_orchestrator_pb2.ListPlansResponse]]:
+        """ListPlans lists the tenant's stored plans, most recently stored first, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def CreateSchedule(
+        self,
+        request: _orchestrator_pb2.CreateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.CreateScheduleResponse, _abc.Awaitable[_orchestrator_pb2.CreateScheduleResponse]]:
+        """CreateSchedule stores a schedule that starts runs by itself (cron or interval). A bad
+        cron, an unknown timezone or an interval under 1s is INVALID_ARGUMENT naming the field;
+        an id already used by the tenant is ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSchedule(
+        self,
+        request: _orchestrator_pb2.GetScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetScheduleResponse, _abc.Awaitable[_orchestrator_pb2.GetScheduleResponse]]:
+        """GetSchedule returns one schedule with its recent actions and next fire times. NOT_FOUND
+        (SCHEDULE_NOT_FOUND) for unknown ids and other tenants' schedules alike.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _orchestrator_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListSchedulesResponse, _abc.Awaitable[_orchestrator_pb2.ListSchedulesResponse]]:
+        """ListSchedules lists the tenant's schedules by id, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def UpdateSchedule(
+        self,
+        request: _orchestrator_pb2.UpdateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.UpdateScheduleResponse, _abc.Awaitable[_orchestrator_pb2.UpdateScheduleResponse]]:
+        """UpdateSchedule replaces what a schedule runs, when and how (as CreateSchedule takes it);
+        the next fire time counts from now.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _orchestrator_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.DeleteScheduleResponse, _abc.Awaitable[_orchestrator_pb2.DeleteScheduleResponse]]:
+        """DeleteSchedule removes a schedule; its runs are kept."""
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _orchestrator_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.PauseScheduleResponse, _abc.Awaitable[_orchestrator_pb2.PauseScheduleResponse]]:
+        """PauseSchedule stops a schedule from firing; fire times passed while paused are not run."""
+
+    @_abc_1.abstractmethod
+    def UnpauseSchedule(
+        self,
+        request: _orchestrator_pb2.UnpauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.UnpauseScheduleResponse, _abc.Awaitable[_orchestrator_pb2.UnpauseScheduleResponse]]:
+        """UnpauseSchedule lets a paused schedule fire again, from the next fire time after now."""
+
+    @_abc_1.abstractmethod
+    def TriggerSchedule(
+        self,
+        request: _orchestrator_pb2.TriggerScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.TriggerScheduleResponse, _abc.Awaitable[_orchestrator_pb2.TriggerScheduleResponse]]:
+        """TriggerSchedule starts one run of the schedule now, paused or not, whatever its overlap
+        policy.
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

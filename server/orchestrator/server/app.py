@@ -28,6 +28,7 @@ from orchestrator.server.errors import STORE_OUTAGES, PortUnavailable
 from orchestrator.server.lifecycle import RunStatus
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.sandbox import Sandbox
+from orchestrator.server.schedule_control import ScheduleClock, ScheduleControl
 from orchestrator.server.security import KeyRing, TenantPolicy
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.cluster import ClusterBus, Handler
@@ -35,6 +36,7 @@ from orchestrator.server.store.database import Database
 from orchestrator.server.store.journal import Journal
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.runs import RunStore
+from orchestrator.server.store.schedules import ScheduleStore
 from orchestrator.server.store.writer import Writer
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry, default_registry
@@ -104,6 +106,7 @@ class Server:
     metrics: Metrics | None = None
     keys: KeyRing | None = None
     policy: TenantPolicy | None = None
+    clock: ScheduleClock | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _health_updates: set[asyncio.Task[None]] = field(default_factory=set)
@@ -117,6 +120,8 @@ class Server:
         if self.bus is not None:
             await self.bus.start()
         recovered = await self.engine.start()
+        if self.clock is not None:
+            self.clock.start()
         if self.metrics is not None and self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port, self.settings.host)
         if self.settings.retention_seconds > 0:
@@ -161,6 +166,8 @@ class Server:
         await self.db.health.stop()
         for task in self._background:
             task.cancel()
+        if self.clock is not None:
+            await self.clock.stop()
         await asyncio.gather(self.grpc_server.stop(grace), self.engine.stop(grace))
         if self.bus is not None:
             await self.bus.stop()
@@ -332,7 +339,10 @@ async def build_server(
     )
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)
     bus = db.dialect.cluster_bus(db.url, incarnation, on_cluster_message(hub, engine))
-    register(OrchestratorServicer(control), grpc_server)
+    schedules = ScheduleControl(control, ScheduleStore(store))
+    clock = ScheduleClock(schedules, settings.schedule_poll_seconds)
+    writer.add_listener(clock.on_commit)
+    register(OrchestratorServicer(control, schedules), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     for name in ("", SERVICE_NAME):
@@ -353,4 +363,5 @@ async def build_server(
         metrics=metrics,
         keys=keys,
         policy=policy,
+        clock=clock,
     )

@@ -7,7 +7,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from orchestrator.server.engine import Engine
@@ -38,6 +38,7 @@ from orchestrator.server.plan import (
 from orchestrator.server.security import ExecuteRateLimiter, TenantPolicy
 from orchestrator.server.settings import Settings
 from orchestrator.server.store.journal import Journal
+from orchestrator.server.store.plans import PlanStore
 from orchestrator.server.store.records import NewRun, NewStep, RetryRun, RunFilter, Transitioned
 from orchestrator.server.store.runs import RunStore, not_found
 from orchestrator.server.store.snapshots import RUN_STATUS_PB, timestamp
@@ -67,8 +68,10 @@ class ControlPlane:
     engine: Engine
     journal: Journal
     policy: TenantPolicy | None = None
+    plans: PlanStore = field(init=False)
 
     def __post_init__(self) -> None:
+        self.plans = PlanStore(self.store.db)
         self.watcher = Watcher(self.store, self.hub, self.tokens, self.settings.heartbeat_seconds)
         self.limits = Limits(
             max_steps=self.settings.max_steps_per_plan,
@@ -95,47 +98,19 @@ class ControlPlane:
             )
             limited.retry_delay = wait
             raise limited
+        if request.plan_hash and not request.HasField("executable_plan"):
+            # Run the tenant's stored plan of that hash (PLAN_NOT_FOUND if it has none).
+            stored = await self.plans.plan(tenant_id, request.plan_hash)
+            request = _with_plan(request, stored)
         # A large request's checks and conversions are long Python work: off the event loop
         # (the loop gets the interpreter back every switch interval, a few ms).
         if request.ByteSize() > OFF_LOOP_REQUEST_BYTES:
-            checked = await asyncio.to_thread(self._check_request, tenant_id, request)
+            checked = await asyncio.to_thread(self.check_request, tenant_id, request)
         else:
-            checked = self._check_request(tenant_id, request)
+            checked = self.check_request(tenant_id, request)
         validated = checked.validated
-        plan = request.executable_plan
         estimate = await self._estimate(tenant_id, validated.plan_hash, len(validated.steps))
-        new = NewRun(
-            run_id=str(uuid.uuid4()),
-            tenant_id=tenant_id,
-            plan=plan,
-            plan_hash=validated.plan_hash,
-            parameters=checked.parameters,
-            variables=checked.variables,
-            dry_run=request.dry_run,
-            triggered_by=request.triggered_by,
-            correlation_id=request.correlation_id or correlation_id,
-            timeout_seconds=validated.timeout_seconds,
-            estimated_seconds=estimate,
-            steps=[
-                NewStep(
-                    step_id=sid, flow_id=info.flow_id, position=info.position, tool=info.step.tool
-                )
-                for sid, info in validated.steps.items()
-            ],
-            idempotency_key=request.idempotency_key,
-            request_digest=checked.digest,
-            dry_run_order=validated.order if request.dry_run else None,
-            trace_parent=current_traceparent(),
-            max_unfinished=self.settings.max_runs_per_tenant,
-            labels=dict(request.labels),
-            concurrency_key=request.concurrency_key,
-            max_concurrent=(request.max_concurrent or 1) if request.concurrency_key else 0,
-            priority=request.priority or DEFAULT_PRIORITY,
-        )
-        if self.engine.enabled and self.engine.single_replica and not request.dry_run:
-            # One replica on its own store runs what it accepts, without a claim round trip.
-            new.owner = self.engine.owner
-            new.lease_expires_at = time.time() + self.engine.lease_seconds
+        new = self.new_run(tenant_id, correlation_id, request, checked, estimate)
         created = await self.store.create_run(new)
         execution = created.execution
         run_id = execution.run_id
@@ -165,7 +140,56 @@ class ControlPlane:
         response.estimated_duration.FromNanoseconds(int(estimate * 1e9))
         return response
 
-    def _check_request(self, tenant_id: str, request: pb.ExecuteRequest) -> _CheckedRequest:
+    def new_run(
+        self,
+        tenant_id: str,
+        correlation_id: str,
+        request: pb.ExecuteRequest,
+        checked: CheckedRequest,
+        estimate: float,
+    ) -> NewRun:
+        """The run a checked request creates (owned here when this replica is alone)."""
+        validated = checked.validated
+        new = NewRun(
+            run_id=str(uuid.uuid4()),
+            tenant_id=tenant_id,
+            plan=request.executable_plan,
+            plan_hash=validated.plan_hash,
+            parameters=checked.parameters,
+            variables=checked.variables,
+            dry_run=request.dry_run,
+            triggered_by=request.triggered_by,
+            correlation_id=request.correlation_id or correlation_id,
+            timeout_seconds=validated.timeout_seconds,
+            estimated_seconds=estimate,
+            steps=[
+                NewStep(
+                    step_id=sid, flow_id=info.flow_id, position=info.position, tool=info.step.tool
+                )
+                for sid, info in validated.steps.items()
+            ],
+            idempotency_key=request.idempotency_key,
+            request_digest=checked.digest,
+            dry_run_order=validated.order if request.dry_run else None,
+            trace_parent=current_traceparent(),
+            max_unfinished=self.settings.max_runs_per_tenant,
+            labels=dict(request.labels),
+            concurrency_key=request.concurrency_key,
+            max_concurrent=(request.max_concurrent or 1) if request.concurrency_key else 0,
+            priority=request.priority or DEFAULT_PRIORITY,
+        )
+        if self.engine.enabled and self.engine.single_replica and not request.dry_run:
+            # One replica on its own store runs what it accepts, without a claim round trip.
+            new.owner = self.engine.owner
+            new.lease_expires_at = time.time() + self.engine.lease_seconds
+        return new
+
+    def cached_estimate(self, tenant_id: str, plan_hash: str, steps: int) -> float:
+        """The estimate without a store read: the cached one, else the per-step fallback."""
+        cached = self._estimates.get((tenant_id, plan_hash))
+        return cached[0] if cached is not None else FALLBACK_SECONDS_PER_STEP * steps
+
+    def check_request(self, tenant_id: str, request: pb.ExecuteRequest) -> CheckedRequest:
         """Everything Execute works out from the request alone (no store, no loop)."""
         bad_labels = label_violations(request.labels, "labels")
         if bad_labels:
@@ -184,7 +208,7 @@ class ControlPlane:
             raise ValidationFailed("the plan reads parameters it is not given", violations=missing)
         variables = struct_to_python(request.executable_plan.variables)
         variables.update(struct_to_python(request.variables))
-        return _CheckedRequest(
+        return CheckedRequest(
             validated=validated,
             parameters=parameters,
             variables=variables,
@@ -446,11 +470,20 @@ OFF_LOOP_REQUEST_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
-class _CheckedRequest:
+class CheckedRequest:
+    """An Execute request's validated plan and converted inputs."""
+
     validated: ValidatedPlan
     parameters: dict[str, Any]
     variables: dict[str, Any]
     digest: str
+
+
+def _with_plan(request: pb.ExecuteRequest, plan: pb.ExecutablePlan) -> pb.ExecuteRequest:
+    filled = pb.ExecuteRequest()
+    filled.CopyFrom(request)
+    filled.executable_plan.CopyFrom(plan)
+    return filled
 
 
 def request_digest(request: pb.ExecuteRequest) -> str:

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     retention_seconds: float = Field(
         0.0, ge=0, description="Delete finished runs older than this (0 keeps them)."
     )
+    schedule_poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="Longest wait between two looks for due schedules (other replicas' new "
+        "schedules and finished runs are seen within it; this replica's at once).",
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics (0 is off).")
     max_connection_age_seconds: float = Field(
         300.0,

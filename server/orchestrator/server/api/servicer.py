@@ -12,6 +12,7 @@ import structlog
 from orchestrator.server.api.interceptors import call_correlation_id, call_tenant, decoder
 from orchestrator.server.control import ControlPlane, transition_response
 from orchestrator.server.lifecycle import Action
+from orchestrator.server.schedule_control import ScheduleControl
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -20,8 +21,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class OrchestratorServicer:
     """The orchestrator.v1.OrchestratorService RPCs."""
 
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: ControlPlane, schedules: ScheduleControl) -> None:
         self._control = control
+        self._schedules = schedules
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         """Validate and store a run."""
@@ -102,6 +104,81 @@ class OrchestratorServicer:
         """Stream the tenant's run status changes (frames arrive serialized)."""
         async for frame in self._control.watch_all(call_tenant(), request):
             yield frame
+
+    # ---------------------------------------------------------------- plans and schedules
+
+    async def GetPlan(self, request: pb.GetPlanRequest, context: Context) -> pb.GetPlanResponse:
+        """One stored plan."""
+        return pb.GetPlanResponse(
+            plan=await self._schedules.get_plan(call_tenant(), request.plan_hash)
+        )
+
+    async def ListPlans(
+        self, request: pb.ListPlansRequest, context: Context
+    ) -> pb.ListPlansResponse:
+        """A page of the tenant's stored plans."""
+        return await self._schedules.list_plans(call_tenant(), request)
+
+    async def CreateSchedule(
+        self, request: pb.CreateScheduleRequest, context: Context
+    ) -> pb.CreateScheduleResponse:
+        """Store a new schedule."""
+        return pb.CreateScheduleResponse(
+            schedule=await self._schedules.create(call_tenant(), request.schedule)
+        )
+
+    async def GetSchedule(
+        self, request: pb.GetScheduleRequest, context: Context
+    ) -> pb.GetScheduleResponse:
+        """One schedule."""
+        return pb.GetScheduleResponse(
+            schedule=await self._schedules.get(call_tenant(), request.schedule_id)
+        )
+
+    async def ListSchedules(
+        self, request: pb.ListSchedulesRequest, context: Context
+    ) -> pb.ListSchedulesResponse:
+        """A page of the tenant's schedules."""
+        return await self._schedules.list_schedules(call_tenant(), request)
+
+    async def UpdateSchedule(
+        self, request: pb.UpdateScheduleRequest, context: Context
+    ) -> pb.UpdateScheduleResponse:
+        """Replace a schedule's definition."""
+        return pb.UpdateScheduleResponse(
+            schedule=await self._schedules.update(call_tenant(), request.schedule)
+        )
+
+    async def DeleteSchedule(
+        self, request: pb.DeleteScheduleRequest, context: Context
+    ) -> pb.DeleteScheduleResponse:
+        """Remove a schedule."""
+        await self._schedules.delete(call_tenant(), request.schedule_id)
+        return pb.DeleteScheduleResponse()
+
+    async def PauseSchedule(
+        self, request: pb.PauseScheduleRequest, context: Context
+    ) -> pb.PauseScheduleResponse:
+        """Stop a schedule from firing."""
+        return pb.PauseScheduleResponse(
+            schedule=await self._schedules.pause(call_tenant(), request.schedule_id, True)
+        )
+
+    async def UnpauseSchedule(
+        self, request: pb.UnpauseScheduleRequest, context: Context
+    ) -> pb.UnpauseScheduleResponse:
+        """Let a paused schedule fire again."""
+        return pb.UnpauseScheduleResponse(
+            schedule=await self._schedules.pause(call_tenant(), request.schedule_id, False)
+        )
+
+    async def TriggerSchedule(
+        self, request: pb.TriggerScheduleRequest, context: Context
+    ) -> pb.TriggerScheduleResponse:
+        """Start one run of a schedule now."""
+        execution = await self._schedules.trigger(call_tenant(), request.schedule_id)
+        structlog.contextvars.bind_contextvars(run_id=execution.run_id)
+        return pb.TriggerScheduleResponse(execution=execution)
 
 
 def _message(full_name: str) -> Any:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from orchestrator.server.store.cluster import CHANNEL, ClusterBus, Handler
@@ -74,6 +75,10 @@ class Dialect:
     def engines(self, url: sa.URL, stall_seconds: float = 0.0) -> Engines:
         """The engines; a write transaction left idle `stall_seconds` is ended (0: never)."""
         raise NotImplementedError
+
+    def insert(self, table: sa.Table) -> Any:
+        """An INSERT that takes ON CONFLICT clauses (both databases spell them alike)."""
+        return sqlite.insert(table)
 
     def claimable(self, query: sa.Select[Any]) -> sa.Select[Any]:
         """`query` for unowned runs, made safe for replicas claiming at the same time."""
@@ -183,6 +188,9 @@ class PostgresDialect(Dialect):
 
     def claimable(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)
+
+    def insert(self, table: sa.Table) -> Any:
+        return postgresql.insert(table)
 
     def order_events(self, stage: Callable[[Any], None]) -> None:
         # Event ids are WatchExecutions' cursor: they must grow in commit order across

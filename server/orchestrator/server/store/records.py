@@ -168,3 +168,30 @@ class RetryRun:
     reason: str
     owner: str = ""
     lease_expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """A stored schedule: its definition (with `plan_hash`, without the plan) and its state."""
+
+    spec: pb.Schedule
+    paused: bool
+    next_fire_at: float | None
+    buffered_fire_at: float | None
+    started_count: int
+    skipped_count: int
+    missed_count: int
+    created_at: float
+    updated_at: float
+    actions: tuple[pb.ScheduleAction, ...] = ()
+
+
+@dataclass(frozen=True)
+class Fired:
+    """What a schedule's fire (or trigger) did, for the engine to hear after the commit: the
+    run it started (owned here or left to claim) and the run it cancelled."""
+
+    run_id: str = ""
+    owned: bool = False
+    cancelled_run_id: str = ""
+    execution: pb.Execution | None = None

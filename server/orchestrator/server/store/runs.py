@@ -48,6 +48,7 @@ from orchestrator.server.store.schema import (
     clarifications,
     events,
     idempotency_keys,
+    plans,
     run_labels,
     runs,
     server_settings,
@@ -79,6 +80,10 @@ from orchestrator.server.store.writer import (
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 JSON = Any
+# A plan's last_run_at is moved at most this often per process (seconds), and this many
+# plans are remembered as stored before the memory starts over.
+PLAN_RUN_PRECISION = 10.0
+PLANS_REMEMBERED = 10_000
 
 
 class RunStore:
@@ -87,6 +92,24 @@ class RunStore:
     def __init__(self, db: Database, writer: Writer) -> None:
         self.db = db
         self.writer = writer
+        upsert = db.dialect.insert(plans)
+        # The plan store keeps each plan once; a run of it only moves its last_run_at.
+        self._store_plan = upsert.on_conflict_do_update(
+            index_elements=[plans.c.tenant_id, plans.c.plan_hash],
+            set_={"last_run_at": upsert.excluded.last_run_at},
+        )
+        self._plan_ran = (
+            sa.update(plans)
+            .where(
+                plans.c.tenant_id == sa.bindparam("w_tenant_id"),
+                plans.c.plan_hash == sa.bindparam("w_plan_hash"),
+            )
+            .values(last_run_at=sa.bindparam("last_run_at"))
+        )
+        # (tenant, plan hash) -> when this process last committed its plans row. A plan run
+        # again soon after writes nothing there: every replica's group commits would
+        # otherwise queue on the row lock of a plan they all run.
+        self._plans_written: dict[tuple[str, str], float] = {}
 
     @property
     def health(self) -> StoreHealth:
@@ -279,22 +302,29 @@ class RunStore:
                         )
                     execution = await self._load_execution(tx.conn, new.tenant_id, existing.run_id)
                     return Created(execution, created=False)
-            if new.max_unfinished:
-                unfinished = (
-                    await tx.conn.execute(COUNT_UNFINISHED, {"w_tenant_id": new.tenant_id})
-                ).scalar_one()
-                if unfinished >= new.max_unfinished:
-                    raise ResourceExhausted(
-                        f"the tenant has {unfinished} unfinished runs, the most allowed",
-                        reason="TENANT_QUOTA_EXCEEDED",
-                        metadata={"limit": str(new.max_unfinished)},
-                    )
-            if not new.owner:
-                # An unowned run: whichever replica is free takes it.
-                tx.notify(Notice(NoticeKind.CLAIM))
-            return Created(await self._insert_run(tx, new), created=True)
+            return Created(await self.insert_run(tx, new), created=True)
 
-        return await self.writer.run(unit)
+        created = await self.writer.run(unit)
+        if created.created:
+            self._plan_written(new, created.execution.created_at.ToNanoseconds() / 1e9)
+        return created
+
+    async def insert_run(self, tx: Tx, new: NewRun) -> pb.Execution:
+        """Store a new run in the caller's unit of work, within the tenant's run quota."""
+        if new.max_unfinished:
+            unfinished = (
+                await tx.conn.execute(COUNT_UNFINISHED, {"w_tenant_id": new.tenant_id})
+            ).scalar_one()
+            if unfinished >= new.max_unfinished:
+                raise ResourceExhausted(
+                    f"the tenant has {unfinished} unfinished runs, the most allowed",
+                    reason="TENANT_QUOTA_EXCEEDED",
+                    metadata={"limit": str(new.max_unfinished)},
+                )
+        if not new.owner:
+            # An unowned run: whichever replica is free takes it.
+            tx.notify(Notice(NoticeKind.CLAIM))
+        return await self._insert_run(tx, new)
 
     async def _insert_run(self, tx: Tx, new: NewRun) -> pb.Execution:
         now = tx.now
@@ -386,6 +416,7 @@ class RunStore:
                     for k, v in new.labels.items()
                 ],
             )
+        await self._keep_plan(tx, new, row["plan"])
         if new.idempotency_key:
             await tx.conn.execute(
                 sa.insert(idempotency_keys).values(
@@ -398,6 +429,43 @@ class RunStore:
             )
         await self._insert_events(tx, row, specs, first_sequence=1, status_changed=True)
         return build_execution(row, step_rows, [])
+
+    async def _keep_plan(self, tx: Tx, new: NewRun, blob: bytes) -> None:
+        """Store the run's plan in the plan store, or move its last_run_at (at most every
+        PLAN_RUN_PRECISION seconds per process)."""
+        written = self._plans_written.get((new.tenant_id, new.plan_hash))
+        if written is None:
+            await tx.conn.execute(
+                self._store_plan,
+                {
+                    "tenant_id": new.tenant_id,
+                    "plan_hash": new.plan_hash,
+                    "plan": blob,
+                    "plan_id": new.plan.plan_id,
+                    "plan_name": new.plan.name,
+                    "plan_version": new.plan.version,
+                    "created_at": tx.now,
+                    "last_run_at": tx.now,
+                },
+            )
+        elif tx.now - written >= PLAN_RUN_PRECISION:
+            await tx.conn.execute(
+                self._plan_ran,
+                {
+                    "w_tenant_id": new.tenant_id,
+                    "w_plan_hash": new.plan_hash,
+                    "last_run_at": tx.now,
+                },
+            )
+
+    def _plan_written(self, new: NewRun, at: float) -> None:
+        """After the commit: the plans row of `new` is there, as of `at`."""
+        key = (new.tenant_id, new.plan_hash)
+        last = self._plans_written.get(key)
+        if last is None or at - last >= PLAN_RUN_PRECISION:
+            if len(self._plans_written) >= PLANS_REMEMBERED:
+                self._plans_written.clear()
+            self._plans_written[key] = at
 
     async def _insert_events(
         self,
@@ -503,37 +571,42 @@ class RunStore:
         """Pause, Resume or Cancel: one compare-and-set from the transition table."""
 
         async def unit(tx: Tx) -> Transitioned:
-            row = await self._locked_row(tx, tenant_id, run_id)
-            current = RunStatus(row["status"])
-            target = next_status(current, action)
-            if target is None:
-                raise InvalidTransition(
-                    f"cannot {action.value} run {run_id!r}: it is {current.value.lower()}",
-                    reason=REFUSAL_REASONS.get(action, "INVALID_TRANSITION"),
-                    metadata={"run_id": run_id, "current_status": current.value},
-                )
-            changes: dict[str, Any] = {"status": target.value}
-            changed_steps: list[dict[str, Any]] = []
-            clar_specs: list[EventSpec] = []
-            if target in TERMINAL:
-                changes["completed_at"] = tx.now
-            if target is RunStatus.CANCELLED:
-                changed_steps, clar_specs = await self._cancel_open_work(tx, run_id, reason)
-                changes["steps_finished"] = row["steps_total"]
-                changes["error_message"] = clean_text(
-                    f"cancelled: {reason}" if reason else "cancelled"
-                )
-                changes["error_reason"] = "CANCELLED"
-            message = f"{action.value}: {reason}" if reason else f"run {target.value.lower()}"
-            specs = [
-                *clar_specs,
-                EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=changed_steps),
-            ]
-            new = await self.update_run(tx, row, changes, specs)
-            tx.notify(Notice(NoticeKind.CONTROL, run_id, status=target.value))
-            return Transitioned(run_id, target, tx.now, partial_execution(new, changed_steps))
+            return await self.transition(tx, tenant_id, run_id, action, reason)
 
         return await self._with_retry(unit)
+
+    async def transition(
+        self, tx: Tx, tenant_id: str, run_id: str, action: Action, reason: str
+    ) -> Transitioned:
+        """`control`'s transition inside a unit of work of the caller's (a schedule's
+        CANCEL_OTHER cancels the last run in the transaction that starts the next)."""
+        row = await self._locked_row(tx, tenant_id, run_id)
+        current = RunStatus(row["status"])
+        target = next_status(current, action)
+        if target is None:
+            raise InvalidTransition(
+                f"cannot {action.value} run {run_id!r}: it is {current.value.lower()}",
+                reason=REFUSAL_REASONS.get(action, "INVALID_TRANSITION"),
+                metadata={"run_id": run_id, "current_status": current.value},
+            )
+        changes: dict[str, Any] = {"status": target.value}
+        changed_steps: list[dict[str, Any]] = []
+        clar_specs: list[EventSpec] = []
+        if target in TERMINAL:
+            changes["completed_at"] = tx.now
+        if target is RunStatus.CANCELLED:
+            changed_steps, clar_specs = await self._cancel_open_work(tx, run_id, reason)
+            changes["steps_finished"] = row["steps_total"]
+            changes["error_message"] = clean_text(f"cancelled: {reason}" if reason else "cancelled")
+            changes["error_reason"] = "CANCELLED"
+        message = f"{action.value}: {reason}" if reason else f"run {target.value.lower()}"
+        specs = [
+            *clar_specs,
+            EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=changed_steps),
+        ]
+        new = await self.update_run(tx, row, changes, specs)
+        tx.notify(Notice(NoticeKind.CONTROL, run_id, status=target.value))
+        return Transitioned(run_id, target, tx.now, partial_execution(new, changed_steps))
 
     async def run_plan(self, tenant_id: str, run_id: str) -> pb.ExecutablePlan:
         """The plan a run executes; NotFound as for snapshots."""

@@ -185,3 +185,61 @@ replicas = sa.Table(
     sa.Column("heartbeat_at", sa.Float, nullable=False),
 )
 sa.Index("ix_replicas_replica_id", replicas.c.replica_id)
+
+# The plan store: every plan a tenant executes, kept once by its content hash.
+plans = sa.Table(
+    "plans",
+    metadata,
+    # A monotonic key: the newest-first order of ListPlans and its page tokens.
+    sa.Column(
+        "pk",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("tenant_id", sa.String(36), nullable=False),
+    sa.Column("plan_hash", sa.String(80), nullable=False),
+    sa.Column("plan", sa.LargeBinary, nullable=False),  # serialized ExecutablePlan
+    sa.Column("plan_id", sa.Text, nullable=False, server_default=""),
+    sa.Column("plan_name", sa.Text, nullable=False, server_default=""),
+    sa.Column("plan_version", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_run_at", sa.Float),
+    sa.UniqueConstraint("tenant_id", "plan_hash", name="uq_plans_tenant_hash"),
+)
+
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("tenant_id", sa.String(36), primary_key=True),
+    sa.Column("schedule_id", sa.String(64), primary_key=True),
+    # The Schedule message as given (its plan is in `plans`, by plan_hash).
+    sa.Column("spec", sa.LargeBinary, nullable=False),
+    sa.Column("plan_hash", sa.String(80), nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The earliest fire time not yet handled (none while paused).
+    sa.Column("next_fire_at", sa.Float),
+    # BUFFER_ONE: the fire time waiting for the last run to end.
+    sa.Column("buffered_fire_at", sa.Float),
+    sa.Column("last_run_id", sa.String(36)),
+    sa.Column("started_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("skipped_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("missed_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+sa.Index("ix_schedules_due", schedules.c.paused, schedules.c.next_fire_at)
+
+# One row per fire time a schedule handled. The key is the guarantee: one run per schedule and
+# fire time, whichever replica (or restart) fires it, claimed in the run's own transaction.
+schedule_fires = sa.Table(
+    "schedule_fires",
+    metadata,
+    sa.Column("tenant_id", sa.String(36), primary_key=True),
+    sa.Column("schedule_id", sa.String(64), primary_key=True),
+    sa.Column("fire_at", sa.Float, primary_key=True),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("run_id", sa.String(36)),
+    sa.Column("message", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
