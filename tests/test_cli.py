@@ -402,6 +402,36 @@ async def test_respond_parses_json_values_else_strings(
     assert missing.stderr.startswith("error: NOT_FOUND CLARIFICATION_NOT_FOUND: ")
 
 
+async def test_signal_sends_a_json_payload_once_per_request_id(
+    invoke: Invoke, client: OrchestratorClient, tmp_path: Path
+) -> None:
+    plan = write(
+        tmp_path,
+        "signal.json",
+        plan_of(
+            {
+                "stepId": "w",
+                "tool": "core.wait_for_signal",
+                "parameters": {"signal_name": "paid", "timeout_seconds": 30},
+            }
+        ),
+    )
+    run = (await client.execute(plan)).run_id
+    sent = ok(await invoke("signal", run, "paid", '{"amount": 3}', "--request-id", "k"))
+    assert run in sent.stdout
+    again = json.loads(
+        ok(await invoke("signal", run, "paid", "{}", "--request-id", "k", "-o", "json")).stdout
+    )
+    assert again["runId"] == run
+    final = await client.wait(run, timeout=15)
+    assert final.status == pb.EXECUTION_STATUS_COMPLETED
+    from google.protobuf import json_format
+
+    assert json_format.MessageToDict(final.steps[0].output) == {"amount": 3}
+    finished = ok(await invoke("signal", run, "paid"), 1)
+    assert finished.stderr.startswith("error: FAILED_PRECONDITION SIGNAL_FAILED: ")
+
+
 # ---------------------------------------------------------------- serve
 
 

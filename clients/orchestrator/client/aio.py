@@ -239,6 +239,22 @@ class OrchestratorClient:
         )
         return response.execution
 
+    async def signal(
+        self, run_id: str, signal_name: str, payload: Any = None, request_id: str = ""
+    ) -> pb.SignalExecutionResponse:
+        """Send a signal (any JSON payload) to a run; a `request_id` sent again delivers
+        nothing new (the response says `duplicate`)."""
+        response: pb.SignalExecutionResponse = await self._call(
+            self._stub.SignalExecution,
+            pb.SignalExecutionRequest(
+                run_id=run_id,
+                signal_name=signal_name,
+                payload=to_value(payload),
+                request_id=request_id,
+            ),
+        )
+        return response
+
     async def watch(
         self,
         run_id: str,

@@ -544,6 +544,30 @@ def respond(
     show(output, execution, render.execution_view(execution))
 
 
+@app.command()
+def signal(
+    ctx: typer.Context,
+    run: RunArgument,
+    name: Annotated[str, typer.Argument(help="The signal's name.", show_default=False)],
+    payload: Annotated[
+        str | None,
+        typer.Argument(help="The payload: JSON when it parses, else a string.", show_default=False),
+    ] = None,
+    request_id: Annotated[
+        str, typer.Option(help="Your key for this signal: sent again, it is delivered once.")
+    ] = "",
+    output: OutputOption = Output.table,
+) -> None:
+    """Send a signal to a run (a core.wait_for_signal step takes it)."""
+    with connected(ctx) as client:
+        response = client.signal(
+            run, name, json_value(payload) if payload is not None else None, request_id
+        )
+    if response.duplicate and output is Output.table:
+        typer.echo(f"signal {request_id!r} was delivered before; nothing new sent", err=True)
+    show(output, response.execution, render.execution_view(response.execution))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     app(args=argv)

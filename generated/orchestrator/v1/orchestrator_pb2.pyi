@@ -141,6 +141,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A clarification was answered or withdrawn."""
     EVENT_TYPE_HEARTBEAT: _EventType.ValueType  # 10
     """Wire only: the stream is idle; `sequence` (or the cursor) is the current position."""
+    EVENT_TYPE_SIGNAL_RECEIVED: _EventType.ValueType  # 11
+    """A signal was delivered to the run (SignalExecution)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType names what changed in a run event."""
@@ -167,6 +169,8 @@ EVENT_TYPE_CLARIFICATION_RESOLVED: EventType.ValueType  # 9
 """A clarification was answered or withdrawn."""
 EVENT_TYPE_HEARTBEAT: EventType.ValueType  # 10
 """Wire only: the stream is idle; `sequence` (or the cursor) is the current position."""
+EVENT_TYPE_SIGNAL_RECEIVED: EventType.ValueType  # 11
+"""A signal was delivered to the run (SignalExecution)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ClarificationCategory:
@@ -1643,3 +1647,67 @@ class RetryExecutionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryExecutionResponse: _TypeAlias = RetryExecutionResponse  # noqa: Y015
+
+@_typing.final
+class SignalExecutionRequest(_message.Message):
+    """SignalExecutionRequest names the run, the signal and its payload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    SIGNAL_NAME_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run's id."""
+    signal_name: _builtins.str
+    """The signal's name, as a `core.wait_for_signal` step names it (1-128 characters)."""
+    request_id: _builtins.str
+    """The caller's key: a second call with the same run and key delivers nothing new."""
+    @_builtins.property
+    def payload(self) -> _struct_pb2.Value:
+        """Any JSON value; the waiting step outputs it."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        signal_name: _builtins.str = ...,
+        payload: _struct_pb2.Value | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "request_id", b"request_id", "run_id", b"run_id", "signal_name", b"signal_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalExecutionRequest: _TypeAlias = SignalExecutionRequest  # noqa: Y015
+
+@_typing.final
+class SignalExecutionResponse(_message.Message):
+    """SignalExecutionResponse says what the call did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    duplicate: _builtins.bool
+    """True when a signal with this `request_id` had been delivered before (nothing new)."""
+    @_builtins.property
+    def execution(self) -> Global___Execution:
+        """The run's snapshot after the signal was committed."""
+
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalExecutionResponse: _TypeAlias = SignalExecutionResponse  # noqa: Y015

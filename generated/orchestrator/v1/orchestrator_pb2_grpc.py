@@ -85,6 +85,11 @@ class OrchestratorServiceStub:
                 request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.FromString,
                 _registered_method=True)
+        self.SignalExecution = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/SignalExecution',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -176,6 +181,17 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignalExecution(self, request, context):
+        """SignalExecution delivers a named signal with a payload to a run, durably (committed with
+        its SIGNAL_RECEIVED event before the call returns) and once per `request_id`. The next
+        `core.wait_for_signal` step waiting on that name outputs the payload; a signal sent before
+        any step waits is kept, in order, until one does. A finished run is FAILED_PRECONDITION
+        (reason SIGNAL_FAILED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +244,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.RetryExecution,
                     request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.FromString,
                     response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.SerializeToString,
+            ),
+            'SignalExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalExecution,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -501,6 +522,33 @@ class OrchestratorService:
             '/orchestrator.v1.OrchestratorService/RetryExecution',
             orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.SerializeToString,
             orchestrator_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/SignalExecution',
+            orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -83,6 +83,13 @@ class OrchestratorServiceStub:
     with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
     RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
     """
+    SignalExecution: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SignalExecutionRequest, _orchestrator_pb2.SignalExecutionResponse]
+    """SignalExecution delivers a named signal with a payload to a run, durably (committed with
+    its SIGNAL_RECEIVED event before the call returns) and once per `request_id`. The next
+    `core.wait_for_signal` step waiting on that name outputs the payload; a signal sent before
+    any step waits is kept, in order, until one does. A finished run is FAILED_PRECONDITION
+    (reason SIGNAL_FAILED).
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -131,6 +138,13 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     their outputs and are not called again, except the named restart steps, which run again
     with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
     RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
+    """
+    SignalExecution: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SignalExecutionRequest, _orchestrator_pb2.SignalExecutionResponse]  # type: ignore[assignment]
+    """SignalExecution delivers a named signal with a payload to a run, durably (committed with
+    its SIGNAL_RECEIVED event before the call returns) and once per `request_id`. The next
+    `core.wait_for_signal` step waiting on that name outputs the payload; a signal sent before
+    any step waits is kept, in order, until one does. A finished run is FAILED_PRECONDITION
+    (reason SIGNAL_FAILED).
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -237,6 +251,19 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         their outputs and are not called again, except the named restart steps, which run again
         with every step that depends on them. Anything else is FAILED_PRECONDITION (reason
         RETRY_FAILED); an unknown restart step is INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def SignalExecution(
+        self,
+        request: _orchestrator_pb2.SignalExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.SignalExecutionResponse, _abc.Awaitable[_orchestrator_pb2.SignalExecutionResponse]]:
+        """SignalExecution delivers a named signal with a payload to a run, durably (committed with
+        its SIGNAL_RECEIVED event before the call returns) and once per `request_id`. The next
+        `core.wait_for_signal` step waiting on that name outputs the payload; a signal sent before
+        any step waits is kept, in order, until one does. A finished run is FAILED_PRECONDITION
+        (reason SIGNAL_FAILED).
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

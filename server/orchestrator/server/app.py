@@ -211,8 +211,12 @@ def on_cluster_message(hub: Hub, engine: Engine) -> Handler:
                 engine.control(notice.run_id, RunStatus(notice.status))
             elif notice.kind is NoticeKind.ANSWER and notice.answer is not None:
                 engine.answered(notice.run_id, notice.clarification_id, notice.answer)
+            elif notice.kind is NoticeKind.SIGNAL:
+                engine.signalled(notice.run_id, notice.signal_name)
             elif notice.kind in (NoticeKind.CLAIM, NoticeKind.RESYNC):
                 engine.wake_claimer()
+                if notice.kind is NoticeKind.RESYNC:
+                    engine.signalled("", None)
 
     return handle
 

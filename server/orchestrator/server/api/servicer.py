@@ -88,6 +88,13 @@ class OrchestratorServicer:
         execution = await self._control.retry(call_tenant(), request)
         return pb.RetryExecutionResponse(execution=execution)
 
+    async def SignalExecution(
+        self, request: pb.SignalExecutionRequest, context: Context
+    ) -> pb.SignalExecutionResponse:
+        """Deliver a signal to a run."""
+        structlog.contextvars.bind_contextvars(run_id=request.run_id)
+        return await self._control.signal(call_tenant(), request)
+
     async def WatchExecution(
         self, request: pb.WatchExecutionRequest, context: Context
     ) -> AsyncIterator[bytes]:

@@ -142,6 +142,31 @@ clarifications = sa.Table(
 )
 sa.Index("ix_clarifications_run", clarifications.c.run_id, clarifications.c.status)
 
+# Signals sent to a run, kept in arrival order (pk) until a core.wait_for_signal step takes
+# one; the unique key makes a request id deliver once, whatever the race.
+signals = sa.Table(
+    "signals",
+    metadata,
+    sa.Column(
+        "pk",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column(
+        "run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("signal_name", sa.String(128), nullable=False),
+    sa.Column("request_id", sa.String(256), nullable=False),
+    sa.Column("payload", sa.JSON),
+    sa.Column("created_at", sa.Float, nullable=False),
+    # The step that took it ("" while it waits for one), and when.
+    sa.Column("consumed_by", sa.String(128), nullable=False, server_default=""),
+    sa.Column("consumed_at", sa.Float),
+    sa.UniqueConstraint("run_id", "request_id", name="uq_signals_run_request"),
+)
+sa.Index("ix_signals_waiting", signals.c.run_id, signals.c.signal_name, signals.c.consumed_by)
+
 # The unique key is the guarantee: one run per tenant + key, whatever the race.
 idempotency_keys = sa.Table(
     "idempotency_keys",
