@@ -432,6 +432,42 @@ async def test_signal_sends_a_json_payload_once_per_request_id(
     assert finished.stderr.startswith("error: FAILED_PRECONDITION SIGNAL_FAILED: ")
 
 
+async def test_webhook_create_list_deliveries_delete(invoke: Invoke) -> None:
+    # The test server has no --http-allow: a loopback target is refused, naming the field.
+    refused = ok(await invoke("webhook", "create", "http://127.0.0.1:9/x"), 1)
+    assert refused.stderr.startswith("error: INVALID_ARGUMENT VALIDATION_FAILED: ")
+    assert "webhook.url" in refused.stderr
+    made = json.loads(
+        ok(
+            await invoke(
+                "webhook",
+                "create",
+                "https://1.1.1.1/in",  # an address literal: nothing is resolved, and no run sends
+                "--event",
+                "run.status_changed",
+                "--label",
+                "env=prod",
+                "-o",
+                "json",
+            )
+        ).stdout
+    )
+    assert made["secret"].startswith("whsec_")
+    listed = json.loads(ok(await invoke("webhook", "list", "-o", "json")).stdout)
+    assert [(w["webhookId"], w.get("secret", "")) for w in listed] == [(made["webhookId"], "")]
+    table = ok(await invoke("webhook", "list")).stdout
+    assert made["webhookId"] in table and "env=prod" in table
+    assert (
+        json.loads(
+            ok(await invoke("webhook", "deliveries", made["webhookId"], "-o", "json")).stdout
+        )
+        == []
+    )
+    ok(await invoke("webhook", "delete", made["webhookId"]))
+    gone = ok(await invoke("webhook", "delete", made["webhookId"]), 1)
+    assert gone.stderr.startswith("error: NOT_FOUND WEBHOOK_NOT_FOUND: ")
+
+
 # ---------------------------------------------------------------- serve
 
 

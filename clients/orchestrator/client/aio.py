@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -254,6 +255,42 @@ class OrchestratorClient:
             ),
         )
         return response
+
+    async def create_webhook(
+        self,
+        url: str,
+        event_types: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+    ) -> pb.Webhook:
+        """Subscribe `url` to the tenant's run events; the answer holds the signing secret."""
+        response: pb.CreateWebhookResponse = await self._call(
+            self._stub.CreateWebhook,
+            pb.CreateWebhookRequest(
+                webhook=pb.Webhook(url=url, event_types=list(event_types), labels=labels or {})
+            ),
+        )
+        return response.webhook
+
+    async def list_webhooks(self) -> builtins.list[pb.Webhook]:
+        """The tenant's subscriptions (without secrets)."""
+        response: pb.ListWebhooksResponse = await self._call(
+            self._stub.ListWebhooks, pb.ListWebhooksRequest()
+        )
+        return list(response.webhooks)
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        """End a subscription."""
+        await self._call(self._stub.DeleteWebhook, pb.DeleteWebhookRequest(webhook_id=webhook_id))
+
+    async def webhook_deliveries(
+        self, webhook_id: str, limit: int = 50
+    ) -> builtins.list[pb.WebhookDelivery]:
+        """A subscription's recent deliveries, newest first."""
+        response: pb.ListWebhookDeliveriesResponse = await self._call(
+            self._stub.ListWebhookDeliveries,
+            pb.ListWebhookDeliveriesRequest(webhook_id=webhook_id, page_size=limit),
+        )
+        return list(response.deliveries)
 
     async def watch(
         self,
