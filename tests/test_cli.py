@@ -402,6 +402,72 @@ async def test_respond_parses_json_values_else_strings(
     assert missing.stderr.startswith("error: NOT_FOUND CLARIFICATION_NOT_FOUND: ")
 
 
+async def test_signal_sends_a_json_payload_once_per_request_id(
+    invoke: Invoke, client: OrchestratorClient, tmp_path: Path
+) -> None:
+    plan = write(
+        tmp_path,
+        "signal.json",
+        plan_of(
+            {
+                "stepId": "w",
+                "tool": "core.wait_for_signal",
+                "parameters": {"signal_name": "paid", "timeout_seconds": 30},
+            }
+        ),
+    )
+    run = (await client.execute(plan)).run_id
+    sent = ok(await invoke("signal", run, "paid", '{"amount": 3}', "--request-id", "k"))
+    assert run in sent.stdout
+    again = json.loads(
+        ok(await invoke("signal", run, "paid", "{}", "--request-id", "k", "-o", "json")).stdout
+    )
+    assert again["runId"] == run
+    final = await client.wait(run, timeout=15)
+    assert final.status == pb.EXECUTION_STATUS_COMPLETED
+    from google.protobuf import json_format
+
+    assert json_format.MessageToDict(final.steps[0].output) == {"amount": 3}
+    finished = ok(await invoke("signal", run, "paid"), 1)
+    assert finished.stderr.startswith("error: FAILED_PRECONDITION SIGNAL_FAILED: ")
+
+
+async def test_webhook_create_list_deliveries_delete(invoke: Invoke) -> None:
+    # The test server has no --http-allow: a loopback target is refused, naming the field.
+    refused = ok(await invoke("webhook", "create", "http://127.0.0.1:9/x"), 1)
+    assert refused.stderr.startswith("error: INVALID_ARGUMENT VALIDATION_FAILED: ")
+    assert "webhook.url" in refused.stderr
+    made = json.loads(
+        ok(
+            await invoke(
+                "webhook",
+                "create",
+                "https://1.1.1.1/in",  # an address literal: nothing is resolved, and no run sends
+                "--event",
+                "run.status_changed",
+                "--label",
+                "env=prod",
+                "-o",
+                "json",
+            )
+        ).stdout
+    )
+    assert made["secret"].startswith("whsec_")
+    listed = json.loads(ok(await invoke("webhook", "list", "-o", "json")).stdout)
+    assert [(w["webhookId"], w.get("secret", "")) for w in listed] == [(made["webhookId"], "")]
+    table = ok(await invoke("webhook", "list")).stdout
+    assert made["webhookId"] in table and "env=prod" in table
+    assert (
+        json.loads(
+            ok(await invoke("webhook", "deliveries", made["webhookId"], "-o", "json")).stdout
+        )
+        == []
+    )
+    ok(await invoke("webhook", "delete", made["webhookId"]))
+    gone = ok(await invoke("webhook", "delete", made["webhookId"]), 1)
+    assert gone.stderr.startswith("error: NOT_FOUND WEBHOOK_NOT_FOUND: ")
+
+
 # ---------------------------------------------------------------- serve
 
 

@@ -806,6 +806,91 @@ def plans_get(
         render.console().print(render.plans_table([stored]))
 
 
+@app.command()
+def signal(
+    ctx: typer.Context,
+    run: RunArgument,
+    name: Annotated[str, typer.Argument(help="The signal's name.", show_default=False)],
+    payload: Annotated[
+        str | None,
+        typer.Argument(help="The payload: JSON when it parses, else a string.", show_default=False),
+    ] = None,
+    request_id: Annotated[
+        str, typer.Option(help="Your key for this signal: sent again, it is delivered once.")
+    ] = "",
+    output: OutputOption = Output.table,
+) -> None:
+    """Send a signal to a run (a core.wait_for_signal step takes it)."""
+    with connected(ctx) as client:
+        response = client.signal(
+            run, name, json_value(payload) if payload is not None else None, request_id
+        )
+    if response.duplicate and output is Output.table:
+        typer.echo(f"signal {request_id!r} was delivered before; nothing new sent", err=True)
+    show(output, response.execution, render.execution_view(response.execution))
+
+
+webhook_app = typer.Typer(no_args_is_help=True, help="Subscribe URLs to the tenant's run events.")
+app.add_typer(webhook_app, name="webhook")
+WebhookArgument = Annotated[str, typer.Argument(help="The webhook's id.", show_default=False)]
+
+
+@webhook_app.command("create")
+def webhook_create(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Argument(help="Where deliveries are POSTed.", show_default=False)],
+    event: Annotated[
+        list[str] | None,
+        typer.Option(help="An event type to deliver (repeatable; none: all).", show_default=False),
+    ] = None,
+    label: LabelOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Create a webhook; prints its signing secret, the only time it is shown."""
+    labels = labels_of(label or [], "--label")
+    with connected(ctx) as client:
+        webhook = client.create_webhook(url, event or (), labels)
+    if output is Output.table:
+        typer.echo(f"webhook {webhook.webhook_id}\nsecret  {webhook.secret}")
+    else:
+        typer.echo(render.json_text(webhook))
+
+
+@webhook_app.command("list")
+def webhook_list(ctx: typer.Context, output: OutputOption = Output.table) -> None:
+    """List the tenant's webhooks."""
+    with connected(ctx) as client:
+        webhooks = client.list_webhooks()
+    if output is Output.json:
+        typer.echo(render.json_text(webhooks))
+    else:
+        render.console().print(render.webhooks_table(webhooks))
+
+
+@webhook_app.command("delete")
+def webhook_delete(ctx: typer.Context, webhook: WebhookArgument) -> None:
+    """Delete a webhook and its queued deliveries."""
+    with connected(ctx) as client:
+        client.delete_webhook(webhook)
+    typer.echo(f"webhook {webhook} deleted")
+
+
+@webhook_app.command("deliveries")
+def webhook_deliveries(
+    ctx: typer.Context,
+    webhook: WebhookArgument,
+    limit: Annotated[int, typer.Option(help="At most this many.", min=1, max=500)] = 50,
+    output: OutputOption = Output.table,
+) -> None:
+    """A webhook's recent deliveries, newest first."""
+    with connected(ctx) as client:
+        deliveries = client.webhook_deliveries(webhook, limit)
+    if output is Output.json:
+        typer.echo(render.json_text(deliveries))
+    else:
+        render.console().print(render.deliveries_table(deliveries))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     app(args=argv)

@@ -171,6 +171,34 @@ def executions_table(executions: Iterable[pb.Execution]) -> Table:
     return table
 
 
+def webhooks_table(webhooks: Iterable[pb.Webhook]) -> Table:
+    """One row per subscription."""
+    table = Table()
+    for column in ("webhook", "url", "events", "labels", "created"):
+        table.add_column(column, no_wrap=True)
+    for w in webhooks:
+        table.add_row(
+            w.webhook_id,
+            w.url,
+            ",".join(w.event_types) or "all",
+            ",".join(f"{k}={v}" for k, v in sorted(w.labels.items())),
+            _when(w, "created_at"),
+        )
+    return table
+
+
+def deliveries_table(deliveries: Iterable[pb.WebhookDelivery]) -> Table:
+    """One row per delivery, newest first."""
+    table = Table()
+    for column in ("delivery", "event", "run", "status", "attempts", "last answer"):
+        table.add_column(column, no_wrap=True)
+    for d in deliveries:
+        status = pb.WebhookDeliveryStatus.Name(d.status).removeprefix("WEBHOOK_DELIVERY_STATUS_")
+        answer = d.last_error or (str(d.last_status_code) if d.last_status_code else "")
+        table.add_row(d.delivery_id, d.event_type, d.run_id, status, str(d.attempts), answer)
+    return table
+
+
 def plan_text(execution: pb.Execution) -> str:
     """The plan as people name it: `name version` (or its id), else the start of its hash."""
     name = execution.plan_name or execution.plan_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -325,6 +326,58 @@ class SyncOrchestratorClient:
         """Start one run of the schedule now; returns the run."""
         request = pb.TriggerScheduleRequest(schedule_id=schedule_id)
         return self._call(self._stub.TriggerSchedule, request).execution
+
+    def signal(
+        self, run_id: str, signal_name: str, payload: Any = None, request_id: str = ""
+    ) -> pb.SignalExecutionResponse:
+        """Send a signal (any JSON payload) to a run; a `request_id` sent again delivers
+        nothing new (the response says `duplicate`)."""
+        response: pb.SignalExecutionResponse = self._call(
+            self._stub.SignalExecution,
+            pb.SignalExecutionRequest(
+                run_id=run_id,
+                signal_name=signal_name,
+                payload=to_value(payload),
+                request_id=request_id,
+            ),
+        )
+        return response
+
+    def create_webhook(
+        self,
+        url: str,
+        event_types: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+    ) -> pb.Webhook:
+        """Subscribe `url` to the tenant's run events; the answer holds the signing secret."""
+        response: pb.CreateWebhookResponse = self._call(
+            self._stub.CreateWebhook,
+            pb.CreateWebhookRequest(
+                webhook=pb.Webhook(url=url, event_types=list(event_types), labels=labels or {})
+            ),
+        )
+        return response.webhook
+
+    def list_webhooks(self) -> builtins.list[pb.Webhook]:
+        """The tenant's subscriptions (without secrets)."""
+        response: pb.ListWebhooksResponse = self._call(
+            self._stub.ListWebhooks, pb.ListWebhooksRequest()
+        )
+        return list(response.webhooks)
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        """End a subscription."""
+        self._call(self._stub.DeleteWebhook, pb.DeleteWebhookRequest(webhook_id=webhook_id))
+
+    def webhook_deliveries(
+        self, webhook_id: str, limit: int = 50
+    ) -> builtins.list[pb.WebhookDelivery]:
+        """A subscription's recent deliveries, newest first."""
+        response: pb.ListWebhookDeliveriesResponse = self._call(
+            self._stub.ListWebhookDeliveries,
+            pb.ListWebhookDeliveriesRequest(webhook_id=webhook_id, page_size=limit),
+        )
+        return list(response.deliveries)
 
     def watch(
         self,

@@ -135,6 +135,31 @@ class OrchestratorServiceStub:
                 request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleResponse.FromString,
                 _registered_method=True)
+        self.SignalExecution = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/SignalExecution',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionResponse.FromString,
+                _registered_method=True)
+        self.CreateWebhook = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/CreateWebhook',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.CreateWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/ListWebhooks',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/DeleteWebhook',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/orchestrator.v1.OrchestratorService/ListWebhookDeliveries',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -306,6 +331,52 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignalExecution(self, request, context):
+        """---- Signals and webhooks.
+
+        SignalExecution delivers a named signal with a payload to a run, durably (committed with
+        its SIGNAL_RECEIVED event before the call returns) and once per `request_id`. The next
+        `core.wait_for_signal` step waiting on that name outputs the payload; a signal sent before
+        any step waits is kept, in order, until one does. A finished run is FAILED_PRECONDITION
+        (reason SIGNAL_FAILED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateWebhook(self, request, context):
+        """CreateWebhook subscribes a URL to the tenant's run events (`event_types`, all when empty;
+        runs whose labels hold every pair of `labels`). The response carries the signing secret,
+        the only time it is shown. A loopback, private or metadata address is INVALID_ARGUMENT
+        unless the server's --http-allow names it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """ListWebhooks lists the tenant's subscriptions (without their secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """DeleteWebhook ends a subscription and drops its queued deliveries. NOT_FOUND for an
+        unknown one (reason WEBHOOK_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """ListWebhookDeliveries lists a subscription's recent deliveries, newest first: delivered,
+        still being retried (with the last failure), or given up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -408,6 +479,31 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.TriggerSchedule,
                     request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleRequest.FromString,
                     response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleResponse.SerializeToString,
+            ),
+            'SignalExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalExecution,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionResponse.SerializeToString,
+            ),
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.CreateWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -951,6 +1047,141 @@ class OrchestratorService:
             '/orchestrator.v1.OrchestratorService/TriggerSchedule',
             orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleRequest.SerializeToString,
             orchestrator_dot_v1_dot_orchestrator__pb2.TriggerScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/SignalExecution',
+            orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.SignalExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/CreateWebhook',
+            orchestrator_dot_v1_dot_orchestrator__pb2.CreateWebhookRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.CreateWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/ListWebhooks',
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhooksRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/DeleteWebhook',
+            orchestrator_dot_v1_dot_orchestrator__pb2.DeleteWebhookRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.OrchestratorService/ListWebhookDeliveries',
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

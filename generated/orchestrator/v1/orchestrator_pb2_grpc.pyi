@@ -118,6 +118,31 @@ class OrchestratorServiceStub:
     """TriggerSchedule starts one run of the schedule now, paused or not, whatever its overlap
     policy.
     """
+    SignalExecution: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SignalExecutionRequest, _orchestrator_pb2.SignalExecutionResponse]
+    """---- Signals and webhooks.
+
+    SignalExecution delivers a named signal with a payload to a run, durably (committed with
+    its SIGNAL_RECEIVED event before the call returns) and once per `request_id`. The next
+    `core.wait_for_signal` step waiting on that name outputs the payload; a signal sent before
+    any step waits is kept, in order, until one does. A finished run is FAILED_PRECONDITION
+    (reason SIGNAL_FAILED).
+    """
+    CreateWebhook: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateWebhookRequest, _orchestrator_pb2.CreateWebhookResponse]
+    """CreateWebhook subscribes a URL to the tenant's run events (`event_types`, all when empty;
+    runs whose labels hold every pair of `labels`). The response carries the signing secret,
+    the only time it is shown. A loopback, private or metadata address is INVALID_ARGUMENT
+    unless the server's --http-allow names it.
+    """
+    ListWebhooks: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListWebhooksRequest, _orchestrator_pb2.ListWebhooksResponse]
+    """ListWebhooks lists the tenant's subscriptions (without their secrets)."""
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteWebhookRequest, _orchestrator_pb2.DeleteWebhookResponse]
+    """DeleteWebhook ends a subscription and drops its queued deliveries. NOT_FOUND for an
+    unknown one (reason WEBHOOK_NOT_FOUND).
+    """
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListWebhookDeliveriesRequest, _orchestrator_pb2.ListWebhookDeliveriesResponse]
+    """ListWebhookDeliveries lists a subscription's recent deliveries, newest first: delivered,
+    still being retried (with the last failure), or given up.
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -201,6 +226,31 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     TriggerSchedule: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.TriggerScheduleRequest, _orchestrator_pb2.TriggerScheduleResponse]  # type: ignore[assignment]
     """TriggerSchedule starts one run of the schedule now, paused or not, whatever its overlap
     policy.
+    """
+    SignalExecution: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SignalExecutionRequest, _orchestrator_pb2.SignalExecutionResponse]  # type: ignore[assignment]
+    """---- Signals and webhooks.
+
+    SignalExecution delivers a named signal with a payload to a run, durably (committed with
+    its SIGNAL_RECEIVED event before the call returns) and once per `request_id`. The next
+    `core.wait_for_signal` step waiting on that name outputs the payload; a signal sent before
+    any step waits is kept, in order, until one does. A finished run is FAILED_PRECONDITION
+    (reason SIGNAL_FAILED).
+    """
+    CreateWebhook: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateWebhookRequest, _orchestrator_pb2.CreateWebhookResponse]  # type: ignore[assignment]
+    """CreateWebhook subscribes a URL to the tenant's run events (`event_types`, all when empty;
+    runs whose labels hold every pair of `labels`). The response carries the signing secret,
+    the only time it is shown. A loopback, private or metadata address is INVALID_ARGUMENT
+    unless the server's --http-allow names it.
+    """
+    ListWebhooks: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListWebhooksRequest, _orchestrator_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    """ListWebhooks lists the tenant's subscriptions (without their secrets)."""
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteWebhookRequest, _orchestrator_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    """DeleteWebhook ends a subscription and drops its queued deliveries. NOT_FOUND for an
+    unknown one (reason WEBHOOK_NOT_FOUND).
+    """
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListWebhookDeliveriesRequest, _orchestrator_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """ListWebhookDeliveries lists a subscription's recent deliveries, newest first: delivered,
+    still being retried (with the last failure), or given up.
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -402,6 +452,61 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orchestrator_pb2.TriggerScheduleResponse, _abc.Awaitable[_orchestrator_pb2.TriggerScheduleResponse]]:
         """TriggerSchedule starts one run of the schedule now, paused or not, whatever its overlap
         policy.
+        """
+
+    @_abc_1.abstractmethod
+    def SignalExecution(
+        self,
+        request: _orchestrator_pb2.SignalExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.SignalExecutionResponse, _abc.Awaitable[_orchestrator_pb2.SignalExecutionResponse]]:
+        """---- Signals and webhooks.
+
+        SignalExecution delivers a named signal with a payload to a run, durably (committed with
+        its SIGNAL_RECEIVED event before the call returns) and once per `request_id`. The next
+        `core.wait_for_signal` step waiting on that name outputs the payload; a signal sent before
+        any step waits is kept, in order, until one does. A finished run is FAILED_PRECONDITION
+        (reason SIGNAL_FAILED).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateWebhook(
+        self,
+        request: _orchestrator_pb2.CreateWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.CreateWebhookResponse, _abc.Awaitable[_orchestrator_pb2.CreateWebhookResponse]]:
+        """CreateWebhook subscribes a URL to the tenant's run events (`event_types`, all when empty;
+        runs whose labels hold every pair of `labels`). The response carries the signing secret,
+        the only time it is shown. A loopback, private or metadata address is INVALID_ARGUMENT
+        unless the server's --http-allow names it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhooks(
+        self,
+        request: _orchestrator_pb2.ListWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListWebhooksResponse, _abc.Awaitable[_orchestrator_pb2.ListWebhooksResponse]]:
+        """ListWebhooks lists the tenant's subscriptions (without their secrets)."""
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _orchestrator_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.DeleteWebhookResponse, _abc.Awaitable[_orchestrator_pb2.DeleteWebhookResponse]]:
+        """DeleteWebhook ends a subscription and drops its queued deliveries. NOT_FOUND for an
+        unknown one (reason WEBHOOK_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _orchestrator_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_orchestrator_pb2.ListWebhookDeliveriesResponse]]:
+        """ListWebhookDeliveries lists a subscription's recent deliveries, newest first: delivered,
+        still being retried (with the last failure), or given up.
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -23,6 +23,7 @@ from orchestrator.server.api.interceptors import (
 )
 from orchestrator.server.api.servicer import OrchestratorServicer, register
 from orchestrator.server.control import ControlPlane
+from orchestrator.server.delivery import Deliverer
 from orchestrator.server.engine import Engine
 from orchestrator.server.errors import STORE_OUTAGES, PortUnavailable
 from orchestrator.server.lifecycle import RunStatus
@@ -37,12 +38,14 @@ from orchestrator.server.store.journal import Journal
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.runs import RunStore
 from orchestrator.server.store.schedules import ScheduleStore
+from orchestrator.server.store.webhooks import WebhookStore
 from orchestrator.server.store.writer import Writer
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry, default_registry
 from orchestrator.server.tools.network import parse_networks
 from orchestrator.server.tracing import tracing_on
 from orchestrator.server.watch import Hub
+from orchestrator.server.webhooks import WebhookControl
 from orchestrator.v1 import orchestrator_pb2
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
@@ -107,6 +110,7 @@ class Server:
     keys: KeyRing | None = None
     policy: TenantPolicy | None = None
     clock: ScheduleClock | None = None
+    deliverer: Deliverer | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _health_updates: set[asyncio.Task[None]] = field(default_factory=set)
@@ -122,6 +126,8 @@ class Server:
         recovered = await self.engine.start()
         if self.clock is not None:
             self.clock.start()
+        if self.deliverer is not None:
+            self.deliverer.start()
         if self.metrics is not None and self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port, self.settings.host)
         if self.settings.retention_seconds > 0:
@@ -169,6 +175,8 @@ class Server:
         if self.clock is not None:
             await self.clock.stop()
         await asyncio.gather(self.grpc_server.stop(grace), self.engine.stop(grace))
+        if self.deliverer is not None:
+            await self.deliverer.stop()
         if self.bus is not None:
             await self.bus.stop()
         await self.writer.stop()
@@ -218,8 +226,12 @@ def on_cluster_message(hub: Hub, engine: Engine) -> Handler:
                 engine.control(notice.run_id, RunStatus(notice.status))
             elif notice.kind is NoticeKind.ANSWER and notice.answer is not None:
                 engine.answered(notice.run_id, notice.clarification_id, notice.answer)
+            elif notice.kind is NoticeKind.SIGNAL:
+                engine.signalled(notice.run_id, notice.signal_name)
             elif notice.kind in (NoticeKind.CLAIM, NoticeKind.RESYNC):
                 engine.wake_claimer()
+                if notice.kind is NoticeKind.RESYNC:
+                    engine.signalled("", None)
             if notice.kind is NoticeKind.CHANGE and notice.status_changed:
                 engine.tenant_changed(notice.tenant_id)
             elif notice.kind is NoticeKind.RESYNC:
@@ -310,7 +322,8 @@ async def build_server(
     writer.add_listener(metrics.on_commit)
     store = RunStore(db, writer)
     tokens = TokenCodec(await store.signing_key())
-    registry = registry or default_registry(http_allow=parse_networks(settings.http_allow))
+    http_allow = parse_networks(settings.http_allow)
+    registry = registry or default_registry(http_allow=http_allow)
     journal = Journal(store, owner=incarnation, replica_id=replica)
     engine = Engine(
         journal,
@@ -342,7 +355,19 @@ async def build_server(
     schedules = ScheduleControl(control, ScheduleStore(store))
     clock = ScheduleClock(schedules, settings.schedule_poll_seconds)
     writer.add_listener(clock.on_commit)
-    register(OrchestratorServicer(control, schedules), grpc_server)
+    webhook_store = WebhookStore(db, writer)
+    deliverer = Deliverer(
+        webhook_store,
+        allow=http_allow,
+        timeout=settings.webhook_timeout_seconds,
+        retry_seconds=settings.webhook_retry_seconds,
+        max_backoff=settings.webhook_max_backoff_seconds,
+        poll=settings.webhook_poll_seconds,
+    )
+    register(
+        OrchestratorServicer(control, schedules, WebhookControl(webhook_store, http_allow)),
+        grpc_server,
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     for name in ("", SERVICE_NAME):
@@ -360,6 +385,7 @@ async def build_server(
         health=health_servicer,
         port=port,
         bus=bus,
+        deliverer=deliverer,
         metrics=metrics,
         keys=keys,
         policy=policy,

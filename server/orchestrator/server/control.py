@@ -44,6 +44,7 @@ from orchestrator.server.store.runs import RunStore, not_found
 from orchestrator.server.store.snapshots import RUN_STATUS_PB, timestamp
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry
+from orchestrator.server.tools.builtin import MAX_SIGNAL_NAME
 from orchestrator.server.tracing import current_traceparent
 from orchestrator.server.watch import TERMINAL_PB, Hub, Watcher
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -434,6 +435,46 @@ class ControlPlane:
         )
         self.engine.answered(request.run_id, request.clarification_id, answer)
         return await self.store.get_execution(tenant_id, request.run_id)
+
+    async def signal(
+        self, tenant_id: str, request: pb.SignalExecutionRequest
+    ) -> pb.SignalExecutionResponse:
+        """Deliver a signal to a run, once per request id."""
+        _require_run_id(request.run_id)
+        violations = []
+        name = request.signal_name
+        if not name or len(name) > MAX_SIGNAL_NAME or "\x00" in name:
+            violations.append(
+                FieldViolation(
+                    "signal_name",
+                    f"required, at most {MAX_SIGNAL_NAME} characters, without NUL characters",
+                )
+            )
+        if len(request.request_id) > MAX_REQUEST_STRING or "\x00" in request.request_id:
+            violations.append(
+                FieldViolation(
+                    "request_id", "must be at most 256 characters, without NUL characters"
+                )
+            )
+        payload = value_to_python(request.payload) if request.HasField("payload") else None
+        depth = self.settings.max_struct_depth
+        if not finite(payload) or json_depth(payload, depth) > depth:
+            violations.append(
+                FieldViolation(
+                    "payload", f"must be JSON nested at most {depth} deep, without NaN or infinity"
+                )
+            )
+        if violations:
+            raise ValidationFailed("invalid signal", violations=violations)
+        # Without a key of the caller's, each call is a signal of its own.
+        request_id = request.request_id or f"auto:{uuid.uuid4()}"
+        duplicate = await self.journal.signal(tenant_id, request.run_id, name, payload, request_id)
+        if not duplicate:
+            self.engine.signalled(request.run_id, name)
+        return pb.SignalExecutionResponse(
+            execution=await self.store.get_execution(tenant_id, request.run_id),
+            duplicate=duplicate,
+        )
 
     def watch(self, tenant_id: str, request: pb.WatchExecutionRequest) -> AsyncIterator[bytes]:
         _require_run_id(request.run_id)

@@ -85,7 +85,22 @@ class Settings(BaseSettings):
     tls_client_ca: str = Field("", description="PEM CA for client certificates (mTLS).")
     tenant_policy: str = Field("", description="JSON file of capabilities per tenant.")
     http_allow: str = Field(
-        "", description="CIDRs http.request may reach though private, comma-separated."
+        "",
+        description="CIDRs http.request and webhooks may reach though private, comma-separated.",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="One webhook delivery attempt, connect to answer."
+    )
+    webhook_retry_seconds: float = Field(
+        25 * 3600.0,
+        gt=0,
+        description="How long a webhook delivery is retried (with back-off) before it fails.",
+    )
+    webhook_max_backoff_seconds: float = Field(
+        3600.0, gt=0, description="Longest wait between two attempts of a webhook delivery."
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, description="How often due webhook deliveries are looked for."
     )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request.")
     max_steps_per_plan: int = Field(1000, ge=1, description="Steps in one plan.")

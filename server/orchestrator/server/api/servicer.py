@@ -13,6 +13,7 @@ from orchestrator.server.api.interceptors import call_correlation_id, call_tenan
 from orchestrator.server.control import ControlPlane, transition_response
 from orchestrator.server.lifecycle import Action
 from orchestrator.server.schedule_control import ScheduleControl
+from orchestrator.server.webhooks import WebhookControl
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -21,9 +22,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class OrchestratorServicer:
     """The orchestrator.v1.OrchestratorService RPCs."""
 
-    def __init__(self, control: ControlPlane, schedules: ScheduleControl) -> None:
+    def __init__(
+        self, control: ControlPlane, schedules: ScheduleControl, webhooks: WebhookControl
+    ) -> None:
         self._control = control
         self._schedules = schedules
+        self._webhooks = webhooks
 
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         """Validate and store a run."""
@@ -89,6 +93,39 @@ class OrchestratorServicer:
         structlog.contextvars.bind_contextvars(run_id=request.run_id)
         execution = await self._control.retry(call_tenant(), request)
         return pb.RetryExecutionResponse(execution=execution)
+
+    async def SignalExecution(
+        self, request: pb.SignalExecutionRequest, context: Context
+    ) -> pb.SignalExecutionResponse:
+        """Deliver a signal to a run."""
+        structlog.contextvars.bind_contextvars(run_id=request.run_id)
+        return await self._control.signal(call_tenant(), request)
+
+    async def CreateWebhook(
+        self, request: pb.CreateWebhookRequest, context: Context
+    ) -> pb.CreateWebhookResponse:
+        """Subscribe a URL to the tenant's run events."""
+        return pb.CreateWebhookResponse(webhook=await self._webhooks.create(call_tenant(), request))
+
+    async def ListWebhooks(
+        self, request: pb.ListWebhooksRequest, context: Context
+    ) -> pb.ListWebhooksResponse:
+        """The tenant's subscriptions."""
+        return pb.ListWebhooksResponse(webhooks=await self._webhooks.list_webhooks(call_tenant()))
+
+    async def DeleteWebhook(
+        self, request: pb.DeleteWebhookRequest, context: Context
+    ) -> pb.DeleteWebhookResponse:
+        """End a subscription."""
+        await self._webhooks.delete(call_tenant(), request.webhook_id)
+        return pb.DeleteWebhookResponse()
+
+    async def ListWebhookDeliveries(
+        self, request: pb.ListWebhookDeliveriesRequest, context: Context
+    ) -> pb.ListWebhookDeliveriesResponse:
+        """A subscription's recent deliveries."""
+        deliveries = await self._webhooks.deliveries(call_tenant(), request)
+        return pb.ListWebhookDeliveriesResponse(deliveries=deliveries)
 
     async def WatchExecution(
         self, request: pb.WatchExecutionRequest, context: Context

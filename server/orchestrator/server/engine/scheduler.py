@@ -35,7 +35,7 @@ from orchestrator.server.plan import (
 )
 from orchestrator.server.sandbox import Sandbox
 from orchestrator.server.security import TenantPolicy
-from orchestrator.server.store.journal import Journal, LeaseLost, Outcome
+from orchestrator.server.store.journal import Journal, LeaseLost, Outcome, Taken
 from orchestrator.server.store.records import Answer
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
 from orchestrator.server.tracing import parent_context
@@ -281,6 +281,14 @@ class Engine:
         if task is not None:
             task.on_answer(clarification_id, answer)
 
+    def signalled(self, run_id: str, signal_name: str | None) -> None:
+        """A signal was kept for the run (already committed); None: some may have been
+        missed (the cluster listener reconnected), so every waiting step looks again."""
+        tasks = self.runs.values() if run_id == "" else [self.runs.get(run_id)]
+        for task in list(tasks):
+            if task is not None:
+                task.on_signal(signal_name)
+
     async def stop(self, grace: float = 0.0) -> None:
         """Start no new step; let tool calls in flight finish within `grace` (steps waiting on
         a person or a back-off are left at once); cancel the rest; hand the leases back so
@@ -347,6 +355,8 @@ class RunTask:
         self.failures: list[str] = []
         self.fatal: tuple[str, str] | None = None
         self.answers: dict[str, asyncio.Future[Answer]] = {}
+        # Steps waiting on a signal, by its name: each is woken to look in the store again.
+        self.signal_waiters: dict[str, set[asyncio.Event]] = {}
         self.approved: set[str] = set()
         self.loaded = False
         self.lost = False
@@ -393,6 +403,12 @@ class RunTask:
         if future is not None and not future.done():
             future.set_result(answer)
         self.wake.set()
+
+    def on_signal(self, signal_name: str | None) -> None:
+        for name, waiters in self.signal_waiters.items():
+            if signal_name is None or name == signal_name:
+                for waiter in waiters:
+                    waiter.set()
 
     # ------------------------------------------------------------ main loop
 
@@ -811,6 +827,10 @@ class RunTask:
         timeout = info.step.timeout.ToNanoseconds() / 1e9 if info.step.HasField("timeout") else None
         row = self.rows[step_id]
         wake_at = row.get("wake_at")
+        carried: float | None = None
+        if tool.waits_for_signal and row.get("status") == StepStatus.RUNNING.value:
+            # A signal wait under way before a restart keeps its deadline (not a back-off).
+            carried, wake_at = wake_at, None
         if wake_at and wake_at > time.time():
             # A back-off that was under way before a restart keeps its deadline.
             await asyncio.sleep(wake_at - time.time())
@@ -884,9 +904,17 @@ class RunTask:
             began = time.monotonic()
             try:
                 with trace.use_span(span, end_on_exit=True, record_exception=False):
-                    async with self.engine.slots.take(self.tenant_id, self.priority):
-                        call = tool.call(ctx, params if isinstance(params, dict) else {})
-                        output = await (asyncio.wait_for(call, timeout) if timeout else call)
+                    if tool.waits_for_signal:
+                        # A parked wait holds no step slot: it costs nothing until a signal.
+                        checked = await tool.call(ctx, params if isinstance(params, dict) else {})
+                        waiting = self._await_signal(step_id, checked, carried)
+                        carried = None
+                        taken = await (asyncio.wait_for(waiting, timeout) if timeout else waiting)
+                        output = taken.payload
+                    else:
+                        async with self.engine.slots.take(self.tenant_id, self.priority):
+                            call = tool.call(ctx, params if isinstance(params, dict) else {})
+                            output = await (asyncio.wait_for(call, timeout) if timeout else call)
             except (ToolError, TimeoutError, OrchestratorError) as exc:
                 span.set_status(trace.StatusCode.ERROR, str(exc) or type(exc).__name__)
                 error, retryable, reason = self._attempt_error(exc, tool, timeout)
@@ -906,6 +934,11 @@ class RunTask:
                     self.engine.metrics.step_duration.labels(tool.name).observe(
                         time.monotonic() - began
                     )
+            if not error and tool.waits_for_signal:
+                # take_signal committed the step with the payload as its output.
+                self.status[step_id] = StepStatus.COMPLETED
+                self.outputs[step_id] = output
+                return
             if not error and (
                 json_depth(output, self.engine.max_value_depth) > self.engine.max_value_depth
                 or not finite(output)
@@ -937,6 +970,40 @@ class RunTask:
                 reason = "RETRIES_EXHAUSTED"
             await self._fail(step_id, f"{error}{attempts}", reason)
             return
+
+    async def _await_signal(
+        self, step_id: str, checked: dict[str, JSON], carried: float | None
+    ) -> Taken:
+        """Take the next signal named in `checked` (kept in the store, oldest first), waiting
+        until one is sent or the wait's deadline passes (SIGNAL_TIMEOUT, retryable)."""
+        name: str = checked["signal_name"]
+        limit: float | None = checked["timeout_seconds"]
+        deadline = carried
+        if deadline is None and limit is not None:
+            deadline = time.time() + limit
+        waiter = asyncio.Event()
+        self.signal_waiters.setdefault(name, set()).add(waiter)
+        try:
+            while True:
+                waiter.clear()
+                taken = await self.journal.take_signal(self.run_id, step_id, name, deadline)
+                if taken is not None:
+                    return taken
+                remaining = None if deadline is None else deadline - time.time()
+                if remaining is not None and remaining <= 0:
+                    raise ToolError(
+                        f"no signal {name!r} within {limit or 0:g}s", reason="SIGNAL_TIMEOUT"
+                    )
+                try:
+                    async with asyncio.timeout(remaining):
+                        await waiter.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            waiters = self.signal_waiters.get(name, set())
+            waiters.discard(waiter)
+            if not waiters:
+                self.signal_waiters.pop(name, None)
 
     @staticmethod
     def _attempt_error(

@@ -44,8 +44,16 @@ def dumps(value: Any) -> str:
         return json.dumps(value)
 
 
+def loads(value: Any) -> Any:
+    """JSON columns' decoder. A JSON column has NUMERIC affinity on SQLite, so a bare number
+    (a signal's payload, a step's output) comes back as the number, not as its text."""
+    if isinstance(value, int | float):
+        return value
+    return orjson.loads(value)
+
+
 # Every engine of the store encodes and decodes JSON columns with these.
-JSON_CODEC: dict[str, Any] = {"json_serializer": dumps, "json_deserializer": orjson.loads}
+JSON_CODEC: dict[str, Any] = {"json_serializer": dumps, "json_deserializer": loads}
 
 
 @dataclass

@@ -19,7 +19,7 @@ from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatu
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.records import Answer, EventSpec, clean_text
 from orchestrator.server.store.runs import RunStore, not_found
-from orchestrator.server.store.schema import clarifications, replicas, runs, steps
+from orchestrator.server.store.schema import clarifications, replicas, runs, signals, steps
 from orchestrator.server.store.statements import (
     SELECT_APPROVALS,
     SELECT_RUN_INPUTS,
@@ -72,6 +72,13 @@ class Outcome:
     output: JSON = None
     error: str = ""
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A signal a step took: its payload is the step's output (already committed)."""
+
+    payload: JSON
 
 
 class LeaseLost(Exception):
@@ -668,6 +675,116 @@ class Journal:
         taken = (await tx.conn.execute(started)).scalar_one()
         taken += (await tx.conn.execute(ahead)).scalar_one()
         return int(taken) < max(1, int(row["max_concurrent"]))
+
+    async def signal(
+        self, tenant_id: str, run_id: str, signal_name: str, payload: JSON, request_id: str
+    ) -> bool:
+        """Keep a signal for the run, with its SIGNAL_RECEIVED event, in one transaction.
+        True when the run already has a signal with this request id (nothing is written)."""
+
+        async def unit(tx: Tx) -> bool:
+            row = await self._run_row(tx, run_id, fenced=False)
+            if row is None or row["tenant_id"] != tenant_id:
+                raise not_found(run_id)
+            # The run row is locked: a second delivery of the key waits here, then sees ours.
+            seen = await tx.conn.execute(
+                sa.select(signals.c.pk).where(
+                    signals.c.run_id == run_id, signals.c.request_id == request_id
+                )
+            )
+            if seen.first() is not None:
+                return True
+            if RunStatus(row["status"]) in TERMINAL:
+                raise FailedPrecondition(
+                    f"run {run_id!r} is {row['status'].lower()}: it takes no signals",
+                    reason="SIGNAL_FAILED",
+                    metadata={"run_id": run_id, "current_status": row["status"]},
+                )
+            await tx.conn.execute(
+                sa.insert(signals).values(
+                    run_id=run_id,
+                    signal_name=signal_name,
+                    request_id=request_id,
+                    payload=payload,
+                    created_at=tx.now,
+                )
+            )
+            await self.store.update_run(
+                tx,
+                row,
+                {},
+                [EventSpec(pb.EVENT_TYPE_SIGNAL_RECEIVED, f"signal {signal_name} received")],
+            )
+            tx.notify(Notice.signalled(run_id, signal_name))
+            return False
+
+        return await self.writer.run(unit)
+
+    async def take_signal(
+        self, run_id: str, step_id: str, signal_name: str, deadline: float | None
+    ) -> Taken | None:
+        """A core.wait_for_signal step takes the oldest signal of its name still kept, and
+        completes with its payload, in one transaction (a crash cannot lose it between the
+        two). None when there is none yet: the step's deadline is kept in `wake_at`, so a
+        restart waits no longer than the first attempt would have."""
+
+        async def unit(tx: Tx) -> Taken | None:
+            row = await self._run_row(tx, run_id)
+            if row is None or RunStatus(row["status"]) in TERMINAL:
+                return None
+            step = await self._step_row(tx, run_id, step_id)
+            if step["status"] != StepStatus.RUNNING.value:
+                return None
+            found = (
+                await tx.conn.execute(
+                    sa.select(signals.c.pk, signals.c.payload)
+                    .where(
+                        signals.c.run_id == run_id,
+                        signals.c.signal_name == signal_name,
+                        signals.c.consumed_by == "",
+                    )
+                    .order_by(signals.c.pk)
+                    .limit(1)
+                )
+            ).first()
+            if found is None:
+                if step["wake_at"] != deadline:
+                    await self._set_step(tx, run_id, step, {"wake_at": deadline})
+                return None
+            await tx.conn.execute(
+                sa.update(signals)
+                .where(signals.c.pk == found.pk)
+                .values(consumed_by=step_id, consumed_at=tx.now)
+            )
+            await self._set_step(
+                tx,
+                run_id,
+                step,
+                {
+                    "status": StepStatus.COMPLETED.value,
+                    "completed_at": tx.now,
+                    "output": found.payload,
+                    "error": "",
+                    "error_reason": "",
+                    "wake_at": None,
+                },
+            )
+            await self.store.update_run(
+                tx,
+                row,
+                {"steps_finished": row["steps_finished"] + 1},
+                [
+                    EventSpec(
+                        pb.EVENT_TYPE_STEP_COMPLETED,
+                        f"step {step_id} completed: took signal {signal_name}",
+                        step_id,
+                        [step],
+                    )
+                ],
+            )
+            return Taken(found.payload)
+
+        return await self._durably(unit)
 
     async def open(self, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], set[str]]:
         """What (re)starting the run's task needs, in one unit: the run row (a PENDING run is

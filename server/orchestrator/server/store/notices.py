@@ -20,6 +20,7 @@ class NoticeKind(enum.Enum):
     CHANGE = "change"  # a run changed (watchers read the store)
     CONTROL = "control"  # a control call moved a run to `status`
     ANSWER = "answer"  # a clarification of a run was answered
+    SIGNAL = "signal"  # a signal was sent to a run
     CLAIM = "claim"  # runs are free to claim
     RESYNC = "resync"  # the listener reconnected: messages may have been missed
 
@@ -35,10 +36,15 @@ class Notice:
     status: str = ""  # CONTROL: the run's new status
     clarification_id: str = ""  # ANSWER
     answer: Answer | None = None  # ANSWER
+    signal_name: str = ""  # SIGNAL
 
     @classmethod
     def answered(cls, run_id: str, clarification_id: str, answer: Answer) -> Notice:
         return cls(NoticeKind.ANSWER, run_id, clarification_id=clarification_id, answer=answer)
+
+    @classmethod
+    def signalled(cls, run_id: str, signal_name: str) -> Notice:
+        return cls(NoticeKind.SIGNAL, run_id, signal_name=signal_name)
 
     def to_json(self) -> list[Any]:
         kind = self.kind.value
@@ -49,6 +55,8 @@ class Notice:
         if self.kind is NoticeKind.ANSWER:
             assert self.answer is not None
             return [kind, self.run_id, self.clarification_id, self.answer.to_json()]
+        if self.kind is NoticeKind.SIGNAL:
+            return [kind, self.run_id, self.signal_name]
         return [kind]
 
     @classmethod
@@ -64,4 +72,7 @@ class Notice:
         if kind is NoticeKind.ANSWER:
             _, run_id, clarification_id, answer = data
             return cls.answered(str(run_id), str(clarification_id), Answer.from_json(answer))
+        if kind is NoticeKind.SIGNAL:
+            _, run_id, signal_name = data
+            return cls.signalled(str(run_id), str(signal_name))
         return cls(kind)

@@ -53,6 +53,7 @@ from orchestrator.server.store.schema import (
     runs,
     server_settings,
     steps,
+    webhook_deliveries,
 )
 from orchestrator.server.store.snapshots import build_execution, partial_execution, timestamp
 from orchestrator.server.store.statements import (
@@ -69,6 +70,7 @@ from orchestrator.server.store.statements import (
     bind,
     update_run_statement,
 )
+from orchestrator.server.store.webhooks import stage_deliveries
 from orchestrator.server.store.writer import (
     Change,
     EventRecord,
@@ -506,6 +508,7 @@ class RunStore:
         self.db.dialect.order_events(tx.stage)
         # Every event of the group commit goes in at its end, in one statement.
         tx.stage(INSERT_EVENTS, values)
+        await stage_deliveries(tx, row, specs, first_sequence)
         terminal = RunStatus(row["status"]) in TERMINAL
         tx.changed(
             Change(
@@ -794,7 +797,8 @@ class RunStore:
 
     async def prune(self, older_than: float, limit: int = 500) -> int:
         """Delete finished runs completed before `older_than`, with their steps, events,
-        clarifications and idempotency keys (foreign keys cascade). Returns how many."""
+        clarifications, signals and idempotency keys (foreign keys cascade) and their settled
+        webhook deliveries. Returns how many."""
 
         async def unit(tx: Tx) -> int:
             run_ids = [
@@ -812,6 +816,13 @@ class RunStore:
             ]
             if run_ids:
                 await tx.conn.execute(sa.delete(runs).where(runs.c.run_id.in_(run_ids)))
+                # Their webhook deliveries once settled (one still being retried stays).
+                await tx.conn.execute(
+                    sa.delete(webhook_deliveries).where(
+                        webhook_deliveries.c.run_id.in_(run_ids),
+                        webhook_deliveries.c.status != "PENDING",
+                    )
+                )
             return len(run_ids)
 
         return await self.writer.run(unit)

@@ -153,6 +153,79 @@ clarifications = sa.Table(
 )
 sa.Index("ix_clarifications_run", clarifications.c.run_id, clarifications.c.status)
 
+# Signals sent to a run, kept in arrival order (pk) until a core.wait_for_signal step takes
+# one; the unique key makes a request id deliver once, whatever the race.
+signals = sa.Table(
+    "signals",
+    metadata,
+    sa.Column(
+        "pk",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column(
+        "run_id", sa.String(36), sa.ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("signal_name", sa.String(128), nullable=False),
+    sa.Column("request_id", sa.String(256), nullable=False),
+    sa.Column("payload", sa.JSON),
+    sa.Column("created_at", sa.Float, nullable=False),
+    # The step that took it ("" while it waits for one), and when.
+    sa.Column("consumed_by", sa.String(128), nullable=False, server_default=""),
+    sa.Column("consumed_at", sa.Float),
+    sa.UniqueConstraint("run_id", "request_id", name="uq_signals_run_request"),
+)
+sa.Index("ix_signals_waiting", signals.c.run_id, signals.c.signal_name, signals.c.consumed_by)
+
+# A tenant's webhook subscriptions, and the outbox of their deliveries: a delivery row is
+# written in the same transaction as the change it announces (RunStore._insert_events).
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    sa.Column("webhook_id", sa.String(36), primary_key=True),
+    sa.Column("tenant_id", sa.String(36), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("event_types", sa.JSON, nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("secret", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+sa.Index("ix_webhooks_tenant", webhooks.c.tenant_id)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column(
+        "pk",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("delivery_id", sa.String(64), nullable=False, unique=True),
+    sa.Column(
+        "webhook_id",
+        sa.String(36),
+        sa.ForeignKey("webhooks.webhook_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("run_id", sa.String(36), nullable=False),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    # The exact bytes signed and sent on every attempt.
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_status_code", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("delivered_at", sa.Float),
+)
+sa.Index(
+    "ix_webhook_deliveries_due", webhook_deliveries.c.status, webhook_deliveries.c.next_attempt_at
+)
+sa.Index("ix_webhook_deliveries_webhook", webhook_deliveries.c.webhook_id, webhook_deliveries.c.pk)
+
 # The unique key is the guarantee: one run per tenant + key, whatever the race.
 idempotency_keys = sa.Table(
     "idempotency_keys",

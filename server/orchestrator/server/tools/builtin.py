@@ -82,6 +82,32 @@ async def clarify(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
     raise ToolError("core.clarify is handled by the engine", retryable=False)
 
 
+# A signal's name, as SignalExecution and core.wait_for_signal spell it.
+MAX_SIGNAL_NAME = 128
+
+
+async def wait_for_signal(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
+    """core.wait_for_signal: checks `signal_name` and `timeout_seconds` and returns them as
+    {"signal_name", "timeout_seconds" (None: no limit of its own)}; the engine then waits."""
+    name = params.get("signal_name")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_SIGNAL_NAME:
+        raise ToolError(
+            f"signal_name must be a string of 1 to {MAX_SIGNAL_NAME} characters",
+            retryable=False,
+            reason="INVALID_PARAMETERS",
+        )
+    timeout = None
+    if params.get("timeout_seconds") is not None:
+        timeout = _number(params, "timeout_seconds")
+        if timeout < 0:
+            raise ToolError(
+                "timeout_seconds must not be negative",
+                retryable=False,
+                reason="INVALID_PARAMETERS",
+            )
+    return {"signal_name": name, "timeout_seconds": timeout}
+
+
 MAX_REDIRECTS = 5
 
 
@@ -225,6 +251,12 @@ def builtin_tools(http_allow: Sequence[Network] = ()) -> list[Tool]:
             asks_person=True,
             retryable=False,
             description="asks a person and returns the answer",
+        ),
+        Tool(
+            "core.wait_for_signal",
+            wait_for_signal,
+            waits_for_signal=True,
+            description="waits for the next signal of `signal_name` and returns its payload",
         ),
         Tool(
             "http.request",

@@ -56,6 +56,8 @@ class Tool:
     sets_variables: bool = False
     # core.clarify: the engine asks a person instead of calling `call`.
     asks_person: bool = False
+    # core.wait_for_signal: `call` checks the parameters; the engine waits for the signal.
+    waits_for_signal: bool = False
 
 
 class ToolRegistry:

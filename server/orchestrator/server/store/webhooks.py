@@ -1,0 +1,352 @@
+"""Webhook subscriptions and their outbox: deliveries are queued in the transaction of the
+change they announce (`stage_deliveries`, called where events are written), so no change is
+announced that did not commit and none that committed goes unannounced; the deliverer
+(`orchestrator.server.webhooks`) sends them and settles each attempt here."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from orchestrator.server.errors import NotFound
+from orchestrator.server.store.database import Database
+from orchestrator.server.store.records import EventSpec, Row
+from orchestrator.server.store.schema import webhook_deliveries, webhooks
+from orchestrator.server.store.writer import Tx, Writer
+from orchestrator.v1 import orchestrator_pb2 as pb
+
+# What a subscription may ask for, by the run event that makes it.
+EVENT_TYPES = {
+    pb.EVENT_TYPE_RUN_STATUS_CHANGED: "run.status_changed",
+    pb.EVENT_TYPE_STEP_FAILED: "step.failed",
+    pb.EVENT_TYPE_STEP_RETRYING: "step.retrying",
+    pb.EVENT_TYPE_CLARIFICATION_REQUESTED: "clarification.requested",
+    pb.EVENT_TYPE_CLARIFICATION_RESOLVED: "clarification.resolved",
+    pb.EVENT_TYPE_SIGNAL_RECEIVED: "signal.received",
+}
+# An event's message is cut to this in a body (bodies stay small and bounded).
+MAX_MESSAGE = 1000
+PENDING, DELIVERED, FAILED = "PENDING", "DELIVERED", "FAILED"
+
+
+@dataclass(frozen=True)
+class WebhookRecord:
+    """A subscription."""
+
+    webhook_id: str
+    tenant_id: str
+    url: str
+    event_types: tuple[str, ...]
+    labels: dict[str, str]
+    secret: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One queued or sent delivery."""
+
+    pk: int
+    delivery_id: str
+    webhook_id: str
+    run_id: str
+    event_type: str
+    body: str
+    status: str
+    attempts: int
+    last_status_code: int
+    last_error: str
+    created_at: float
+    next_attempt_at: float
+    delivered_at: float | None
+
+
+@dataclass(frozen=True)
+class Due:
+    """A delivery to attempt now, with where it goes and how it is signed."""
+
+    delivery: DeliveryRecord
+    url: str
+    secret: str
+
+
+def _webhook(row: Any) -> WebhookRecord:
+    return WebhookRecord(
+        webhook_id=row.webhook_id,
+        tenant_id=row.tenant_id,
+        url=row.url,
+        event_types=tuple(row.event_types or ()),
+        labels=dict(row.labels or {}),
+        secret=row.secret,
+        created_at=row.created_at,
+    )
+
+
+def _delivery(row: Any) -> DeliveryRecord:
+    return DeliveryRecord(
+        pk=row.pk,
+        delivery_id=row.delivery_id,
+        webhook_id=row.webhook_id,
+        run_id=row.run_id,
+        event_type=row.event_type,
+        body=row.body,
+        status=row.status,
+        attempts=row.attempts,
+        last_status_code=row.last_status_code,
+        last_error=row.last_error,
+        created_at=row.created_at,
+        next_attempt_at=row.next_attempt_at,
+        delivered_at=row.delivered_at,
+    )
+
+
+def _rfc3339(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def stage_deliveries(
+    tx: Tx, run: Row, specs: Sequence[EventSpec], first_sequence: int
+) -> None:
+    """Queue a delivery for every subscription of the run's tenant that wants one of these
+    events, in `tx` (the transaction writing them). Events no one can subscribe to (a step
+    started or completed: the hot path) cost nothing here."""
+    wanted = [(i, spec) for i, spec in enumerate(specs) if spec.type in EVENT_TYPES]
+    if not wanted:
+        return
+    rows = await tx.conn.execute(
+        sa.select(webhooks.c.webhook_id, webhooks.c.event_types, webhooks.c.labels).where(
+            webhooks.c.tenant_id == run["tenant_id"]
+        )
+    )
+    subscriptions = rows.all()
+    if not subscriptions:
+        return
+    labels = run.get("labels") or {}
+    values = []
+    for offset, spec in wanted:
+        event_type = EVENT_TYPES[spec.type]
+        body = json.dumps(
+            {
+                "type": event_type,
+                "timestamp": _rfc3339(tx.now),
+                "data": {
+                    "run_id": run["run_id"],
+                    "status": run["status"],
+                    "sequence": first_sequence + offset,
+                    "step_id": spec.step_id,
+                    "message": spec.message[:MAX_MESSAGE],
+                    "labels": labels,
+                    "plan_id": run.get("plan_id", ""),
+                },
+            },
+            separators=(",", ":"),
+        )
+        for sub in subscriptions:
+            if sub.event_types and event_type not in sub.event_types:
+                continue
+            if any(labels.get(k) != v for k, v in (sub.labels or {}).items()):
+                continue
+            values.append(
+                {
+                    "delivery_id": f"msg_{uuid.uuid4().hex}",
+                    "webhook_id": sub.webhook_id,
+                    "run_id": run["run_id"],
+                    "event_type": event_type,
+                    "body": body,
+                    "status": PENDING,
+                    "attempts": 0,
+                    "last_status_code": 0,
+                    "last_error": "",
+                    "created_at": tx.now,
+                    "next_attempt_at": tx.now,
+                }
+            )
+    if values:
+        await tx.conn.execute(sa.insert(webhook_deliveries), values)
+
+
+class WebhookStore:
+    """Every query and unit of work on webhook subscriptions and deliveries."""
+
+    def __init__(self, db: Database, writer: Writer) -> None:
+        self.db = db
+        self.writer = writer
+
+    async def create(self, record: WebhookRecord, limit: int) -> WebhookRecord | None:
+        """Store a subscription; None when the tenant already has `limit` of them."""
+
+        async def unit(tx: Tx) -> WebhookRecord | None:
+            count = await tx.conn.execute(
+                sa.select(sa.func.count())
+                .select_from(webhooks)
+                .where(webhooks.c.tenant_id == record.tenant_id)
+            )
+            if int(count.scalar_one()) >= limit:
+                return None
+            await tx.conn.execute(
+                sa.insert(webhooks).values(
+                    webhook_id=record.webhook_id,
+                    tenant_id=record.tenant_id,
+                    url=record.url,
+                    event_types=list(record.event_types),
+                    labels=record.labels,
+                    secret=record.secret,
+                    created_at=tx.now,
+                )
+            )
+            return WebhookRecord(**{**record.__dict__, "created_at": tx.now})
+
+        return await self.writer.run(unit)
+
+    async def list_webhooks(self, tenant_id: str) -> list[WebhookRecord]:
+        async def read(conn: Any) -> list[WebhookRecord]:
+            rows = await conn.execute(
+                sa.select(webhooks)
+                .where(webhooks.c.tenant_id == tenant_id)
+                .order_by(webhooks.c.created_at, webhooks.c.webhook_id)
+            )
+            return [_webhook(r) for r in rows.all()]
+
+        return await self.db.read(read)
+
+    async def delete(self, tenant_id: str, webhook_id: str) -> None:
+        """Drop the subscription with its deliveries; NotFound when the tenant has none such."""
+
+        async def unit(tx: Tx) -> None:
+            where = sa.and_(webhooks.c.webhook_id == webhook_id, webhooks.c.tenant_id == tenant_id)
+            found = await tx.conn.execute(sa.select(webhooks.c.webhook_id).where(where))
+            if found.first() is None:
+                raise webhook_not_found(webhook_id)
+            await tx.conn.execute(
+                sa.delete(webhook_deliveries).where(webhook_deliveries.c.webhook_id == webhook_id)
+            )
+            await tx.conn.execute(sa.delete(webhooks).where(where))
+
+        await self.writer.run(unit)
+
+    async def deliveries(self, tenant_id: str, webhook_id: str, limit: int) -> list[DeliveryRecord]:
+        """The subscription's newest deliveries; NotFound for another tenant's or none."""
+
+        async def read(conn: Any) -> list[DeliveryRecord]:
+            found = await conn.execute(
+                sa.select(webhooks.c.webhook_id).where(
+                    webhooks.c.webhook_id == webhook_id, webhooks.c.tenant_id == tenant_id
+                )
+            )
+            if found.first() is None:
+                raise webhook_not_found(webhook_id)
+            rows = await conn.execute(
+                sa.select(webhook_deliveries)
+                .where(webhook_deliveries.c.webhook_id == webhook_id)
+                .order_by(webhook_deliveries.c.pk.desc())
+                .limit(limit)
+            )
+            return [_delivery(r) for r in rows.all()]
+
+        return await self.db.read(read)
+
+    async def take_due(
+        self, now: float, *, limit: int, lease: float, busy: Iterable[str] = ()
+    ) -> list[Due]:
+        """Up to `limit` deliveries due now, oldest first, leaving out the subscriptions in
+        `busy` (being sent to already); each is leased (its next attempt moved `lease`
+        seconds on) so that another replica, or a crash, only delays it."""
+        busy = list(busy)
+
+        async def unit(tx: Tx) -> list[Due]:
+            query = sa.select(webhook_deliveries.c.pk).where(
+                webhook_deliveries.c.status == PENDING,
+                webhook_deliveries.c.next_attempt_at <= now,
+            )
+            if busy:
+                query = query.where(webhook_deliveries.c.webhook_id.not_in(busy))
+            query = self.db.dialect.claimable(query.order_by(webhook_deliveries.c.pk).limit(limit))
+            pks = [r.pk for r in (await tx.conn.execute(query)).all()]
+            if not pks:
+                return []
+            await tx.conn.execute(
+                sa.update(webhook_deliveries)
+                .where(webhook_deliveries.c.pk.in_(pks))
+                .values(next_attempt_at=now + lease)
+            )
+            rows = await tx.conn.execute(
+                sa.select(webhook_deliveries, webhooks.c.url, webhooks.c.secret)
+                .join(webhooks, webhooks.c.webhook_id == webhook_deliveries.c.webhook_id)
+                .where(webhook_deliveries.c.pk.in_(pks))
+                .order_by(webhook_deliveries.c.pk)
+            )
+            return [Due(_delivery(r), r.url, r.secret) for r in rows.all()]
+
+        return await self.writer.run_beside(unit)
+
+    async def release(self, pks: Sequence[int], at: float) -> None:
+        """Give leased deliveries back, due at `at` (taken but not sent this time)."""
+
+        async def unit(tx: Tx) -> None:
+            await tx.conn.execute(
+                sa.update(webhook_deliveries)
+                .where(
+                    webhook_deliveries.c.pk.in_(list(pks)),
+                    webhook_deliveries.c.status == PENDING,
+                )
+                .values(next_attempt_at=at)
+            )
+
+        await self.writer.run_beside(unit)
+
+    async def settle(
+        self,
+        pk: int,
+        *,
+        delivered: bool,
+        status_code: int,
+        error: str,
+        next_attempt_at: float | None,
+        at: float,
+        deferred: Sequence[int] = (),
+    ) -> None:
+        """Record an attempt: DELIVERED, PENDING again at `next_attempt_at`, or FAILED for
+        good (None). `deferred` deliveries of the same subscription wait with it."""
+
+        async def unit(tx: Tx) -> None:
+            changes: dict[str, Any] = {
+                "attempts": webhook_deliveries.c.attempts + 1,
+                "last_status_code": status_code,
+                "last_error": error[:500],
+            }
+            if delivered:
+                changes.update(status=DELIVERED, delivered_at=at)
+            elif next_attempt_at is None:
+                changes.update(status=FAILED)
+            else:
+                changes.update(next_attempt_at=next_attempt_at)
+            await tx.conn.execute(
+                sa.update(webhook_deliveries)
+                .where(webhook_deliveries.c.pk == pk, webhook_deliveries.c.status == PENDING)
+                .values(**changes)
+            )
+            if deferred and next_attempt_at is not None:
+                await tx.conn.execute(
+                    sa.update(webhook_deliveries)
+                    .where(
+                        webhook_deliveries.c.pk.in_(list(deferred)),
+                        webhook_deliveries.c.status == PENDING,
+                    )
+                    .values(next_attempt_at=next_attempt_at)
+                )
+
+        await self.writer.run_beside(unit)
+
+
+def webhook_not_found(webhook_id: str) -> NotFound:
+    return NotFound(
+        f"webhook {webhook_id!r} not found",
+        reason="WEBHOOK_NOT_FOUND",
+        metadata={"webhook_id": webhook_id},
+    )
