@@ -10,6 +10,7 @@ GEN_DIR := generated
 RELEASED := releases/v0.1
 BUF ?= $(BIN)/buf
 ORCHESTRATOR_PORT ?= 50051
+ORCHESTRATOR_HTTP_PORT ?= 8080
 
 .PHONY: install run test test-fast generate check-generated lint buf-lint buf-breaking bench clean
 
@@ -28,7 +29,8 @@ $(STAMP): pyproject.toml generated/pyproject.toml clients/pyproject.toml
 	touch $(STAMP)
 
 run: install
-	ORCHESTRATOR_PORT=$(ORCHESTRATOR_PORT) $(BIN)/orchestrator serve
+	@echo "gRPC on 127.0.0.1:$(ORCHESTRATOR_PORT); dashboard, Connect and gRPC-Web on http://127.0.0.1:$(ORCHESTRATOR_HTTP_PORT)/"
+	ORCHESTRATOR_PORT=$(ORCHESTRATOR_PORT) ORCHESTRATOR_HTTP_PORT=$(ORCHESTRATOR_HTTP_PORT) $(BIN)/orchestrator serve
 
 # protoc comes from grpcio-tools (pinned), so the generated code matches the protobuf runtime.
 # buf lints and checks breaking changes; it cannot drive grpc's python generator locally.
@@ -36,6 +38,7 @@ run: install
 # .pyi files, PEP 561) and the .proto itself.
 PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
   --python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) \
+  --connectrpc_out=$(1) --connectrpc_opt=protobuf=google \
   $(PROTO) && touch $(1)/orchestrator/v1/py.typed && cp $(PROTO) $(1)/orchestrator/v1/
 
 generate: install

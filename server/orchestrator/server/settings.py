@@ -60,6 +60,18 @@ class Settings(BaseSettings):
     retention_seconds: float = Field(
         0.0, ge=0, description="Delete finished runs older than this (0 keeps them)."
     )
+    http_port: int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="Port of Connect, gRPC-Web and the dashboard (0: any free one).",
+    )
+    http: bool = Field(True, description="Serve the HTTP port; --no-http serves gRPC only.")
+    cors_origin: str = Field(
+        "",
+        description="Origins whose pages may call the HTTP port, comma-separated (CORS is off "
+        "without: the dashboard is same-origin).",
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics (0 is off).")
     max_connection_age_seconds: float = Field(
         300.0,
