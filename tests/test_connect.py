@@ -439,6 +439,17 @@ async def test_cors_is_off_unless_origins_are_named(
         assert "access-control-allow-origin" not in stranger.headers
 
 
+async def test_the_dashboard_is_served_from_the_package(http: httpx.AsyncClient) -> None:
+    page = await http.get("/", params={"tenant": str(uuid.uuid4())})
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert '<div id="app">' in page.text and 'src="app.js"' in page.text
+    script = await http.get("/app.js")
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "Enter a tenant to see its runs." in script.text
+    assert (await http.head("/")).status_code == 200
+
+
 async def test_no_http_and_static_paths(tmp_path: Path, http: httpx.AsyncClient) -> None:
     for path in ("/../pyproject.toml", "/%2e%2e/app.py", "/nope.js", "/app.py"):
         assert (await http.get(path)).status_code == 404, path

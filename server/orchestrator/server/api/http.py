@@ -2,8 +2,8 @@
 in the event loop of the grpc.aio server.
 
 `HttpApp` routes: the service's paths go to the Connect application (`api/connect.py`),
-GET of anything else to the dashboard's committed bundle (`web/dist`). CORS is off unless
-origins are named: the dashboard is same-origin.
+GET of anything else to the dashboard's committed bundle (`dashboard/`, built from `web/` by
+`make web`). CORS is off unless origins are named: the dashboard is same-origin.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import uvicorn
 from orchestrator.server.errors import PortUnavailable
 
 log = structlog.get_logger("orchestrator.server")
-WEB_ROOT = Path(__file__).resolve().parent.parent / "web" / "dist"
+WEB_ROOT = Path(__file__).resolve().parent.parent / "dashboard"
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
