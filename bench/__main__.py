@@ -2,7 +2,7 @@
 table of every figure with its ratio to the ceiling measured in this same run.
 
 Flags: --quick (about 2-3 minutes instead of about 10), --only NAME[,NAME] (ceilings, accept,
-end_to_end, reads, watch_fanout, memory, expressions), --no-postgres, --profile (py-spy the
+end_to_end, reads, watch_fanout, connect, memory, expressions), --no-postgres, --profile (py-spy the
 server after the benches; `make bench` installs py-spy, the `bench` extra).
 `make bench BENCH_ARGS=--quick` passes flags through."""
 
@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import accept, ceilings, end_to_end, expressions, memory, reads, watch_fanout
+from bench import accept, ceilings, connect, end_to_end, expressions, memory, reads, watch_fanout
 from bench.common import summary_table
 
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             ceiling_scale.paced_steps,
             ceiling_scale.burst_steps,
         ),
+        "connect": lambda: connect.run(500 if quick else 2000, 200, ceiling_scale.paced_steps),
         "memory": lambda: memory.run(memory.Scale.quick() if quick else memory.Scale()),
         "expressions": lambda: expressions.run(500 if quick else 2000),
     }
