@@ -10,8 +10,10 @@ GEN_DIR := generated
 RELEASED := releases/v0.1
 BUF ?= $(BIN)/buf
 ORCHESTRATOR_PORT ?= 50051
+ORCHESTRATOR_HTTP_PORT ?= 8080
 
-.PHONY: install run test test-fast generate check-generated lint buf-lint buf-breaking bench clean
+.PHONY: install run test test-fast generate check-generated lint buf-lint buf-breaking bench clean \
+  web web-install check-web
 
 install: $(STAMP)
 
@@ -28,7 +30,8 @@ $(STAMP): pyproject.toml generated/pyproject.toml clients/pyproject.toml
 	touch $(STAMP)
 
 run: install
-	ORCHESTRATOR_PORT=$(ORCHESTRATOR_PORT) $(BIN)/orchestrator serve
+	@echo "gRPC on 127.0.0.1:$(ORCHESTRATOR_PORT); dashboard, Connect and gRPC-Web on http://127.0.0.1:$(ORCHESTRATOR_HTTP_PORT)/"
+	ORCHESTRATOR_PORT=$(ORCHESTRATOR_PORT) ORCHESTRATOR_HTTP_PORT=$(ORCHESTRATOR_HTTP_PORT) $(BIN)/orchestrator serve
 
 # protoc comes from grpcio-tools (pinned), so the generated code matches the protobuf runtime.
 # buf lints and checks breaking changes; it cannot drive grpc's python generator locally.
@@ -36,6 +39,7 @@ run: install
 # .pyi files, PEP 561) and the .proto itself.
 PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
   --python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) \
+  --connectrpc_out=$(1) --connectrpc_opt=protobuf=google \
   $(PROTO) && touch $(1)/orchestrator/v1/py.typed && cp $(PROTO) $(1)/orchestrator/v1/
 
 generate: install
@@ -49,6 +53,37 @@ check-generated: install
 	if diff -r $$tmp/orchestrator $(GEN_DIR)/orchestrator; then rm -rf $$tmp; echo "generated code is up to date"; \
 	else rm -rf $$tmp; echo "generated/ differs from protos/: run 'make generate' and commit"; exit 1; fi
 
+# The dashboard (web/: TypeScript, Preact, Connect-web), bundled into the server package so
+# `make run` needs no Node. `make web` regenerates web/src/gen (protoc-gen-es, from protos/
+# and google/rpc/error_details.proto), type-checks and bundles; `make check-web` (part of
+# `make test`) fails when the committed code or bundle is not what the sources build.
+WEB_BIN := $(CURDIR)/web/node_modules/.bin
+DASHBOARD := server/orchestrator/server/dashboard
+GOOGLEAPIS = $$($(PY) -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(list(google.rpc.__path__)[0])))')
+ES_GEN = PATH="$(WEB_BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos -I $(GOOGLEAPIS) \
+  --es_out=$(1) --es_opt=target=ts,import_extension=none \
+  orchestrator/v1/orchestrator.proto google/rpc/error_details.proto
+ES_BUNDLE = cd web && $(WEB_BIN)/tsc -p . && $(WEB_BIN)/esbuild src/main.tsx --bundle --minify \
+  --format=esm --target=es2022 --jsx=automatic --jsx-import-source=preact --legal-comments=none \
+  --log-level=warning --outfile=$(1)/app.js && cp index.html $(1)/index.html
+
+web/node_modules/.installed: web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+web-install: web/node_modules/.installed
+
+web: install web-install
+	rm -rf web/src/gen && mkdir -p web/src/gen $(DASHBOARD)
+	$(call ES_GEN,web/src/gen)
+	$(call ES_BUNDLE,$(CURDIR)/$(DASHBOARD))
+
+check-web: install web-install
+	@tmp=$$(mktemp -d) && mkdir -p $$tmp/gen $$tmp/bundle && \
+	$(call ES_GEN,$$tmp/gen) && ($(call ES_BUNDLE,$$tmp/bundle)) && \
+	if diff -r $$tmp/gen web/src/gen && diff -r $$tmp/bundle $(DASHBOARD); then rm -rf $$tmp; echo "dashboard bundle is up to date"; \
+	else rm -rf $$tmp; echo "the dashboard differs from web/: run 'make web' and commit"; exit 1; fi
+
 buf-lint: install
 	$(BUF) lint
 
@@ -61,7 +96,7 @@ lint: install
 	$(BIN)/ruff format --check server clients tests
 	$(BIN)/mypy --strict server clients tests
 
-test: install lint buf-lint buf-breaking check-generated
+test: install lint buf-lint buf-breaking check-generated check-web
 	$(BIN)/pytest -q
 
 bench: install

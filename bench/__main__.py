@@ -2,8 +2,8 @@
 table of every figure with its ratio to the ceiling measured in this same run.
 
 Flags: --quick (about 2-3 minutes instead of about 10), --only NAME[,NAME] (ceilings, accept,
-end_to_end, reads, watch_fanout, memory, expressions, fair_share), --no-postgres, --profile
-(py-spy the server after the benches; `make bench` installs py-spy, the `bench` extra).
+end_to_end, reads, watch_fanout, connect, memory, expressions, fair_share), --no-postgres,
+--profile (py-spy the server after the benches; `make bench` installs py-spy, the `bench` extra).
 `make bench BENCH_ARGS=--quick` passes flags through."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from bench import (
     accept,
     ceilings,
+    connect,
     end_to_end,
     expressions,
     fair_share,
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             ceiling_scale.paced_steps,
             ceiling_scale.burst_steps,
         ),
+        "connect": lambda: connect.run(500 if quick else 2000, 200, ceiling_scale.paced_steps),
         "memory": lambda: memory.run(memory.Scale.quick() if quick else memory.Scale()),
         "expressions": lambda: expressions.run(500 if quick else 2000),
         "fair_share": lambda: fair_share.run(

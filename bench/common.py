@@ -51,7 +51,13 @@ def wait_serving(address: str, timeout: float = 60.0) -> None:
 @contextmanager
 def process(argv: list[str], port: int, **env: str) -> Iterator[tuple[str, int]]:
     """A server subprocess on 127.0.0.1:`port`, once its health check says SERVING."""
-    environment = {**os.environ, "ORCHESTRATOR_LOG_LEVEL": "warning", **env}
+    # Any free HTTP port unless the bench names one (the default 8080 may be taken).
+    environment = {
+        **os.environ,
+        "ORCHESTRATOR_LOG_LEVEL": "warning",
+        "ORCHESTRATOR_HTTP_PORT": "0",
+        **env,
+    }
     proc = subprocess.Popen(
         argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from bench.common import Figure, Window, record, serve, summary
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+# Opens watcher i's WatchExecution stream on a run, with the call's metadata.
+Stream = Callable[[int, str, tuple[tuple[str, str], ...]], AsyncIterator[pb.WatchExecutionResponse]]
 
 
 def plan(steps: int, seconds: float) -> pb.ExecutablePlan:
@@ -32,9 +35,12 @@ async def fanout(
     channels: int = 4,
     seconds: float = 0.05,
     on_ready: Callable[[], object] | None = None,
+    open_stream: Stream | None = None,
 ) -> dict[str, float]:
     """Connect `watchers` streams to a run gated on a clarification, answer it, and time
-    each event from its commit to each watcher. `on_ready` runs once all are connected."""
+    each event from its commit to each watcher. `on_ready` runs once all are connected.
+    `open_stream(i, run_id, metadata)` opens watcher i's stream (default: gRPC, over
+    `channels` channels; bench/connect.py passes Connect's)."""
     tenant = str(uuid.uuid4())
     md = (("x-tenant-id", tenant),)
     chans = [grpc.aio.insecure_channel(address) for _ in range(channels)]
@@ -57,9 +63,12 @@ async def fanout(
 
     async def watch(i: int) -> None:
         nonlocal received, first_at, last_at, connected
-        call = stubs[i % channels].WatchExecution(
-            pb.WatchExecutionRequest(run_id=run.run_id), metadata=md
-        )
+        if open_stream is None:
+            call: AsyncIterator[pb.WatchExecutionResponse] = stubs[i % channels].WatchExecution(
+                pb.WatchExecutionRequest(run_id=run.run_id), metadata=md
+            )
+        else:
+            call = open_stream(i, run.run_id, md)
         async for item in call:
             now = time.time()
             event = item.event

@@ -36,6 +36,7 @@ def make_settings(tmp_path: Path, database_url: str | None = None, **overrides: 
     defaults: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
+        "http_port": 0,
         "database_url": database_url or sqlite_url(tmp_path / "orchestrator.db"),
         "shutdown_grace": 0.5,
         "heartbeat_seconds": 15.0,

@@ -35,7 +35,13 @@ class ServeProcess:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log
-        environment = {**os.environ, "ORCHESTRATOR_LOG_FORMAT": "json", **(env or {})}
+        # Any free HTTP port (the default 8080 may be taken); `extra` may name one.
+        environment = {
+            **os.environ,
+            "ORCHESTRATOR_LOG_FORMAT": "json",
+            "ORCHESTRATOR_HTTP_PORT": "0",
+            **(env or {}),
+        }
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
             [

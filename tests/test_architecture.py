@@ -19,7 +19,8 @@ SQL_MODULES = (
     "orchestrator.server.store.dialect",
 )
 # Only the edge speaks gRPC: the servicer, the interceptors and the server factory.
-GRPC_EDGE = {"api/interceptors.py", "api/servicer.py", "app.py"}
+# api/connect.py speaks gRPC to the interceptors (their context and status codes).
+GRPC_EDGE = {"api/interceptors.py", "api/servicer.py", "api/connect.py", "app.py"}
 
 
 def modules() -> Iterator[tuple[str, set[str]]]:

@@ -112,6 +112,7 @@ def test_each_wheel_holds_its_own_part(wheels: dict[str, Path]) -> None:
 
     assert files("orchestrator-rpc-stubs") == {
         "orchestrator/v1/orchestrator.proto",
+        "orchestrator/v1/orchestrator_connect.py",
         "orchestrator/v1/orchestrator_pb2.py",
         "orchestrator/v1/orchestrator_pb2.pyi",
         "orchestrator/v1/orchestrator_pb2_grpc.py",

@@ -16,9 +16,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from orchestrator.server.api.connect import connect_application
+from orchestrator.server.api.http import HttpApp, HttpListener
 from orchestrator.server.api.interceptors import (
     CallContextInterceptor,
     ErrorInterceptor,
+    RpcInterceptor,
     TenantInterceptor,
 )
 from orchestrator.server.api.servicer import OrchestratorServicer, register
@@ -111,6 +114,7 @@ class Server:
     policy: TenantPolicy | None = None
     clock: ScheduleClock | None = None
     deliverer: Deliverer | None = None
+    http: HttpListener | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _health_updates: set[asyncio.Task[None]] = field(default_factory=set)
@@ -119,8 +123,15 @@ class Server:
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
+    @property
+    def http_address(self) -> str:
+        """host:port of the HTTP listener ('' with --no-http)."""
+        return f"{self.settings.host}:{self.http.port}" if self.http is not None else ""
+
     async def start(self) -> None:
         await self.grpc_server.start()
+        if self.http is not None:
+            await self.http.start()
         if self.bus is not None:
             await self.bus.start()
         recovered = await self.engine.start()
@@ -138,6 +149,7 @@ class Server:
         log.info(
             "server.started",
             address=self.address,
+            dashboard=f"http://{self.http_address}/" if self.http is not None else None,
             replica=self.engine.owner,
             database=self.db.url.render_as_string(),
             recovered_runs=recovered,
@@ -174,7 +186,11 @@ class Server:
             task.cancel()
         if self.clock is not None:
             await self.clock.stop()
-        await asyncio.gather(self.grpc_server.stop(grace), self.engine.stop(grace))
+        await asyncio.gather(
+            self.grpc_server.stop(grace),
+            self.engine.stop(grace),
+            *([self.http.stop(grace)] if self.http is not None else []),
+        )
         if self.deliverer is not None:
             await self.deliverer.stop()
         if self.bus is not None:
@@ -275,11 +291,13 @@ async def build_server(
     metrics = Metrics()
     keys = KeyRing(Path(settings.auth_keys)) if settings.auth_keys else None
     policy = TenantPolicy(Path(settings.tenant_policy)) if settings.tenant_policy else None
-    interceptors: list[grpc.aio.ServerInterceptor] = [
+    # The same interceptor objects serve the gRPC port and the HTTP port (api/connect.py).
+    rpc_interceptors: list[RpcInterceptor] = [
         CallContextInterceptor(metrics),
         ErrorInterceptor(),
         TenantInterceptor(keys),
     ]
+    interceptors: list[grpc.aio.ServerInterceptor] = list(rpc_interceptors)
     if tracing_on(tracer_provider):
         # Off, the interceptor would still make a (no-op) span per call: 5-10% of Execute.
         interceptors.insert(0, aio_server_interceptor(tracer_provider=tracer_provider))  # type: ignore[no-untyped-call]
@@ -364,15 +382,20 @@ async def build_server(
         max_backoff=settings.webhook_max_backoff_seconds,
         poll=settings.webhook_poll_seconds,
     )
-    register(
-        OrchestratorServicer(control, schedules, WebhookControl(webhook_store, http_allow)),
-        grpc_server,
-    )
+    servicer = OrchestratorServicer(control, schedules, WebhookControl(webhook_store, http_allow))
+    register(servicer, grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     _enable_reflection(grpc_server, (SERVICE_NAME, health.SERVICE_NAME))
+    http = None
+    if settings.http:
+        connect = connect_application(servicer, rpc_interceptors, settings.max_request_bytes)
+        origins = frozenset(o.strip() for o in settings.cors_origin.split(",") if o.strip())
+        http = HttpListener(
+            HttpApp(connect, connect.path, origins), settings.host, settings.http_port
+        )
     return Server(
         settings=settings,
         grpc_server=grpc_server,
@@ -390,4 +413,5 @@ async def build_server(
         keys=keys,
         policy=policy,
         clock=clock,
+        http=http,
     )

@@ -72,6 +72,18 @@ class Settings(BaseSettings):
         description="Longest wait between two looks for due schedules (other replicas' new "
         "schedules and finished runs are seen within it; this replica's at once).",
     )
+    http_port: int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="Port of Connect, gRPC-Web and the dashboard (0: any free one).",
+    )
+    http: bool = Field(True, description="Serve the HTTP port; --no-http serves gRPC only.")
+    cors_origin: str = Field(
+        "",
+        description="Origins whose pages may call the HTTP port, comma-separated (CORS is off "
+        "without: the dashboard is same-origin).",
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics (0 is off).")
     max_connection_age_seconds: float = Field(
         300.0,

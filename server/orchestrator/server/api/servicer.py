@@ -218,7 +218,7 @@ class OrchestratorServicer:
         return pb.TriggerScheduleResponse(execution=execution)
 
 
-def _message(full_name: str) -> Any:
+def message_class(full_name: str) -> Any:
     return getattr(pb, full_name.rsplit(".", 1)[-1])
 
 
@@ -240,7 +240,7 @@ def register(servicer: OrchestratorServicer, server: grpc.aio.Server) -> None:
         )
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=decoder(_message(method.input_type.full_name)),
+            request_deserializer=decoder(message_class(method.input_type.full_name)),
             response_serializer=_serialize,
         )
     server.add_generic_rpc_handlers(
