@@ -2222,7 +2222,7 @@ class ListSchedulesResponse(_message.Message):
     """Token of the next page; empty on the last page."""
     @_builtins.property
     def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]:
-        """The schedules of this page."""
+        """The schedules of this page (without `recent_actions`: GetSchedule has them)."""
 
     def __init__(
         self,
