@@ -2120,7 +2120,7 @@ export const ListSchedulesRequestSchema: GenMessage<ListSchedulesRequest> = /*@_
  */
 export type ListSchedulesResponse = Message<"orchestrator.v1.ListSchedulesResponse"> & {
   /**
-   * The schedules of this page.
+   * The schedules of this page (without `recent_actions`: GetSchedule has them).
    *
    * @generated from field: repeated orchestrator.v1.Schedule schedules = 1;
    */
