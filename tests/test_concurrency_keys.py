@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from prometheus_client import generate_latest
 
+from orchestrator.server.app import Server
 from orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import md, plan_of
 from tests.errors import details_of
@@ -70,7 +72,7 @@ def overlapping(runs: list[pb.Execution]) -> int:
 
 
 async def test_a_mutex_runs_one_at_a_time_in_priority_then_submit_order(
-    stub: Stub, tenant: str
+    stub: Stub, tenant: str, server: Server
 ) -> None:
     first = await submit(stub, tenant, 1.0, concurrency_key="deploy/prod", max_concurrent=1)
     priorities = [3, 5, 1, 3, 2, 1, 4, 3, 2]
@@ -91,6 +93,15 @@ async def test_a_mutex_runs_one_at_a_time_in_priority_then_submit_order(
         1,
         3,
     )
+    # The queue, per tenant and key, in Prometheus.
+    assert server.metrics is not None
+    scraped = ""
+    for _ in range(100):
+        scraped = generate_latest(server.metrics.registry).decode()
+        if f'concurrency_key="deploy/prod",tenant_id="{tenant}"}} 9.0' in scraped:
+            break
+        await asyncio.sleep(0.05)
+    assert f'concurrency_key="deploy/prod",tenant_id="{tenant}"}} 9.0' in scraped
     done = await all_done(stub, tenant, [first, *queued, other, free])
     assert all(r.status == pb.EXECUTION_STATUS_COMPLETED for r in done)
     assert all(r.waiting_reason == "" for r in done)

@@ -159,9 +159,12 @@ def executions_table(executions: Iterable[pb.Execution]) -> Table:
     for column in ("run", "status", "progress", "created", "triggered by", "plan", "labels"):
         table.add_column(column, no_wrap=True)
     for e in executions:
+        status = styled(status_name(e.status))
+        if e.waiting_reason == "CONCURRENCY_KEY":
+            status += f" (key {e.concurrency_key})"
         table.add_row(
             e.run_id,
-            styled(status_name(e.status)),
+            status,
             progress_text(e),
             _when(e, "created_at"),
             e.triggered_by,

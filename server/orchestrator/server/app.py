@@ -364,6 +364,7 @@ async def build_server(
         runs=lambda: len(engine.runs),
         steps=lambda: engine.slots.held,
         steps_waiting=engine.slots.waiting,
+        runs_waiting=engine.runs_waiting,
         watchers=lambda: hub.watchers,
         writer_queue=lambda: writer.queue_depth,
         store_up=lambda: float(db.health.reachable),

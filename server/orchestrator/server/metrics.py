@@ -132,10 +132,13 @@ class Metrics:
         writer_queue: Callable[[], float],
         store_up: Callable[[], float],
         steps_waiting: Callable[[], Mapping[str, int]] | None = None,
+        runs_waiting: Callable[[], Mapping[tuple[str, str], int]] | None = None,
     ) -> None:
         """Gauges read at scrape time."""
         if steps_waiting is not None:
             self.registry.register(_TenantQueue(steps_waiting))
+        if runs_waiting is not None:
+            self.registry.register(_KeyQueue(runs_waiting))
         self.runs_in_flight.set_function(runs)
         self.steps_in_flight.set_function(steps)
         self.watchers.set_function(watchers)
@@ -184,3 +187,26 @@ class _TenantQueue(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("orchestrator_steps_waiting", "", labels=["tenant_id"])
+
+
+class _KeyQueue(Collector):
+    """`orchestrator_runs_waiting{tenant_id, concurrency_key}`: runs this replica holds that
+    wait PENDING on their concurrency key, read at scrape time."""
+
+    def __init__(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "orchestrator_runs_waiting",
+            "Runs waiting on their concurrency key on this replica, by tenant and key",
+            labels=["tenant_id", "concurrency_key"],
+        )
+        for (tenant, key), count in self._read().items():
+            family.add_metric([tenant, key], count)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "orchestrator_runs_waiting", "", labels=["tenant_id", "concurrency_key"]
+        )

@@ -150,6 +150,14 @@ class Engine:
         if freed is not None:
             freed.set()
 
+    def runs_waiting(self) -> dict[tuple[str, str], int]:
+        """Runs here waiting on their concurrency key, by (tenant, key)."""
+        counts: dict[tuple[str, str], int] = {}
+        for task in self.runs.values():
+            if task.blocked and task.key is not None:
+                counts[task.key] = counts.get(task.key, 0) + 1
+        return counts
+
     def tenant_changed(self, tenant_id: str | None) -> None:
         """A run of the tenant (None: of any, notices may have been missed) changed status on
         another replica: its keys may be free."""
@@ -368,6 +376,7 @@ class RunTask:
         # (tenant, concurrency key) of a run that has one: its end lets the next one start.
         self.key: tuple[str, str] | None = None
         self.priority = DEFAULT_PRIORITY
+        self.blocked = False  # PENDING, waiting on its concurrency key
 
     # ------------------------------------------------------------ notifications
 
@@ -466,7 +475,11 @@ class RunTask:
             self.wake.clear()
             if self.cancelled or self.lost or self.engine.closing:
                 return  # still PENDING in the store: whoever opens it next decides
-            await self.engine.wait_for_key(self.key, self.wake, KEY_RECHECK_SECONDS)
+            self.blocked = True
+            try:
+                await self.engine.wait_for_key(self.key, self.wake, KEY_RECHECK_SECONDS)
+            finally:
+                self.blocked = False
             row, step_rows, self.approved = await self.journal.open(self.run_id)
         self.priority = row["priority"] or DEFAULT_PRIORITY
         self.tenant_id: str = row["tenant_id"]
