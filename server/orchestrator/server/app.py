@@ -17,9 +17,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from orchestrator.server.api.interceptors import (
-    CallContextInterceptor,
-    ErrorInterceptor,
-    TenantInterceptor,
+    CallInterceptor,
 )
 from orchestrator.server.api.servicer import OrchestratorServicer, register
 from orchestrator.server.control import ControlPlane
@@ -256,11 +254,7 @@ async def build_server(
     metrics = Metrics()
     keys = KeyRing(Path(settings.auth_keys)) if settings.auth_keys else None
     policy = TenantPolicy(Path(settings.tenant_policy)) if settings.tenant_policy else None
-    interceptors: list[grpc.aio.ServerInterceptor] = [
-        CallContextInterceptor(metrics),
-        ErrorInterceptor(),
-        TenantInterceptor(keys),
-    ]
+    interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(metrics, keys)]
     if tracing_on(tracer_provider):
         # Off, the interceptor would still make a (no-op) span per call: 5-10% of Execute.
         interceptors.insert(0, aio_server_interceptor(tracer_provider=tracer_provider))  # type: ignore[no-untyped-call]
