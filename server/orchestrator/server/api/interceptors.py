@@ -260,10 +260,12 @@ class CallInterceptor(AsyncServerInterceptor):
             except Exception as exc:
                 await self._fail(context, exc, state)
         finally:
-            self._end(state, started, context)
-            close = getattr(items, "aclose", None)
-            if close is not None:
-                await close()
+            try:  # the handler's own clean-up first, as when it was the innermost layer
+                close = getattr(items, "aclose", None)
+                if close is not None:
+                    await close()
+            finally:
+                self._end(state, started, context)
 
     # ------------------------------------------------------------ call context
 
