@@ -1,4 +1,4 @@
-"""The interceptors on grpc-interceptor's base: an error raised after a stream's first message
+"""The interceptor on grpc-interceptor's base: an error raised after a stream's first message
 is answered like one raised before it (precise code and details), on a real server."""
 
 from __future__ import annotations
@@ -9,11 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from orchestrator.server.api.interceptors import (
-    CallContextInterceptor,
-    ErrorInterceptor,
-    TenantInterceptor,
-)
+from orchestrator.server.api.interceptors import CallInterceptor
 from orchestrator.server.errors import NotFound
 from orchestrator.server.metrics import Metrics
 from tests.errors import details_of
@@ -35,9 +31,7 @@ async def fail(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> b
 @pytest.fixture
 async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, Metrics]]:
     metrics = Metrics()
-    server = grpc.aio.server(
-        interceptors=[CallContextInterceptor(metrics), ErrorInterceptor(), TenantInterceptor()]
-    )
+    server = grpc.aio.server(interceptors=[CallInterceptor(metrics)])
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

@@ -19,10 +19,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from orchestrator.server.api.connect import connect_application
 from orchestrator.server.api.http import HttpApp, HttpListener
 from orchestrator.server.api.interceptors import (
-    CallContextInterceptor,
-    ErrorInterceptor,
-    RpcInterceptor,
-    TenantInterceptor,
+    CallInterceptor,
 )
 from orchestrator.server.api.servicer import OrchestratorServicer, register
 from orchestrator.server.control import ControlPlane
@@ -291,12 +288,8 @@ async def build_server(
     metrics = Metrics()
     keys = KeyRing(Path(settings.auth_keys)) if settings.auth_keys else None
     policy = TenantPolicy(Path(settings.tenant_policy)) if settings.tenant_policy else None
-    # The same interceptor objects serve the gRPC port and the HTTP port (api/connect.py).
-    rpc_interceptors: list[RpcInterceptor] = [
-        CallContextInterceptor(metrics),
-        ErrorInterceptor(),
-        TenantInterceptor(keys),
-    ]
+    # The same interceptor serves the gRPC port and the HTTP port (api/connect.py).
+    rpc_interceptors: list[CallInterceptor] = [CallInterceptor(metrics, keys)]
     interceptors: list[grpc.aio.ServerInterceptor] = list(rpc_interceptors)
     if tracing_on(tracer_provider):
         # Off, the interceptor would still make a (no-op) span per call: 5-10% of Execute.

@@ -23,7 +23,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import status_pb2
 from protobuf.wkt import Any as AnyDetail
 
-from orchestrator.server.api.interceptors import RpcInterceptor, Undecodable, decoder
+from orchestrator.server.api.interceptors import CallInterceptor, Undecodable, decoder
 from orchestrator.server.api.servicer import OrchestratorServicer, message_class
 from orchestrator.v1 import orchestrator_connect
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -51,7 +51,7 @@ _TRANSPORT_HEADERS = frozenset(
 
 
 class Aborted(grpc.aio.AbortError):
-    """What `HttpCallContext.abort` raises: the status the ErrorInterceptor chose."""
+    """What `HttpCallContext.abort` raises: the status the CallInterceptor chose."""
 
     def __init__(self, code: grpc.StatusCode, message: str, trailers: Sequence[Any]) -> None:
         super().__init__(message)
@@ -128,7 +128,7 @@ class Frame:
 
 class BinaryCodec:
     """application/proto: frames pass through; undecodable requests become `Undecodable`,
-    which the ErrorInterceptor answers INVALID_ARGUMENT with a field violation, as on gRPC."""
+    which the CallInterceptor answers INVALID_ARGUMENT with a field violation, as on gRPC."""
 
     def name(self) -> str:
         return "proto"
@@ -174,7 +174,7 @@ class ConnectService:
     """Every method of OrchestratorService, under the names the generated Connect
     application asks for, each running the gRPC port's interceptors and servicer."""
 
-    def __init__(self, servicer: OrchestratorServicer, interceptors: Sequence[RpcInterceptor]):
+    def __init__(self, servicer: OrchestratorServicer, interceptors: Sequence[CallInterceptor]):
         self._methods: dict[str, Callable[..., Any]] = {}
         for method in SERVICE.methods:
             chained = _chain(getattr(servicer, method.name), interceptors, _path(method))
@@ -192,7 +192,7 @@ def _path(method: MethodDescriptor) -> str:
     return f"/{SERVICE.full_name}/{method.name}"
 
 
-def _chain(handler: Handler, interceptors: Sequence[RpcInterceptor], name: str) -> Handler:
+def _chain(handler: Handler, interceptors: Sequence[CallInterceptor], name: str) -> Handler:
     """The handler wrapped as grpc-interceptor would: the first interceptor outermost."""
     for interceptor in reversed(interceptors):
 
@@ -230,7 +230,7 @@ def _stream(call: Handler, method: MethodDescriptor) -> Callable[..., Any]:
 
 def connect_application(
     servicer: OrchestratorServicer,
-    interceptors: Sequence[RpcInterceptor],
+    interceptors: Sequence[CallInterceptor],
     max_request_bytes: int,
 ) -> orchestrator_connect.OrchestratorServiceASGIApplication:
     """The generated ASGI application of the service, over our service object and codecs."""

@@ -1,10 +1,10 @@
-"""Server interceptors, outermost first: call context (correlation id, access log, metrics),
-errors (domain exceptions -> google.rpc.Status), tenant (x-tenant-id).
+"""The server interceptor: call context (correlation id, access log, metrics), errors (domain
+exceptions -> google.rpc.Status) and tenant (x-tenant-id, API keys), in one wrapper per call.
 
 Built on grpc-interceptor's AsyncServerInterceptor. Its `intercept` may hand back a coroutine
-or an async generator; `RpcInterceptor` uses that to wrap both shapes of call: a unary call is
-awaited inside `unary`, a stream is iterated inside `stream`, so an error raised mid-stream
-passes through every interceptor like one raised before the first message.
+or an async generator; `CallInterceptor` uses that to wrap both shapes of call: a unary call
+is awaited inside `_unary`, a stream is iterated inside `_stream`, so an error raised
+mid-stream is answered like one raised before the first message.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import structlog
@@ -125,124 +125,6 @@ def rpc_type(method_name: str) -> str:
     }.get(streams, "bidi_stream")
 
 
-class RpcInterceptor(AsyncServerInterceptor):
-    """grpc-interceptor's async base, with the wrapping of unary calls and streams each
-    written once: subclasses override `unary` and `stream` (both pass through by default)."""
-
-    def intercept(
-        self, method: Callable[[Any, Context], Any], request: Any, context: Context, name: str
-    ) -> Any:
-        # Nothing of the handler runs yet: a coroutine or an async generator, not started.
-        response = method(request, context)
-        if hasattr(response, "__aiter__"):
-            return self._stream(response, request, context, name)
-        return self._unary(response, request, context, name)
-
-    async def _unary(
-        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
-    ) -> Any:
-        try:
-            return await self.unary(call, request, context, name)
-        finally:
-            # A no-op once run; a call refused before it ran does not warn "never awaited".
-            close = getattr(call, "close", None)
-            if close is not None:
-                close()
-
-    async def _stream(
-        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
-    ) -> AsyncIterator[Any]:
-        try:
-            async for item in self.stream(items, request, context, name):
-                yield item
-        finally:
-            close = getattr(items, "aclose", None)
-            if close is not None:
-                await close()
-
-    async def unary(
-        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
-    ) -> Any:
-        return await call
-
-    async def stream(
-        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
-    ) -> AsyncIterator[Any]:
-        async for item in items:
-            yield item
-
-
-class CallContextInterceptor(RpcInterceptor):
-    """Takes or makes the correlation id, binds it (and later the tenant) to every log line,
-    returns it in initial metadata, and writes one access-log line and the gRPC server
-    metrics per call."""
-
-    def __init__(self, metrics: Metrics | None = None) -> None:
-        self._metrics = metrics
-
-    async def _begin(self, context: Context, name: str) -> tuple[Call, float]:
-        correlation_id = _metadata(context, "x-correlation-id")[:128] or str(uuid.uuid4())
-        call = Call(method=name, correlation_id=correlation_id)
-        current_call.set(call)
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
-        if self._metrics is not None:
-            labels = _rpc_labels(name)
-            self._metrics.started.labels(*labels).inc()
-            if labels[0] in ("unary", "server_stream"):
-                self._metrics.msg_received.labels(*labels).inc()
-        return call, time.perf_counter()
-
-    def _end(self, call: Call, started: float, context: Context) -> None:
-        code = context.code() if context.code() is not None else call.code
-        if isinstance(code, int):
-            code = grpc.StatusCode.UNKNOWN
-        elapsed = time.perf_counter() - started
-        log.info(
-            "rpc",
-            method=call.method,
-            code=code.name,
-            duration_ms=round(elapsed * 1000, 3),
-            tenant_id=call.tenant_id,
-        )
-        if self._metrics is not None:
-            labels = _rpc_labels(call.method)
-            self._metrics.handled.labels(*labels, code.name).inc()
-            unary = labels[0] in ("unary", "client_stream")
-            histogram = self._metrics.handling if unary else self._metrics.stream_handling
-            histogram.labels(*labels).observe(elapsed)
-
-    async def unary(
-        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
-    ) -> Any:
-        state, started = await self._begin(context, name)
-        try:
-            response = await call
-            # Headers go with the answer, not before it: a call that fails is then
-            # trailers-only, which a channel's retry policy may still retry (headers received
-            # commit a call). Errors carry the id in their trailers.
-            await context.send_initial_metadata((("x-correlation-id", state.correlation_id),))
-            if self._metrics is not None:
-                self._metrics.msg_sent.labels(*_rpc_labels(name)).inc()
-            return response
-        finally:
-            self._end(state, started, context)
-
-    async def stream(
-        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
-    ) -> AsyncIterator[Any]:
-        state, started = await self._begin(context, name)
-        await context.send_initial_metadata((("x-correlation-id", state.correlation_id),))
-        sent = self._metrics.msg_sent.labels(*_rpc_labels(name)) if self._metrics else None
-        try:
-            async for item in items:
-                yield item
-                if sent is not None:
-                    sent.inc()
-        finally:
-            self._end(state, started, context)
-
-
 def _rpc_labels(name: str) -> tuple[str, str, str]:
     service, _, method = name.lstrip("/").partition("/")
     return rpc_type(name), service, method
@@ -288,60 +170,6 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
     return serialized
 
 
-class ErrorInterceptor(RpcInterceptor):
-    """Turns domain errors into precise statuses with google.rpc.Status details; anything
-    unexpected becomes INTERNAL with the traceback in the log and nothing of it on the wire."""
-
-    @staticmethod
-    async def _fail(context: Context, exc: Exception) -> None:
-        call = current_call.get(None)
-        if isinstance(exc, OrchestratorError):
-            error = exc
-        else:
-            log.exception("rpc.internal_error")
-            error = OrchestratorError("internal error", reason="INTERNAL_ERROR")
-        code = getattr(grpc.StatusCode, error.code)
-        if call is not None:
-            call.code = code
-        trailers: list[tuple[str, str | bytes]] = [
-            ("grpc-status-details-bin", rich_status(code, error, call))
-        ]
-        if call is not None:
-            trailers.append(("x-correlation-id", call.correlation_id))
-        if error.retry_delay is not None:
-            # RetryInfo for the caller's code; the same delay as gRPC's own server pushback,
-            # which a channel retry policy (the client's Get/List) honours.
-            trailers.append(("grpc-retry-pushback-ms", str(int(error.retry_delay * 1000))))
-        await context.abort(
-            code, _clip(error.message, MAX_MESSAGE), trailing_metadata=tuple(trailers)
-        )
-
-    async def unary(
-        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
-    ) -> Any:
-        try:
-            if isinstance(request, Undecodable):
-                raise request.problem()
-            return await call
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await self._fail(context, exc)
-
-    async def stream(
-        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
-    ) -> AsyncIterator[Any]:
-        try:
-            if isinstance(request, Undecodable):
-                raise request.problem()
-            async for item in items:
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await self._fail(context, exc)
-
-
 def tenant_from(context: Context) -> str:
     """The caller's tenant: x-tenant-id, a UUID, required on every OrchestratorService call."""
     raw = _metadata(context, "x-tenant-id").strip()
@@ -354,42 +182,163 @@ def tenant_from(context: Context) -> str:
     return tenant
 
 
-class TenantInterceptor(RpcInterceptor):
-    """Requires a valid x-tenant-id on OrchestratorService calls (health and reflection are
-    open), and with API keys configured an `authorization: Bearer` key bound to that tenant;
-    binds the tenant to the call and its log lines."""
+class CallInterceptor(AsyncServerInterceptor):
+    """Every call's one wrapper, in this order: takes or makes the correlation id and binds
+    it (and later the tenant) to every log line; refuses an undecodable request; requires a
+    valid x-tenant-id on OrchestratorService calls (health and reflection are open), and
+    with API keys configured an `authorization: Bearer` key bound to that tenant; runs the
+    handler; turns domain errors into precise statuses with google.rpc.Status details (and
+    anything unexpected into INTERNAL, its traceback in the log and nothing of it on the
+    wire); returns the correlation id in the headers with the answer (in the trailers of an
+    error); writes one access-log line and the gRPC server metrics.
 
-    def __init__(self, keys: KeyRing | None = None) -> None:
+    One interceptor rather than one per concern: each layer costs grpc.aio an
+    `intercept_service` and a handler per call, and a coroutine (or generator) per message."""
+
+    def __init__(self, metrics: Metrics | None = None, keys: KeyRing | None = None) -> None:
+        self._metrics = metrics
         self._keys = keys
 
-    def _bind(self, context: Context, name: str) -> None:
+    def intercept(
+        self, method: Callable[[Any, Context], Any], request: Any, context: Context, name: str
+    ) -> Any:
+        # Nothing of the handler runs yet: a coroutine or an async generator, not started.
+        response = method(request, context)
+        if hasattr(response, "__aiter__"):
+            return self._stream(response, request, context, name)
+        return self._unary(response, request, context, name)
+
+    # ------------------------------------------------------------ the two shapes of call
+
+    async def _unary(
+        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
+    ) -> Any:
+        state, started = self._begin(context, name)
+        try:
+            try:
+                if isinstance(request, Undecodable):
+                    raise request.problem()
+                self._bind(context, name, state)
+                response = await call
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._fail(context, exc, state)
+            # Headers go with the answer, not before it: a call that fails is then
+            # trailers-only, which a channel's retry policy may still retry (headers received
+            # commit a call). Errors carry the id in their trailers.
+            await context.send_initial_metadata((("x-correlation-id", state.correlation_id),))
+            if self._metrics is not None:
+                self._metrics.msg_sent.labels(*_rpc_labels(name)).inc()
+            return response
+        finally:
+            self._end(state, started, context)
+            # A no-op once run; a call refused before it ran does not warn "never awaited".
+            close = getattr(call, "close", None)
+            if close is not None:
+                close()
+
+    async def _stream(
+        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
+    ) -> AsyncIterator[Any]:
+        state, started = self._begin(context, name)
+        try:
+            await context.send_initial_metadata((("x-correlation-id", state.correlation_id),))
+            sent = self._metrics.msg_sent.labels(*_rpc_labels(name)) if self._metrics else None
+            try:
+                if isinstance(request, Undecodable):
+                    raise request.problem()
+                self._bind(context, name, state)
+                # An error raised mid-stream is answered like one raised before the first
+                # message: precise code and details.
+                async for item in items:
+                    yield item
+                    if sent is not None:
+                        sent.inc()
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._fail(context, exc, state)
+        finally:
+            try:  # the handler's own clean-up first, as when it was the innermost layer
+                close = getattr(items, "aclose", None)
+                if close is not None:
+                    await close()
+            finally:
+                self._end(state, started, context)
+
+    # ------------------------------------------------------------ call context
+
+    def _begin(self, context: Context, name: str) -> tuple[Call, float]:
+        correlation_id = _metadata(context, "x-correlation-id")[:128] or str(uuid.uuid4())
+        call = Call(method=name, correlation_id=correlation_id)
+        current_call.set(call)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
+        if self._metrics is not None:
+            labels = _rpc_labels(name)
+            self._metrics.started.labels(*labels).inc()
+            if labels[0] in ("unary", "server_stream"):
+                self._metrics.msg_received.labels(*labels).inc()
+        return call, time.perf_counter()
+
+    def _end(self, call: Call, started: float, context: Context) -> None:
+        code = context.code() if context.code() is not None else call.code
+        if isinstance(code, int):
+            code = grpc.StatusCode.UNKNOWN
+        elapsed = time.perf_counter() - started
+        log.info(
+            "rpc",
+            method=call.method,
+            code=code.name,
+            duration_ms=round(elapsed * 1000, 3),
+            tenant_id=call.tenant_id,
+        )
+        if self._metrics is not None:
+            labels = _rpc_labels(call.method)
+            self._metrics.handled.labels(*labels, code.name).inc()
+            unary = labels[0] in ("unary", "client_stream")
+            histogram = self._metrics.handling if unary else self._metrics.stream_handling
+            histogram.labels(*labels).observe(elapsed)
+
+    # ------------------------------------------------------------ tenant
+
+    def _bind(self, context: Context, name: str, call: Call) -> None:
         if not name.startswith(SERVICE_PREFIX):
             return
         tenant = tenant_from(context)
         if self._keys is not None:
             key = self._keys.authorize(_metadata(context, "authorization"), tenant)
             structlog.contextvars.bind_contextvars(api_key=key)
-        call = current_call.get(None)
-        if call is not None:
-            call.tenant_id = tenant
+        call.tenant_id = tenant
         structlog.contextvars.bind_contextvars(tenant_id=tenant)
 
-    async def unary(
-        self, call: Coroutine[Any, Any, Any], request: Any, context: Context, name: str
-    ) -> Any:
-        self._bind(context, name)
-        return await call
+    # ------------------------------------------------------------ errors
 
-    async def stream(
-        self, items: AsyncIterator[Any], request: Any, context: Context, name: str
-    ) -> AsyncIterator[Any]:
-        self._bind(context, name)
-        async for item in items:
-            yield item
+    @staticmethod
+    async def _fail(context: Context, exc: Exception, call: Call) -> NoReturn:
+        if isinstance(exc, OrchestratorError):
+            error = exc
+        else:
+            log.exception("rpc.internal_error")
+            error = OrchestratorError("internal error", reason="INTERNAL_ERROR")
+        code = getattr(grpc.StatusCode, error.code)
+        call.code = code
+        trailers: list[tuple[str, str | bytes]] = [
+            ("grpc-status-details-bin", rich_status(code, error, call)),
+            ("x-correlation-id", call.correlation_id),
+        ]
+        if error.retry_delay is not None:
+            # RetryInfo for the caller's code; the same delay as gRPC's own server pushback,
+            # which a channel retry policy (the client's Get/List) honours.
+            trailers.append(("grpc-retry-pushback-ms", str(int(error.retry_delay * 1000))))
+        await context.abort(
+            code, _clip(error.message, MAX_MESSAGE), trailing_metadata=tuple(trailers)
+        )
 
 
 def call_tenant() -> str:
-    """The tenant bound to the current call by TenantInterceptor."""
+    """The tenant bound to the current call by CallInterceptor."""
     return current_call.get().tenant_id
 
 

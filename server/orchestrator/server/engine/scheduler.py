@@ -497,6 +497,9 @@ class RunTask:
         self.trace_parent = parent_context(row["trace_parent"])
         context = self.plan.plan.security_context
         self.restricted = context.data_classification.lower() == "restricted"
+        # The plan's own allowance, read once: repeated proto fields are scanned per lookup.
+        self.allowed_tools = frozenset(context.allowed_tools)
+        self.declared = frozenset(context.required_capabilities)
         for s in step_rows:
             self.rows[s["step_id"]] = s
             self.status[s["step_id"]] = StepStatus(s["status"])
@@ -1031,12 +1034,11 @@ class RunTask:
 
     def _capability_problem(self, tool: Tool) -> str:
         """The engine checks again before each call (the plan was checked at submit)."""
-        ctx = self.plan.plan.security_context
         # A plan that declares nothing was submitted with validate_capabilities=false.
-        if ctx.allowed_tools or ctx.required_capabilities:
-            if ctx.allowed_tools and tool.name not in ctx.allowed_tools:
+        if self.allowed_tools or self.declared:
+            if self.allowed_tools and tool.name not in self.allowed_tools:
                 return f"tool {tool.name!r} is not in the plan's allowed_tools"
-            missing = sorted(tool.capabilities - set(ctx.required_capabilities))
+            missing = sorted(tool.capabilities - self.declared)
             if missing:
                 return f"capabilities not declared: {', '.join(missing)}"
         # The tenant policy holds whatever the caller asked to skip.

@@ -19,13 +19,16 @@ from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatu
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.records import Answer, EventSpec, clean_text
 from orchestrator.server.store.runs import RunStore, not_found
-from orchestrator.server.store.schema import clarifications, replicas, runs, signals, steps
+from orchestrator.server.store.schema import clarifications, replicas, runs, signals
 from orchestrator.server.store.statements import (
+    OPEN_STEPS,
     SELECT_APPROVALS,
+    SELECT_OPEN_STEPS,
     SELECT_RUN_INPUTS,
     SELECT_STEP,
     SELECT_STEPS,
     UNFINISHED,
+    WITHDRAW_CLARIFICATIONS,
     bind,
     one_of,
     update_step_statement,
@@ -45,7 +48,6 @@ STEP_EVENT = {
 STALE_REPLICA_SECONDS = 3600.0
 # Execution.waiting_reason of a PENDING run whose concurrency key's runs are all taken.
 WAITING_FOR_KEY = "CONCURRENCY_KEY"
-OPEN_STEPS = (StepStatus.PENDING.value, StepStatus.RUNNING.value, StepStatus.WAITING.value)
 
 
 @dataclass(frozen=True)
@@ -390,13 +392,7 @@ class Journal:
                 return False
             open_steps = [
                 dict(r)
-                for r in (
-                    await tx.conn.execute(
-                        sa.select(steps)
-                        .where(steps.c.run_id == run_id, one_of(steps.c.status, OPEN_STEPS))
-                        .order_by(steps.c.position)
-                    )
-                ).mappings()
+                for r in (await tx.conn.execute(SELECT_OPEN_STEPS, {"w_run_id": run_id})).mappings()
             ]
             step_specs: list[EventSpec] = []
             for step in open_steps:
@@ -425,9 +421,7 @@ class Journal:
                     )
                 )
             await tx.conn.execute(
-                sa.update(clarifications)
-                .where(clarifications.c.run_id == run_id, clarifications.c.status == "PENDING")
-                .values(status="WITHDRAWN", resolved_at=tx.now)
+                WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
             )
             message = f"run {target.value.lower()}" + (
                 f": {error_message}" if error_message else ""

@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from orchestrator.server.lifecycle import RunStatus
+from orchestrator.server.lifecycle import RunStatus, StepStatus
 from orchestrator.server.store.direct import direct
 from orchestrator.server.store.schema import clarifications, events, runs, steps
 
@@ -59,6 +59,27 @@ SELECT_PENDING_CLARIFICATIONS = direct(
         clarifications.c.run_id == sa.bindparam("w_run_id"), clarifications.c.status == "PENDING"
     )
     .order_by(clarifications.c.created_at)
+)
+OPEN_STEPS = (StepStatus.PENDING.value, StepStatus.RUNNING.value, StepStatus.WAITING.value)
+# A finishing run's steps still open (skipped or cancelled with it), and its questions
+# nobody will answer now (withdrawn): once per run, prebuilt like the transitions'.
+SELECT_OPEN_STEPS = direct(
+    sa.select(steps)
+    .where(
+        steps.c.run_id == sa.bindparam("w_run_id"),
+        one_of(steps.c.status, OPEN_STEPS),
+    )
+    .order_by(steps.c.position)
+)
+WITHDRAW_CLARIFICATIONS = direct(
+    sa.update(clarifications)
+    .where(
+        clarifications.c.run_id == sa.bindparam("w_run_id"), clarifications.c.status == "PENDING"
+    )
+    .values(
+        status="WITHDRAWN",
+        resolved_at=sa.bindparam("v_resolved_at", type_=clarifications.c.resolved_at.type),
+    )
 )
 SELECT_APPROVALS = direct(
     sa.select(clarifications.c.step_id, clarifications.c.response).where(
