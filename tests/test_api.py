@@ -738,6 +738,11 @@ async def test_reflection_lists_the_nine_rpcs(channel: grpc.aio.Channel, version
             "WatchExecution",
             "WatchExecutions",
             "RetryExecution",
+            "SignalExecution",
+            "CreateWebhook",
+            "ListWebhooks",
+            "DeleteWebhook",
+            "ListWebhookDeliveries",
         ]
     )
 
