@@ -365,6 +365,7 @@ class RunTask:
         self.answers: dict[str, asyncio.Future[Answer]] = {}
         # Steps waiting on a signal, by its name: each is woken to look in the store again.
         self.signal_waiters: dict[str, set[asyncio.Event]] = {}
+        self.parked: set[str] = set()  # steps waiting on a signal right now
         self.approved: set[str] = set()
         self.loaded = False
         self.lost = False
@@ -396,7 +397,9 @@ class RunTask:
         start is being committed counts as under way: its start commits whether or not we
         wait for it, and the replica taking over would run it again as a second attempt."""
         for step_id, task in self.inflight.items():
-            if self.status.get(step_id) is not StepStatus.RUNNING and step_id not in self.starting:
+            running = self.status.get(step_id) is StepStatus.RUNNING
+            if (not running or step_id in self.parked) and step_id not in self.starting:
+                # A step parked on a signal is left at once, like one waiting on a person.
                 task.cancel()
         self.wake.set()
 
@@ -1010,11 +1013,14 @@ class RunTask:
                     raise ToolError(
                         f"no signal {name!r} within {limit or 0:g}s", reason="SIGNAL_TIMEOUT"
                     )
+                self.parked.add(step_id)
                 try:
                     async with asyncio.timeout(remaining):
                         await waiter.wait()
                 except TimeoutError:
                     pass
+                finally:
+                    self.parked.discard(step_id)
         finally:
             waiters = self.signal_waiters.get(name, set())
             waiters.discard(waiter)

@@ -258,16 +258,24 @@ class WebhookStore:
         `busy` (being sent to already); each is leased (its next attempt moved `lease`
         seconds on) so that another replica, or a crash, only delays it."""
         busy = list(busy)
+        query = sa.select(webhook_deliveries.c.pk).where(
+            webhook_deliveries.c.status == PENDING,
+            webhook_deliveries.c.next_attempt_at <= now,
+        )
+        if busy:
+            query = query.where(webhook_deliveries.c.webhook_id.not_in(busy))
+        query = query.order_by(webhook_deliveries.c.pk).limit(limit)
+
+        async def look(conn: Any) -> list[int]:
+            return [r.pk for r in (await conn.execute(query)).all()]
+
+        # A read first: with nothing due (the usual case) no transaction is written at all, so
+        # polling neither loads the writer nor passes for a write that succeeded (store full).
+        if not await self.db.read(look):
+            return []
 
         async def unit(tx: Tx) -> list[Due]:
-            query = sa.select(webhook_deliveries.c.pk).where(
-                webhook_deliveries.c.status == PENDING,
-                webhook_deliveries.c.next_attempt_at <= now,
-            )
-            if busy:
-                query = query.where(webhook_deliveries.c.webhook_id.not_in(busy))
-            query = self.db.dialect.claimable(query.order_by(webhook_deliveries.c.pk).limit(limit))
-            pks = [r.pk for r in (await tx.conn.execute(query)).all()]
+            pks = [r.pk for r in (await tx.conn.execute(self.db.dialect.claimable(query))).all()]
             if not pks:
                 return []
             await tx.conn.execute(
