@@ -74,7 +74,7 @@ def overlapping(runs: list[pb.Execution]) -> int:
 async def test_a_mutex_runs_one_at_a_time_in_priority_then_submit_order(
     stub: Stub, tenant: str, server: Server
 ) -> None:
-    first = await submit(stub, tenant, 1.0, concurrency_key="deploy/prod", max_concurrent=1)
+    first = await submit(stub, tenant, 2.0, concurrency_key="deploy/prod", max_concurrent=1)
     priorities = [3, 5, 1, 3, 2, 1, 4, 3, 2]
     queued = [
         await submit(
@@ -112,9 +112,10 @@ async def test_a_mutex_runs_one_at_a_time_in_priority_then_submit_order(
         queued[i] for i in sorted(range(len(queued)), key=lambda i: (priorities[i], i))
     ]
     assert order == expected
-    # The other key and the unkeyed run did not wait for the mutex to drain.
-    assert done[-2].completed_at.ToNanoseconds() < done[0].completed_at.ToNanoseconds()
-    assert done[-1].completed_at.ToNanoseconds() < done[0].completed_at.ToNanoseconds()
+    # The other key and the unkeyed run did not wait for the mutex: they started while its
+    # first holder still ran.
+    assert done[-2].started_at.ToNanoseconds() < done[0].completed_at.ToNanoseconds()
+    assert done[-1].started_at.ToNanoseconds() < done[0].completed_at.ToNanoseconds()
 
 
 async def test_max_concurrent_two_and_a_cancelled_waiter(stub: Stub, tenant: str) -> None:
