@@ -30,7 +30,7 @@ STEPPED = plan_of(
     {
         "stepId": "work",
         "tool": "core.wait",
-        "parameters": {"seconds": 1.5},
+        "parameters": {"seconds": 6},
         "dependsOn": ["prepare"],
     },
     {"stepId": "report", "tool": "core.echo", "parameters": {"done": "{{ steps.work.output }}"}},

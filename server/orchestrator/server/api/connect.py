@@ -177,7 +177,12 @@ class ConnectService:
     def __init__(self, servicer: OrchestratorServicer, interceptors: Sequence[CallInterceptor]):
         self._methods: dict[str, Callable[..., Any]] = {}
         for method in SERVICE.methods:
-            chained = _chain(getattr(servicer, method.name), interceptors, _path(method))
+            chained = _chain(
+                getattr(servicer, method.name),
+                interceptors,
+                _path(method),
+                method.server_streaming,
+            )
             make = _stream if method.server_streaming else _unary
             self._methods[snake_case(method.name)] = make(chained, method)
 
@@ -192,16 +197,30 @@ def _path(method: MethodDescriptor) -> str:
     return f"/{SERVICE.full_name}/{method.name}"
 
 
-def _chain(handler: Handler, interceptors: Sequence[CallInterceptor], name: str) -> Handler:
-    """The handler wrapped as grpc-interceptor would: the first interceptor outermost."""
+def _chain(
+    handler: Handler, interceptors: Sequence[CallInterceptor], name: str, streaming: bool
+) -> Handler:
+    """The handler wrapped as grpc-interceptor would: the first interceptor outermost, and
+    each inner layer started only when the outer one awaits it (so a call refused before it
+    runs leaves no handler coroutine never awaited)."""
     for interceptor in reversed(interceptors):
+        if streaming:
 
-        def wrapped(
-            request: Any, context: Any, inner: Handler = handler, i: Any = interceptor
-        ) -> Any:
-            return i.intercept(inner, request, context, name)
+            async def stream(
+                request: Any, context: Any, inner: Handler = handler, i: Any = interceptor
+            ) -> AsyncIterator[Any]:
+                async for item in i.intercept(inner, request, context, name):
+                    yield item
 
-        handler = wrapped
+            handler = stream
+        else:
+
+            async def unary(
+                request: Any, context: Any, inner: Handler = handler, i: Any = interceptor
+            ) -> Any:
+                return await i.intercept(inner, request, context, name)
+
+            handler = unary
     return handler
 
 
