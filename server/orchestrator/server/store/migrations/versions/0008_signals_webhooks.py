@@ -1,7 +1,7 @@
 """signals (what was sent to a run, which step took it); webhooks and their delivery outbox
 
-Revision ID: 0006_signals_webhooks
-Revises: 0005_plans_schedules
+Revision ID: 0008_signals_webhooks
+Revises: 0007_plans_schedules
 Create Date: 2026-12-01 23:30:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_signals_webhooks"
-down_revision = "0005_plans_schedules"
+revision = "0008_signals_webhooks"
+down_revision = "0007_plans_schedules"
 branch_labels = None
 depends_on = None
 

@@ -1,6 +1,6 @@
 """the plan store and schedules: plans, schedules, schedule_fires
 
-Revision ID: 0005_plans_schedules
+Revision ID: 0007_plans_schedules
 Revises: 0006_concurrency_keys
 Create Date: 2026-12-01 23:30:00
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_plans_schedules"
+revision = "0007_plans_schedules"
 down_revision = "0006_concurrency_keys"
 branch_labels = None
 depends_on = None
