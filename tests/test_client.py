@@ -40,12 +40,6 @@ from tests.conftest import EXAMPLES, load_plan, make_settings, plan_of, sqlite_u
 from tests.pki import make_pki
 from tests.process import ServeProcess, free_port
 
-TERMINAL = (
-    pb.EXECUTION_STATUS_COMPLETED,
-    pb.EXECUTION_STATUS_FAILED,
-    pb.EXECUTION_STATUS_CANCELLED,
-)
-
 
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:

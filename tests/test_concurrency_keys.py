@@ -12,31 +12,26 @@ import grpc
 import pytest
 from prometheus_client import generate_latest
 
+from orchestrator.client import TERMINAL
 from orchestrator.server.app import Server
 from orchestrator.v1 import orchestrator_pb2 as pb
-from tests.conftest import md, plan_of
+from tests.conftest import md
 from tests.errors import details_of
 from tests.stores import drop_postgres_database, fetch, postgres_database
-from tests.test_durability import Cluster, call, finished, wait_for
+from tests.test_durability import Cluster, call, finished, wait_for, waits
 
 if TYPE_CHECKING:
     from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
     Stub = pb_grpc.OrchestratorServiceAsyncStub
 
-TERMINAL = (
-    pb.EXECUTION_STATUS_COMPLETED,
-    pb.EXECUTION_STATUS_FAILED,
-    pb.EXECUTION_STATUS_CANCELLED,
-)
 
-
-def waits(seconds: float) -> pb.ExecutablePlan:
-    return plan_of({"stepId": "work", "tool": "core.wait", "parameters": {"seconds": seconds}})
+def one_wait(seconds: float) -> pb.ExecutablePlan:
+    return waits(1, seconds)
 
 
 async def submit(stub: Stub, tenant: str, seconds: float, **fields: object) -> str:
-    request = pb.ExecuteRequest(executable_plan=waits(seconds), **fields)  # type: ignore[arg-type]
+    request = pb.ExecuteRequest(executable_plan=one_wait(seconds), **fields)  # type: ignore[arg-type]
     response: pb.ExecuteResponse = await stub.Execute(request, metadata=md(tenant))
     return response.run_id
 
@@ -164,9 +159,7 @@ def test_kill_9_of_the_replica_running_a_keyed_run_neither_doubles_nor_loses(
                 cluster,
                 ("r1", "r2")[i % 2],
                 "Execute",
-                pb.ExecuteRequest(
-                    executable_plan=waits_in_steps(3, 0.3), concurrency_key="deploy/prod"
-                ),
+                pb.ExecuteRequest(executable_plan=waits(3, 0.3), concurrency_key="deploy/prod"),
                 tenant,
             ).run_id
             for i in range(6)
@@ -190,12 +183,3 @@ def test_kill_9_of_the_replica_running_a_keyed_run_neither_doubles_nor_loses(
     finally:
         cluster.stop_all()
         drop_postgres_database(url)
-
-
-def waits_in_steps(n: int, seconds: float) -> pb.ExecutablePlan:
-    return plan_of(
-        *(
-            {"stepId": f"w{i}", "tool": "core.wait", "parameters": {"seconds": seconds}}
-            for i in range(n)
-        )
-    )

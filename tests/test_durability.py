@@ -17,6 +17,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from orchestrator.client import TERMINAL
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import make_settings, md, plan_of, running
@@ -24,11 +25,6 @@ from tests.process import ServeProcess, free_port
 from tests.stores import drop_postgres_database, fetch, postgres_database
 
 pytestmark = pytest.mark.subprocess
-TERMINAL = (
-    pb.EXECUTION_STATUS_COMPLETED,
-    pb.EXECUTION_STATUS_FAILED,
-    pb.EXECUTION_STATUS_CANCELLED,
-)
 
 
 class Cluster:

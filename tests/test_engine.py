@@ -17,6 +17,7 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from orchestrator.client import TERMINAL
 from orchestrator.server.app import Server
 from orchestrator.server.settings import Settings
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -49,13 +50,6 @@ async def run_sync(stub: Stub, tenant: str, plan: pb.ExecutablePlan, **fields: A
     response: pb.ExecuteResponse = await stub.Execute(request, metadata=md(tenant), timeout=60)
     assert response.execution.status in TERMINAL, response.execution
     return response.execution
-
-
-TERMINAL = (
-    pb.EXECUTION_STATUS_COMPLETED,
-    pb.EXECUTION_STATUS_FAILED,
-    pb.EXECUTION_STATUS_CANCELLED,
-)
 
 
 async def start(stub: Stub, tenant: str, plan: pb.ExecutablePlan, **fields: Any) -> str:

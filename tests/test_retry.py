@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
+from orchestrator.client import TERMINAL
 from orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import md, plan_of
 from tests.errors import details_of
@@ -18,11 +19,6 @@ if TYPE_CHECKING:
     Stub = pb_grpc.OrchestratorServiceAsyncStub
 
 S = pb.StepStatus
-TERMINAL = (
-    pb.EXECUTION_STATUS_COMPLETED,
-    pb.EXECUTION_STATUS_FAILED,
-    pb.EXECUTION_STATUS_CANCELLED,
-)
 
 
 def echo(step_id: str, **extra: Any) -> dict[str, Any]:

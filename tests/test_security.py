@@ -19,18 +19,13 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestrator.client import TERMINAL
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import make_settings, md, plan_of, running
 from tests.errors import details_of
 from tests.pki import make_pki
 from tests.process import ServeProcess
-
-TERMINAL = (
-    pb.EXECUTION_STATUS_COMPLETED,
-    pb.EXECUTION_STATUS_FAILED,
-    pb.EXECUTION_STATUS_CANCELLED,
-)
 
 
 async def finished(stub: Any, tenant: str, run_id: str, *extra: tuple[str, str]) -> pb.Execution:

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from orchestrator.client import TERMINAL
 from orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import md, plan_of
 from tests.errors import details_of
@@ -22,11 +23,6 @@ if TYPE_CHECKING:
     from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
     Stub = pb_grpc.OrchestratorServiceAsyncStub
-TERMINAL = (
-    pb.EXECUTION_STATUS_COMPLETED,
-    pb.EXECUTION_STATUS_FAILED,
-    pb.EXECUTION_STATUS_CANCELLED,
-)
 
 
 def wait_step(step_id: str, name: str, timeout: float | None = None, **extra: Any) -> Any:

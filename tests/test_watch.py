@@ -23,11 +23,6 @@ from tests.errors import details_of
 
 if TYPE_CHECKING:
     Stub = pb_grpc.OrchestratorServiceAsyncStub
-TERMINAL = (
-    pb.EXECUTION_STATUS_COMPLETED,
-    pb.EXECUTION_STATUS_FAILED,
-    pb.EXECUTION_STATUS_CANCELLED,
-)
 
 
 @pytest.fixture

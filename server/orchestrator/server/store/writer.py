@@ -136,6 +136,16 @@ class Writer:
         """Call `listener` with the changes of every commit, right after it."""
         self._listeners.append(listener)
 
+    def _tell_listeners(self, changes: list[Change]) -> None:
+        """What a commit changed, to every listener (one failing does not stop the others)."""
+        if not changes:
+            return
+        for listener in self._listeners:
+            try:
+                listener(changes)
+            except Exception:
+                _quietly(log.exception, "writer.listener_failed")
+
     @property
     def queue_depth(self) -> int:
         """Units of work waiting for the next group commit."""
@@ -186,12 +196,7 @@ class Writer:
             self.health.failed(weather, exc)
             raise _outage(exc) from exc
         self.health.succeeded(wrote=True)
-        if tx.changes:
-            for listener in self._listeners:
-                try:
-                    listener(tx.changes)
-                except Exception:
-                    _quietly(log.exception, "writer.listener_failed")
+        self._tell_listeners(tx.changes)
         result: T = results[0]
         return result
 
@@ -300,12 +305,7 @@ class Writer:
         self.units += len(batch)
         if self.on_batch is not None:
             self.on_batch(len(batch), time.perf_counter() - started, True)
-        if tx.changes:
-            for listener in self._listeners:
-                try:
-                    listener(tx.changes)
-                except Exception:
-                    _quietly(log.exception, "writer.listener_failed")
+        self._tell_listeners(tx.changes)
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
