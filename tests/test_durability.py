@@ -269,11 +269,17 @@ def test_two_replicas_share_take_over_and_hand_over(tmp_path: Path) -> None:
     try:
         cluster.start("A", lease=2)
         cluster.start("B", lease=2)
+        # Each replica runs what it accepts while it has step slots free (no claim round
+        # trip), so the runs are sent to both.
         runs = [
             call(
-                cluster, "A", "Execute", pb.ExecuteRequest(executable_plan=waits(4, 0.5)), tenant
+                cluster,
+                "AB"[i % 2],
+                "Execute",
+                pb.ExecuteRequest(executable_plan=waits(4, 0.5)),
+                tenant,
             ).run_id
-            for _ in range(12)
+            for i in range(12)
         ]
         owned = wait_for(
             lambda: (o := owners(url, runs)) and all(o.values()) and o,
@@ -321,13 +327,18 @@ def test_two_replicas_share_take_over_and_hand_over(tmp_path: Path) -> None:
         # SIGKILL A: its unfinished runs finish on B within the lease + 5 s.
         more = [
             call(
-                cluster, "B", "Execute", pb.ExecuteRequest(executable_plan=waits(6, 0.5)), tenant
+                cluster,
+                "AB"[i % 2],
+                "Execute",
+                pb.ExecuteRequest(executable_plan=waits(6, 0.5)),
+                tenant,
             ).run_id
-            for _ in range(6)
+            for i in range(6)
         ]
         wait_for(lambda: (o := owners(url, more)) and all(o.values()), 10, "claims")
         time.sleep(0.7)
         on_a = [r for r, o in owners(url, more).items() if o == "A"]
+        assert on_a, "A holds some runs"
         killed = time.monotonic()
         cluster.procs["A"].kill()
         wait_for(
@@ -345,9 +356,13 @@ def test_two_replicas_share_take_over_and_hand_over(tmp_path: Path) -> None:
         cluster.start("A", lease=2)
         handed = [
             call(
-                cluster, "A", "Execute", pb.ExecuteRequest(executable_plan=waits(6, 0.4)), tenant
+                cluster,
+                "AB"[i % 2],
+                "Execute",
+                pb.ExecuteRequest(executable_plan=waits(6, 0.4)),
+                tenant,
             ).run_id
-            for _ in range(6)
+            for i in range(6)
         ]
         wait_for(lambda: (o := owners(url, handed)) and all(o.values()), 10, "claims")
         time.sleep(0.6)

@@ -10,10 +10,13 @@ import grpc
 import pytest
 from prometheus_client import generate_latest
 
+from orchestrator.server.engine.scheduler import ADOPTED_FOR
 from orchestrator.server.engine.slots import FairSlots
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import make_settings, md, plan_of, running, until
+from tests.stores import drop_postgres_database, postgres_database
+from tests.test_durability import owners
 
 # ------------------------------------------------------------------ the slot pool itself
 
@@ -158,3 +161,56 @@ async def test_claims_take_each_tenants_first_run_before_anyones_second(
         claimed = await server.engine.journal.claim(lapse=10.0, limit=4)
         # B's one run and A's most urgent first, then A's oldest.
         assert set(claimed) == {lone, urgent, *backlog[:2]}
+
+
+# ------------------------------------------------------------------ adoption at accept
+
+
+async def test_a_replica_adopts_what_it_accepts_only_while_slots_are_free(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path, max_steps_in_flight=4, execute=False)
+    async with running(settings) as server:
+        engine = server.engine
+        engine.enabled = True  # its adoption book only: nothing is started
+        a, b, c = (str(uuid.uuid4()) for _ in range(3))
+        # A may hold all but the reserve (3 of 4), counting the runs it was given already.
+        assert [engine.adopt(a, f"a{i}") for i in range(4)] == [True, True, True, False]
+        assert engine.adopt(b, "b0")  # the reserve is B's
+        assert not engine.adopt(c, "c0")  # every slot is spoken for
+        engine.settle("a0")  # its first step took a slot, or it was never created
+        assert engine.adopt(c, "c1")
+        # A run that takes no slot (it waits on a person) stops counting after a while.
+        await asyncio.sleep(ADOPTED_FOR + 0.1)
+        assert [engine.adopt(a, f"a{i}") for i in range(4, 8)] == [True, True, True, False]
+
+
+@pytest.mark.postgres
+async def test_among_replicas_the_accepting_one_runs_a_run_with_a_free_slot(
+    tmp_path: Path,
+) -> None:
+    url = postgres_database()
+    slow = plan_of({"stepId": "slow", "tool": "core.wait", "parameters": {"seconds": 60}})
+    tenant = str(uuid.uuid4())
+    try:
+        one = make_settings(tmp_path, url, replica_id="one", max_steps_in_flight=4)
+        two = make_settings(tmp_path, url, replica_id="two", max_steps_in_flight=4)
+        async with (
+            running(one) as first,
+            running(two),
+            grpc.aio.insecure_channel(first.address) as ch,
+        ):
+            stub = pb_grpc.OrchestratorServiceStub(ch)
+            run_ids = []
+            for _ in range(3):
+                response = await stub.Execute(
+                    pb.ExecuteRequest(executable_plan=slow), metadata=md(tenant)
+                )
+                run_ids.append(response.run_id)
+                # Owned as it was stored: no claim (and no notice to claim it) between.
+                owned = await asyncio.to_thread(owners, url, [response.run_id])
+                assert owned == {response.run_id: "one"}
+            for run_id in run_ids:
+                await stub.Cancel(pb.CancelRequest(run_id=run_id), metadata=md(tenant))
+    finally:
+        drop_postgres_database(url)

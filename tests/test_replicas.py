@@ -77,14 +77,9 @@ def test_parked_runs_cost_no_row_writes_at_rest(tmp_path: Path) -> None:
         # third of it (300 runs, lease 2 s: ~450 row updates a second).
         cluster.start("A", lease=2)
         cluster.start("B", lease=2)
-        channel, stub = cluster.stub("A")
-        with channel:
-            for _ in range(count):
-                stub.Execute(
-                    pb.ExecuteRequest(executable_plan=parked),
-                    metadata=(("x-tenant-id", tenant),),
-                    timeout=30,
-                )
+        # Each replica runs what it accepts while it has room: the runs are sent to both.
+        for i in range(count):
+            call(cluster, "AB"[i % 2], "Execute", pb.ExecuteRequest(executable_plan=parked), tenant)
         wait_for(
             lambda: (
                 fetch(url, "SELECT count(*) AS n FROM clarifications WHERE status = 'PENDING'")[0][
@@ -156,9 +151,13 @@ def test_a_stopped_replica_that_comes_back_writes_nothing_for_runs_it_lost(
         cluster.start("B", lease=lease)
         run_ids = [
             call(
-                cluster, "B", "Execute", pb.ExecuteRequest(executable_plan=waits(8, 0.5)), tenant
+                cluster,
+                "AB"[i % 2],
+                "Execute",
+                pb.ExecuteRequest(executable_plan=waits(8, 0.5)),
+                tenant,
             ).run_id
-            for _ in range(8)
+            for i in range(8)
         ]
         wait_for(lambda: (o := owners(url, run_ids)) and all(o.values()), 10, "claims")
         time.sleep(0.8)

@@ -112,7 +112,13 @@ class ControlPlane:
         validated = checked.validated
         estimate = await self._estimate(tenant_id, validated.plan_hash, len(validated.steps))
         new = self.new_run(tenant_id, correlation_id, request, checked, estimate)
-        created = await self.store.create_run(new)
+        try:
+            created = await self.store.create_run(new)
+        except BaseException:
+            self.engine.settle(new.run_id)  # adopted (see new_run), never created
+            raise
+        if not created.created:
+            self.engine.settle(new.run_id)
         execution = created.execution
         run_id = execution.run_id
         if created.created and not request.dry_run:
@@ -179,8 +185,13 @@ class ControlPlane:
             max_concurrent=(request.max_concurrent or 1) if request.concurrency_key else 0,
             priority=request.priority or DEFAULT_PRIORITY,
         )
-        if self.engine.enabled and self.engine.single_replica and not request.dry_run:
-            # One replica on its own store runs what it accepts, without a claim round trip.
+        if (
+            self.engine.enabled
+            and not request.dry_run
+            and (self.engine.single_replica or self.engine.adopt(tenant_id, new.run_id))
+        ):
+            # One replica on its own store runs what it accepts, without a claim round trip;
+            # among several, so does a replica with a step slot free to the tenant now.
             new.owner = self.engine.owner
             new.lease_expires_at = time.time() + self.engine.lease_seconds
         return new

@@ -103,6 +103,9 @@ CLAIM_BATCH = 8
 # A run waiting on its concurrency key asks again this often at the latest (a notice from
 # the replica where a run with the key ended wakes it at once).
 KEY_RECHECK_SECONDS = 5.0
+# A run adopted at accept (Engine.adopt) counts against its tenant's free slots this long at
+# most, unless its first step takes a slot (or its task ends) sooner.
+ADOPTED_FOR = 1.0
 
 
 @dataclass
@@ -176,14 +179,37 @@ class Engine:
         self.closing = False
         self.takeovers = 0
         self._key_freed: dict[tuple[str, str], asyncio.Event] = {}
+        # Runs accepted here to run here (see `adopt`) whose first step has no slot yet.
+        self._adopted: dict[str, tuple[str, float]] = {}
 
     @property
     def owner(self) -> str:
         return self.journal.owner
 
+    def adopt(self, tenant_id: str, run_id: str) -> bool:
+        """Whether a run the tenant submits here should run here at once rather than wait
+        for a claim (several replicas): yes when a step slot is free to the tenant now,
+        counting the runs adopted in the last ADOPTED_FOR seconds that have not taken theirs
+        (Temporal's sync match). `settle` lets a run go early: its first step took a slot,
+        its task ended, or it was not created."""
+        if self.closing or not self.enabled:
+            return False
+        now = time.monotonic()
+        for old in [r for r, (_, at) in self._adopted.items() if now - at > ADOPTED_FOR]:
+            del self._adopted[old]
+        mine = sum(1 for tenant, _ in self._adopted.values() if tenant == tenant_id)
+        if not self.slots.free_to(tenant_id, mine, len(self._adopted)):
+            return False
+        self._adopted[run_id] = (tenant_id, now)
+        return True
+
+    def settle(self, run_id: str) -> None:
+        self._adopted.pop(run_id, None)
+
     def submit(self, run_id: str) -> None:
         """Start the run's task (the lease is held) unless it already has one."""
         if self.closing or not self.enabled or run_id in self.runs:
+            self.settle(run_id)
             return
         task = RunTask(self, run_id)
         self.runs[run_id] = task
@@ -451,6 +477,7 @@ class RunTask:
             )
         finally:
             self.engine.runs.pop(self.run_id, None)
+            self.engine.settle(self.run_id)
             if self.key is not None:
                 self.engine.key_freed(self.key)
             self.log.info("engine.run_task_ended", cancelled=self.cancelled, lost=self.lost)
@@ -932,6 +959,7 @@ class RunTask:
                         output = taken.payload
                     else:
                         async with self.engine.slots.take(self.tenant_id, self.priority):
+                            self.engine.settle(self.run_id)
                             call = tool.call(ctx, params if isinstance(params, dict) else {})
                             output = await (asyncio.wait_for(call, timeout) if timeout else call)
             except (ToolError, TimeoutError, OrchestratorError) as exc:

@@ -62,6 +62,18 @@ class FairSlots:
         """Waiters per tenant (tenants with none are left out)."""
         return {t: len(s.waiting) for t, s in self._tenants.items() if s.waiting}
 
+    def free_to(self, tenant: str, spoken_for: int = 0, spoken_for_all: int = 0) -> bool:
+        """Whether the tenant would get a slot at once, after `spoken_for` more of its own
+        (and `spoken_for_all` more of anyone's) are taken."""
+        state = self._tenants.get(tenant)
+        held = state.held if state is not None else 0
+        if state is not None and state.waiting:
+            return False
+        return (
+            self._held + spoken_for_all < self.capacity
+            and held + spoken_for < self.capacity - self.reserve
+        )
+
     def held_by(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
         return state.held if state is not None else 0
