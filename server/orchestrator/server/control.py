@@ -47,6 +47,7 @@ from orchestrator.server.tools import ToolRegistry
 from orchestrator.server.tools.builtin import MAX_SIGNAL_NAME
 from orchestrator.server.tracing import current_traceparent
 from orchestrator.server.watch import TERMINAL_PB, Hub, Watcher
+from orchestrator.server.wire import request_size
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 PB_RUN_STATUS = {v: k for k, v in RUN_STATUS_PB.items()}
@@ -105,7 +106,7 @@ class ControlPlane:
             request = _with_plan(request, stored)
         # A large request's checks and conversions are long Python work: off the event loop
         # (the loop gets the interpreter back every switch interval, a few ms).
-        if request.ByteSize() > OFF_LOOP_REQUEST_BYTES:
+        if request_size(request) > OFF_LOOP_REQUEST_BYTES:
             checked = await asyncio.to_thread(self.check_request, tenant_id, request)
         else:
             checked = self.check_request(tenant_id, request)
@@ -206,20 +207,21 @@ class ControlPlane:
         bad_labels = label_violations(request.labels, "labels")
         if bad_labels:
             raise ValidationFailed("invalid labels", violations=bad_labels)
-        validated = validate_request(request, self.registry, self.limits, self.validations)
+        values: dict[str, dict[str, Any]] = {}
+        validated = validate_request(
+            request, self.registry, self.limits, self.validations, values=values
+        )
         if not request.HasField("validate_capabilities") or request.validate_capabilities:
             granted = self.policy.granted(tenant_id) if self.policy is not None else None
             check_capabilities(request.executable_plan, self.registry, granted)
         elif self.policy is not None:
             self._check_grants(tenant_id, validated)
-        # struct_to_python: the same JSON values as json_format.MessageToDict, several times
-        # faster on large Structs.
-        parameters = struct_to_python(request.parameters)
+        parameters = values["parameters"]
         missing = validated.missing_parameters(parameters)
         if missing:
             raise ValidationFailed("the plan reads parameters it is not given", violations=missing)
         variables = struct_to_python(request.executable_plan.variables)
-        variables.update(struct_to_python(request.variables))
+        variables.update(values["variables"])
         return CheckedRequest(
             validated=validated,
             parameters=parameters,
@@ -425,7 +427,7 @@ class ControlPlane:
                 },
             )
         # A large answer's conversion and checks are long Python work: off the event loop.
-        if request.ByteSize() > OFF_LOOP_REQUEST_BYTES:
+        if request_size(request) > OFF_LOOP_REQUEST_BYTES:
             response, fits = await asyncio.to_thread(self._check_answer, request)
         else:
             response, fits = self._check_answer(request)

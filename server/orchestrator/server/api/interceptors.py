@@ -34,6 +34,7 @@ from orchestrator.server.errors import (
 )
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.security import KeyRing
+from orchestrator.server.wire import decoded
 
 SERVICE_PREFIX = "/orchestrator.v1.OrchestratorService/"
 # Status details travel in trailing metadata, which gRPC caps (8-16 KiB by default): a plan
@@ -78,9 +79,11 @@ def decoder(message_type: Any) -> Callable[[bytes], Any]:
 
     def decode(data: bytes) -> Any:
         try:
-            return message_type.FromString(data)
+            message = message_type.FromString(data)
         except Exception as exc:  # DecodeError, RecursionError on deep nesting
             return Undecodable(message_type.DESCRIPTOR.full_name, exc)
+        decoded(message, len(data))
+        return message
 
     return decode
 
