@@ -2,7 +2,7 @@
 table of every figure with its ratio to the ceiling measured in this same run.
 
 Flags: --quick (about 2-3 minutes instead of about 10), --only NAME[,NAME] (ceilings, accept,
-end_to_end, reads, watch_fanout, connect, memory, expressions, fair_share), --no-postgres,
+end_to_end, dbos, reads, watch_fanout, connect, memory, expressions, fair_share), --no-postgres,
 --profile (py-spy the server after the benches; `make bench` installs py-spy, the `bench` extra).
 `make bench BENCH_ARGS=--quick` passes flags through."""
 
@@ -22,6 +22,7 @@ from bench import (
     fair_share,
     memory,
     reads,
+    versus_dbos,
     watch_fanout,
 )
 from bench.common import summary_table
@@ -42,6 +43,13 @@ def main(argv: list[str] | None = None) -> None:
         "accept": lambda: accept.run(accept.Scale.quick() if quick else accept.Scale()),
         "end_to_end": lambda: end_to_end.run(
             end_to_end.Scale.quick() if quick else end_to_end.Scale(), postgres=pg
+        ),
+        # DBOS Transact's figure beside ours (bench/versus_dbos.py): after end_to_end, whose figures
+        # it compares with.
+        "dbos": lambda: versus_dbos.run(
+            versus_dbos.Scale.quick() if quick else versus_dbos.Scale(),
+            end_to_end.Scale.quick() if quick else end_to_end.Scale(),
+            postgres=pg,
         ),
         "reads": lambda: reads.run(reads.Scale.quick() if quick else reads.Scale()),
         # The same event cadence as the echo fan-out ceilings.

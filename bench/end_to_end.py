@@ -48,6 +48,10 @@ class Scale:
         return cls(runs=500)
 
 
+# This run's runs/s by database label, for the benches that compare with it (bench/versus_dbos.py).
+RATES: dict[str, float] = {}
+
+
 @dataclass
 class Batch:
     """What happened to a batch of runs."""
@@ -177,6 +181,7 @@ def measure(label: str, database_url: str | None, scale: Scale, target: float) -
             complete_runs(address, scale.runs, scale.tenants, scale.in_flight, scale.timeout, pid)
         )
     print(f"  {label}: {batch.describe()}")
+    RATES[label] = batch.rate
     rate_ok = batch.rate >= target and batch.completed == batch.runs
     record(
         Figure(

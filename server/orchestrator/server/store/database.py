@@ -66,7 +66,9 @@ class Database:
     async def _read(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         if self.sync_reader is None:
             async with self.reader.connect() as conn, conn.begin():
-                return await conn.run_sync(lambda sync: drive(unit(SyncConnection(sync))))
+                return await conn.run_sync(
+                    lambda sync: drive(unit(SyncConnection(sync, self.direct)))
+                )
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(
             self._readers, context.run, self._read_in_thread, unit

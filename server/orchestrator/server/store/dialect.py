@@ -17,6 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from orchestrator.server.store.asyncpg_path import AsyncpgPath
 from orchestrator.server.store.cluster import CHANNEL, ClusterBus, Handler
 from orchestrator.server.store.direct import Direct
 from orchestrator.server.store.statements import (
@@ -192,7 +193,8 @@ class PostgresDialect(Dialect):
             connect_args={"timeout": CONNECT_TIMEOUT},
             **JSON_CODEC,
         )
-        return Engines(writer, reader)
+        # Marked statements run on asyncpg itself, in the writer's and readers' greenlets.
+        return Engines(writer, reader, direct=AsyncpgPath(writer.sync_engine.dialect))
 
     def claimable(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)

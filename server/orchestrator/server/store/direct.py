@@ -6,12 +6,13 @@ marked with `direct()` are compiled once per set of parameter names by SQLAlchem
 compiler, and their parameters and columns go through SQLAlchemy's own type processors: the
 database sees what SQLAlchemy would have sent, and callers get the same values back.
 Only what the store's units use is offered: `.mappings()` rows, `scalar_one()`, `rowcount`
-and `inserted_primary_key`. Everything else (and PostgreSQL) takes the SQLAlchemy path.
+and `inserted_primary_key`. Everything else takes the SQLAlchemy path. On PostgreSQL the same
+statements run on asyncpg (store/asyncpg_path.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -97,19 +98,24 @@ class Direct:
                 value = compiled.binds[name].effective_value
                 slots.append((None, processor(value) if processor else value, None))
         columns = tuple(
-            (c.keyname, c.type._cached_result_processor(self.dialect, None))
-            for c in compiled._result_columns
+            (c.keyname, self._result_processor(c.type)) for c in compiled._result_columns
         )
         found = _Compiled(str(compiled), tuple(slots), columns)
         self._compiled[(id(statement), keys)] = found
         return found
 
-    def execute(
+    def _result_processor(self, type_: Any) -> Processor:
+        """How a column's values come back from the driver (SQLite's driver gives no type)."""
+        processor: Processor = type_._cached_result_processor(self.dialect, None)
+        return processor
+
+    def bind(
         self,
-        dbapi_connection: Any,
         statement: sa.ClauseElement,
         parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
-    ) -> DirectResult:
+    ) -> tuple[_Compiled, list[tuple[Any, ...]], bool]:
+        """The statement's compiled form, its parameter rows as the driver takes them, and
+        whether it is an executemany."""
         many = isinstance(parameters, list | tuple)
         rows_in: Sequence[Mapping[str, Any]]
         if isinstance(parameters, list | tuple):
@@ -124,19 +130,40 @@ class Direct:
             )
             for row in rows_in
         ]
+        return plan, values, many
+
+    @staticmethod
+    def decode(plan: _Compiled, raw_rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+        """Driver rows as the caller's dicts, through the columns' result processors."""
+        columns = plan.columns
+        return [
+            {key: (p(v) if p else v) for (key, p), v in zip(columns, raw, strict=True)}
+            for raw in raw_rows
+        ]
+
+    def run(
+        self,
+        sync: sa.Connection,
+        statement: sa.ClauseElement,
+        parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+    ) -> DirectResult:
+        """Run `statement` on the driver connection under `sync` (in its open transaction)."""
+        return self.execute(sync.connection.dbapi_connection, statement, parameters)
+
+    def execute(
+        self,
+        dbapi_connection: Any,
+        statement: sa.ClauseElement,
+        parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+    ) -> DirectResult:
+        plan, values, many = self.bind(statement, parameters)
         cursor = dbapi_connection.cursor()
         try:
             if many:
                 cursor.executemany(plan.sql, values)
             else:
                 cursor.execute(plan.sql, values[0])
-            rows: list[dict[str, Any]] = []
-            if plan.columns:
-                columns = plan.columns
-                rows = [
-                    {key: (p(v) if p else v) for (key, p), v in zip(columns, raw, strict=True)}
-                    for raw in cursor.fetchall()
-                ]
+            rows = self.decode(plan, cursor.fetchall()) if plan.columns else []
             return DirectResult(rows, cursor.rowcount, cursor.lastrowid)
         finally:
             cursor.close()
@@ -151,13 +178,10 @@ class SyncConnection:
     def __init__(self, conn: sa.Connection, direct: Direct | None = None) -> None:
         self.sync = conn
         self._direct = direct
-        self._dbapi: Any = None
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         if self._direct is not None and self._direct.handles(statement):
-            if self._dbapi is None:
-                self._dbapi = self.sync.connection.dbapi_connection
-            return self._direct.execute(self._dbapi, statement, parameters)
+            return self._direct.run(self.sync, statement, parameters)
         return self.sync.execute(statement, parameters)
 
 

@@ -42,9 +42,9 @@ SELECT_RUN = direct(sa.select(*RUN_COLUMNS).where(runs.c.run_id == sa.bindparam(
 SELECT_RUN_INPUTS = direct(
     sa.select(runs.c.plan, runs.c.parameters).where(runs.c.run_id == sa.bindparam("w_run_id"))
 )
-SELECT_RUN_LOCKED = SELECT_RUN.with_for_update()
+SELECT_RUN_LOCKED = direct(SELECT_RUN.with_for_update())
 SELECT_TENANT_RUN = direct(SELECT_RUN.where(runs.c.tenant_id == sa.bindparam("w_tenant_id")))
-SELECT_TENANT_RUN_LOCKED = SELECT_TENANT_RUN.with_for_update()
+SELECT_TENANT_RUN_LOCKED = direct(SELECT_TENANT_RUN.with_for_update())
 SELECT_STEPS = direct(
     sa.select(steps).where(steps.c.run_id == sa.bindparam("w_run_id")).order_by(steps.c.position)
 )
