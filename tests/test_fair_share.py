@@ -140,6 +140,51 @@ async def test_a_tenant_saturating_every_slot_does_not_delay_another(
             await stub.Cancel(pb.CancelRequest(run_id=run_id), metadata=md(a))
 
 
+@pytest.mark.postgres
+async def test_on_two_replicas_a_saturating_tenant_does_not_delay_another(
+    tmp_path: Path,
+) -> None:
+    url = postgres_database()
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    slow = plan_of({"stepId": "slow", "tool": "core.wait", "parameters": {"seconds": 60}})
+    quick = plan_of({"stepId": "echo", "tool": "core.echo"})
+    try:
+        one = make_settings(tmp_path, url, replica_id="one", max_steps_in_flight=4)
+        two = make_settings(tmp_path, url, replica_id="two", max_steps_in_flight=4)
+        async with (
+            running(one) as first,
+            running(two) as second,
+            grpc.aio.insecure_channel(first.address) as ch1,
+            grpc.aio.insecure_channel(second.address) as ch2,
+        ):
+            stubs = [pb_grpc.OrchestratorServiceStub(ch) for ch in (ch1, ch2)]
+            backlog = [
+                (
+                    await stubs[i % 2].Execute(
+                        pb.ExecuteRequest(executable_plan=slow), metadata=md(a)
+                    )
+                ).run_id
+                for i in range(16)
+            ]
+            # Tenant A holds every slot it may on both replicas, with more claimed or queued.
+            engines = [first.engine, second.engine]
+            await until(
+                lambda: all(e.slots.held_by(a) == 3 for e in engines), 20, "a's slots taken"
+            )
+            for stub in stubs * 3:
+                done = await stub.Execute(
+                    pb.ExecuteRequest(executable_plan=quick, async_execution=False),
+                    metadata=md(b),
+                    timeout=20,  # without fair share: a minute, behind A's waits
+                )
+                assert done.execution.status == pb.EXECUTION_STATUS_COMPLETED
+            assert all(e.slots.held_by(a) == 3 for e in engines)
+            for run_id in backlog:
+                await stubs[0].Cancel(pb.CancelRequest(run_id=run_id), metadata=md(a))
+    finally:
+        drop_postgres_database(url)
+
+
 async def test_claims_take_each_tenants_first_run_before_anyones_second(
     tmp_path: Path, database_url: str
 ) -> None:
