@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -81,9 +82,16 @@ class Batch:
 
 
 async def complete_runs(
-    address: str, runs: int, n_tenants: int, in_flight: int, limit: float, pid: int = 0
+    address: str | list[str],
+    runs: int,
+    n_tenants: int,
+    in_flight: int,
+    limit: float,
+    pid: int = 0,
 ) -> Batch:
-    chans = channels(address, 4)
+    """`runs` runs submitted (round robin over the addresses' channels), watched to the end."""
+    addresses = [address] if isinstance(address, str) else address
+    chans = [c for a in addresses for c in channels(a, max(1, 4 // len(addresses)))]
     stubs = [pb_grpc.OrchestratorServiceStub(c) for c in chans]
     request = pb.ExecuteRequest(executable_plan=echo_plan(STEPS))
     names = tenants(n_tenants)
@@ -204,12 +212,47 @@ def measure(label: str, database_url: str | None, scale: Scale, target: float) -
     record(Figure(f"submit-to-done p99 ({label})", percentile(batch.latencies, 0.99), "ms"))
 
 
+def two_replicas(database_url: str, scale: Scale) -> None:
+    """The same batch sent to two replicas on this machine, against one: contention must
+    not make two slower than one (issue 13)."""
+    with contextlib.ExitStack() as stack:
+        served = [
+            stack.enter_context(serve(database_url, "--replica-id", f"e2e-{i}")) for i in range(2)
+        ]
+        batch = asyncio.run(
+            complete_runs(
+                [address for address, _ in served],
+                scale.runs,
+                scale.tenants,
+                scale.in_flight,
+                scale.timeout,
+            )
+        )
+    label = "PostgreSQL, 2 replicas"
+    print(f"  {label}: {batch.describe()}")
+    RATES[label] = batch.rate
+    one = RATES.get("PostgreSQL", 0.0)
+    ratio = batch.rate / one if one else float("nan")
+    print(f"  two replicas / one: {ratio:.2f}x (target ≥ 1)")
+    record(
+        Figure(
+            "end-to-end, 2 PostgreSQL replicas / 1",
+            ratio,
+            "x",
+            target="≥ 1",
+            met=ratio >= 1 and batch.completed == batch.runs,
+        )
+    )
+
+
 def run(scale: Scale, postgres: bool = True) -> None:
     print(f"== end to end: {scale.runs} runs of a {STEPS}-step core.echo plan")
     measure("SQLite", None, scale, 500)
     if postgres and pg_available():
         with pg_database() as url:
             measure("PostgreSQL", url, scale, 300)
+        with pg_database() as url:
+            two_replicas(url, scale)
     elif postgres:
         print("  PostgreSQL: not reachable, skipped")
 
