@@ -201,14 +201,14 @@ class ControlPlane:
             check_capabilities(request.executable_plan, self.registry, granted)
         elif self.policy is not None:
             self._check_grants(tenant_id, validated)
-        # struct_to_python: the same JSON values as json_format.MessageToDict, several times
-        # faster on large Structs.
-        parameters = struct_to_python(request.parameters)
+        # The request's values as validation converted them (struct_to_python: the same JSON
+        # values as json_format.MessageToDict, several times faster on large Structs).
+        parameters = validated.parameters
         missing = validated.missing_parameters(parameters)
         if missing:
             raise ValidationFailed("the plan reads parameters it is not given", violations=missing)
         variables = struct_to_python(request.executable_plan.variables)
-        variables.update(struct_to_python(request.variables))
+        variables.update(validated.variables)
         return CheckedRequest(
             validated=validated,
             parameters=parameters,

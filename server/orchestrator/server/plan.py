@@ -132,6 +132,10 @@ class ValidatedPlan:
     default_retry_policy: pb.RetryPolicy | None = None
     # (field path, parameter name): parameters the plan reads whenever the step runs
     parameter_reads: tuple[tuple[str, str], ...] = ()
+    # The request's own `parameters` and `variables` as JSON, converted once (for the
+    # finite check) for whoever needs them next.
+    parameters: dict[str, Any] = field(default_factory=dict)
+    variables: dict[str, Any] = field(default_factory=dict)
 
     def missing_parameters(self, given: Mapping[str, Any]) -> list[FieldViolation]:
         """A violation for each parameter the plan always reads and the request lacks."""
@@ -235,8 +239,9 @@ def validate_request(
     _check_queueing(problems, request)
     if request.HasField("timeout"):
         request_timeout = _check_duration(problems, "timeout", request.timeout, positive=True)
-    for name in ("parameters", "variables"):
-        _check_finite(problems, name, struct_to_python(getattr(request, name)))
+    given = {name: struct_to_python(getattr(request, name)) for name in ("parameters", "variables")}
+    for name, value in given.items():
+        _check_finite(problems, name, value)
     if not request.HasField("executable_plan"):
         problems.add(_PLAN, "an executable plan is required")
         problems.raise_if_any()
@@ -272,6 +277,8 @@ def validate_request(
         flows=validated.flows,
         default_retry_policy=validated.default_retry_policy,
         parameter_reads=validated.parameter_reads,
+        parameters=given["parameters"],
+        variables=given["variables"],
     )
 
 
