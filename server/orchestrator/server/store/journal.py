@@ -22,13 +22,17 @@ from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatu
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.records import Answer, EventSpec, clean_text
 from orchestrator.server.store.runs import RunStore, not_found
-from orchestrator.server.store.schema import clarifications, replicas, runs, signals
+from orchestrator.server.store.schema import replicas, runs, signals
 from orchestrator.server.store.statements import (
+    INSERT_CLARIFICATION,
     OPEN_STEPS,
+    RESOLVE_CLARIFICATION,
     SELECT_APPROVALS,
+    SELECT_CLARIFICATION,
     SELECT_OPEN_STEPS,
     SELECT_RUN_INPUTS,
     SELECT_STEP,
+    SELECT_STEP_CLARIFICATION,
     SELECT_STEPS,
     UNFINISHED,
     WITHDRAW_CLARIFICATIONS,
@@ -525,30 +529,24 @@ class Journal:
             row = await self._run_row(tx, run_id)
             if row is None or RunStatus(row["status"]) in TERMINAL:
                 return None
-            existing = (
-                await tx.conn.execute(
-                    sa.select(clarifications.c.clarification_id).where(
-                        clarifications.c.run_id == run_id,
-                        clarifications.c.step_id == step_id,
-                        clarifications.c.status == "PENDING",
-                    )
-                )
-            ).first()
+            where = {"w_run_id": run_id, "w_step_id": step_id}
+            existing = (await tx.conn.execute(SELECT_STEP_CLARIFICATION, where)).mappings().first()
             if existing is not None:
-                return str(existing.clarification_id)
+                return str(existing["clarification_id"])
             clarification_id = str(uuid.uuid4())
             await tx.conn.execute(
-                sa.insert(clarifications).values(
-                    clarification_id=clarification_id,
-                    run_id=run_id,
-                    step_id=step_id,
-                    category=category,
-                    prompt=clean_text(prompt),
-                    options=options,
-                    argument_name=clean_text(argument_name),
-                    status="PENDING",
-                    created_at=tx.now,
-                )
+                INSERT_CLARIFICATION,
+                {
+                    "clarification_id": clarification_id,
+                    "run_id": run_id,
+                    "step_id": step_id,
+                    "category": category,
+                    "prompt": clean_text(prompt),
+                    "options": options,
+                    "argument_name": clean_text(argument_name),
+                    "status": "PENDING",
+                    "created_at": tx.now,
+                },
             )
             changed: list[dict[str, Any]] = []
             if step_id:
@@ -603,18 +601,8 @@ class Journal:
             row = await self._run_row(tx, run_id, fenced=False)
             if row is None or row["tenant_id"] != tenant_id:
                 raise not_found(run_id)
-            clar = (
-                (
-                    await tx.conn.execute(
-                        sa.select(clarifications).where(
-                            clarifications.c.clarification_id == clarification_id,
-                            clarifications.c.run_id == run_id,
-                        )
-                    )
-                )
-                .mappings()
-                .first()
-            )
+            where = {"w_clarification_id": clarification_id, "w_run_id": run_id}
+            clar = (await tx.conn.execute(SELECT_CLARIFICATION, where)).mappings().first()
             if clar is None or clar["status"] != "PENDING":
                 raise FailedPrecondition(
                     f"clarification {clarification_id!r} is not pending",
@@ -628,14 +616,16 @@ class Journal:
                     metadata={"run_id": run_id, "current_status": row["status"]},
                 )
             await tx.conn.execute(
-                sa.update(clarifications)
-                .where(clarifications.c.clarification_id == clarification_id)
-                .values(
-                    status="RESOLVED",
-                    response=response,
-                    responded_by=responded_by,
-                    resolved_at=tx.now,
-                )
+                RESOLVE_CLARIFICATION,
+                bind(
+                    {
+                        "status": "RESOLVED",
+                        "response": response,
+                        "responded_by": responded_by,
+                        "resolved_at": tx.now,
+                    },
+                    clarification_id=clarification_id,
+                ),
             )
             step_id = clar["step_id"]
             rejected = clar["category"] == "USER_VERIFICATION" and response is not True
