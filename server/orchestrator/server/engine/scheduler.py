@@ -551,11 +551,12 @@ class RunTask:
 
     def _launch(self, step_id: str, work: Coroutine[Any, Any, None] | None = None) -> None:
         """Run a step (or the run's approval, as "") in its own task, tracked as in flight."""
-        task = asyncio.create_task(work or self._step(step_id), name=f"step-{step_id}")
+        current = [step_id]  # the step the task runs now (it may go on to the next: _steps)
+        task = asyncio.create_task(work or self._steps(current), name=f"step-{step_id}")
         self.inflight[step_id] = task
 
         def done(task: asyncio.Task[None]) -> None:
-            self.inflight.pop(step_id, None)
+            self.inflight.pop(current[0], None)
             if not task.cancelled() and task.exception() is not None and self.crashed is None:
                 self.crashed = task.exception()  # retrieved here, raised by the run task
             self.wake.set()
@@ -735,6 +736,46 @@ class RunTask:
 
     def _scope(self) -> Scope:
         return scope(self.params, self.vars, self.outputs, budget=self.engine.expression_budget)
+
+    async def _steps(self, current: list[str]) -> None:
+        """Run the step `current[0]`, then, while what it unblocked can start at once, the
+        first of those in this same task (the others in tasks of their own): a sequential
+        flow costs no task and no pass of the run's scheduling loop per step."""
+        while True:
+            step_id = current[0]
+            await self._step(step_id)
+            following = self._following(step_id)
+            if following is None:
+                return
+            task = self.inflight.pop(step_id)
+            self.inflight[following] = task
+            current[0] = following
+
+    def _following(self, step_id: str) -> str | None:
+        """After `step_id` completed: the step this task goes on with, if the scheduling loop
+        would start steps now (the others ready are launched); None leaves it to the loop."""
+        if (
+            self.status[step_id] is not StepStatus.COMPLETED
+            or self.cancelled
+            or self.lost
+            or self.crashed is not None
+            or self.engine.closing
+            or self.fatal is not None
+            or self.paused
+            or "" in self.inflight
+            or (self.plan.plan.security_context.requires_approval and "" not in self.approved)
+        ):
+            return None
+        task = self.inflight.pop(step_id)
+        try:
+            ready = self._ready()  # counted without this step, which is done
+        finally:
+            self.inflight[step_id] = task
+        if not ready:
+            return None
+        for other in ready[1:]:
+            self._launch(other)
+        return ready[0]
 
     async def _step(self, step_id: str) -> None:
         info = self.plan.steps[step_id]
