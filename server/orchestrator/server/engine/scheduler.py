@@ -381,6 +381,9 @@ class RunTask:
         self.status: dict[str, StepStatus] = {}
         self.outputs: dict[str, JSON] = {}
         self.rows: dict[str, dict[str, Any]] = {}
+        # Steps written since their rows were read (started, asked about): the store's row
+        # may differ from `rows`, so their next start reads it.
+        self.touched: set[str] = set()
         self.failed_flows: list[str] = []
         self.failures: list[str] = []
         self.fatal: tuple[str, str] | None = None
@@ -889,6 +892,7 @@ class RunTask:
     async def _ask(
         self, step_id: str, category: str, prompt: str, options: list[str], argument_name: str
     ) -> Answer:
+        self.touched.add(step_id)
         clarification_id = await self.journal.request_clarification(
             self.run_id,
             step_id,
@@ -1012,7 +1016,8 @@ class RunTask:
         start is on its way to the store, and its outcome rides with the start when it is ready
         before the writer takes it: one write for the whole attempt."""
         row = self.rows[step_id]
-        start = self.journal.start_step(self.run_id, step_id, row["attempts"] + 1)
+        known = None if step_id in self.touched else row
+        start = self.journal.start_step(self.run_id, step_id, row["attempts"] + 1, known)
         # Under way from here: on drain, the start commits whether or not we wait for it, and
         # the replica taking over would run the step again as a second attempt.
         self.starting.add(step_id)
@@ -1050,6 +1055,7 @@ class RunTask:
         """The step's start once committed; the task's copy of the step follows it."""
         started = await start.committed()
         if started is not None:
+            self.touched.add(step_id)
             self.status[step_id] = StepStatus.RUNNING
             row = self.rows[step_id]
             row["attempts"] = started.attempt

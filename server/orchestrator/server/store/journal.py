@@ -296,17 +296,28 @@ class Journal:
         step.update(changes)
         return step
 
-    def start_step(self, run_id: str, step_id: str, attempt: int) -> StepStart:
+    def start_step(
+        self, run_id: str, step_id: str, attempt: int, known: Mapping[str, Any] | None = None
+    ) -> StepStart:
         """Queue a new attempt of a step, the step's `attempt`-th, for the next group commit;
         an outcome handed to the StepStart before the writer takes it is committed with it.
-        The start resolves to None when the run does not take new steps now."""
+        `known`: the step's row as the store has it (the run's task read it and nothing has
+        written it since), so it need not be read again. The start resolves to None when the
+        run does not take new steps now."""
         start = StepStart(self, attempt, time.time())
+        tries = 0
 
         async def unit(tx: Tx) -> Started | None:
+            nonlocal tries
+            tries += 1
             row = await self._run_row(tx, run_id)
             if row is None or row["status"] != RunStatus.RUNNING.value:
                 return None
-            step = await self._step_row(tx, run_id, step_id)
+            # Tried again, the unit may have committed already: only the store can say.
+            if known is not None and tries == 1:
+                step = dict(known)
+            else:
+                step = await self._step_row(tx, run_id, step_id)
             before = int(step["attempts_before"] or 0)
             if (step["attempts"], step["started_at"]) == (start.attempt, start.at):
                 # Ours, committed once already: the store cut off between committing and
