@@ -207,21 +207,19 @@ class ControlPlane:
         bad_labels = label_violations(request.labels, "labels")
         if bad_labels:
             raise ValidationFailed("invalid labels", violations=bad_labels)
-        values: dict[str, dict[str, Any]] = {}
-        validated = validate_request(
-            request, self.registry, self.limits, self.validations, values=values
-        )
+        validated = validate_request(request, self.registry, self.limits, self.validations)
         if not request.HasField("validate_capabilities") or request.validate_capabilities:
             granted = self.policy.granted(tenant_id) if self.policy is not None else None
             check_capabilities(request.executable_plan, self.registry, granted)
         elif self.policy is not None:
             self._check_grants(tenant_id, validated)
-        parameters = values["parameters"]
+        # The request's values as validation converted them (in the walk that bounds them).
+        parameters = validated.parameters
         missing = validated.missing_parameters(parameters)
         if missing:
             raise ValidationFailed("the plan reads parameters it is not given", violations=missing)
         variables = struct_to_python(request.executable_plan.variables)
-        variables.update(values["variables"])
+        variables.update(validated.variables)
         return CheckedRequest(
             validated=validated,
             parameters=parameters,

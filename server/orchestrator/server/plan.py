@@ -169,6 +169,10 @@ class ValidatedPlan:
     default_retry_policy: pb.RetryPolicy | None = None
     # (field path, parameter name): parameters the plan reads whenever the step runs
     parameter_reads: tuple[tuple[str, str], ...] = ()
+    # The request's own `parameters` and `variables` as JSON, converted once (for the
+    # finite check) for whoever needs them next.
+    parameters: dict[str, Any] = field(default_factory=dict)
+    variables: dict[str, Any] = field(default_factory=dict)
 
     def missing_parameters(self, given: Mapping[str, Any]) -> list[FieldViolation]:
         """A violation for each parameter the plan always reads and the request lacks."""
@@ -258,11 +262,9 @@ def validate_request(
     registry: ToolRegistry,
     limits: Limits = DEFAULT_LIMITS,
     cache: ValidationCache | None = None,
-    values: dict[str, dict[str, Any]] | None = None,
 ) -> ValidatedPlan:
     """Validate an ExecuteRequest's plan; ValidationFailed lists every problem found. With
-    `cache`, a plan already found valid (with the same timeout) skips the plan checks. With
-    `values`, the request's `parameters` and `variables` as plain JSON are put in it."""
+    `cache`, a plan already found valid (with the same timeout) skips the plan checks."""
     problems = _Problems()
     _check_size(problems, request, limits)
     request_timeout: float | None = None
@@ -274,6 +276,7 @@ def validate_request(
     _check_queueing(problems, request)
     if request.HasField("timeout"):
         request_timeout = _check_duration(problems, "timeout", request.timeout, positive=True)
+    given: dict[str, dict[str, Any]] = {}
     for name in ("parameters", "variables"):
         value, too_deep, all_finite = checked_struct(
             getattr(request, name), limits.max_struct_depth
@@ -282,8 +285,7 @@ def validate_request(
             problems.add(name, f"nested deeper than {limits.max_struct_depth} levels")
         elif not all_finite:
             _check_finite(problems, name, value)  # each number's path
-        if values is not None:
-            values[name] = value
+        given[name] = value
     if not request.HasField("executable_plan"):
         problems.add(_PLAN, "an executable plan is required")
         problems.raise_if_any()
@@ -319,6 +321,8 @@ def validate_request(
         flows=validated.flows,
         default_retry_policy=validated.default_retry_policy,
         parameter_reads=validated.parameter_reads,
+        parameters=given["parameters"],
+        variables=given["variables"],
     )
 
 

@@ -8,6 +8,7 @@ control plane commits and then tells it about.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -35,7 +36,14 @@ from orchestrator.server.plan import (
 )
 from orchestrator.server.sandbox import Sandbox
 from orchestrator.server.security import TenantPolicy
-from orchestrator.server.store.journal import Journal, LeaseLost, Outcome, Taken
+from orchestrator.server.store.journal import (
+    Journal,
+    LeaseLost,
+    Outcome,
+    Started,
+    StepStart,
+    Taken,
+)
 from orchestrator.server.store.records import Answer
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
 from orchestrator.server.tracing import parent_context
@@ -88,6 +96,20 @@ class Retry:
             base=chosen.exponential_base or 2.0,
             jitter=chosen.jitter,
         )
+
+
+@dataclass
+class Attempt:
+    """How one attempt of a step ended: an outcome that finishes the step (already committed
+    when `recorded`), or none and the error of an attempt that is tried again; `again`: the
+    attempt must be made afresh."""
+
+    started: Started
+    outcome: Outcome | None = None
+    variables: Mapping[str, JSON] | None = None
+    recorded: bool = False
+    retry_error: str = ""
+    again: bool = False
 
 
 class StepFailed(Exception):
@@ -385,6 +407,9 @@ class RunTask:
         self.status: dict[str, StepStatus] = {}
         self.outputs: dict[str, JSON] = {}
         self.rows: dict[str, dict[str, Any]] = {}
+        # Steps written since their rows were read (started, asked about): the store's row
+        # may differ from `rows`, so their next start reads it.
+        self.touched: set[str] = set()
         self.failed_flows: list[str] = []
         self.failures: list[str] = []
         self.fatal: tuple[str, str] | None = None
@@ -556,11 +581,12 @@ class RunTask:
 
     def _launch(self, step_id: str, work: Coroutine[Any, Any, None] | None = None) -> None:
         """Run a step (or the run's approval, as "") in its own task, tracked as in flight."""
-        task = asyncio.create_task(work or self._step(step_id), name=f"step-{step_id}")
+        current = [step_id]  # the step the task runs now (it may go on to the next: _steps)
+        task = asyncio.create_task(work or self._steps(current), name=f"step-{step_id}")
         self.inflight[step_id] = task
 
         def done(task: asyncio.Task[None]) -> None:
-            self.inflight.pop(step_id, None)
+            self.inflight.pop(current[0], None)
             if not task.cancelled() and task.exception() is not None and self.crashed is None:
                 self.crashed = task.exception()  # retrieved here, raised by the run task
             self.wake.set()
@@ -704,23 +730,35 @@ class RunTask:
 
     # ------------------------------------------------------------ steps
 
+    def _redacted(
+        self, outcomes: list[Outcome], variables: Mapping[str, JSON] | None
+    ) -> tuple[list[Outcome], Mapping[str, JSON] | None]:
+        """Outcomes and variables as the store may keep them: without the run's secrets."""
+        if not self.secrets:
+            return outcomes, variables
+        outcomes = [
+            Outcome(
+                o.step_id,
+                o.status,
+                secrets.redact(o.output, self.secrets),
+                secrets.redact(o.error, self.secrets),
+                o.reason,
+            )
+            for o in outcomes
+        ]
+        if variables:
+            variables = secrets.redact(dict(variables), self.secrets)
+        return outcomes, variables
+
     async def _record(
         self, outcomes: list[Outcome], variables: Mapping[str, JSON] | None = None
     ) -> None:
-        if self.secrets:
-            outcomes = [
-                Outcome(
-                    o.step_id,
-                    o.status,
-                    secrets.redact(o.output, self.secrets),
-                    secrets.redact(o.error, self.secrets),
-                    o.reason,
-                )
-                for o in outcomes
-            ]
-            if variables:
-                variables = secrets.redact(dict(variables), self.secrets)
+        outcomes, variables = self._redacted(outcomes, variables)
         await self.journal.steps_finished(self.run_id, outcomes, variables=variables)
+        self._apply(outcomes)
+
+    def _apply(self, outcomes: list[Outcome]) -> None:
+        """The task's copy follows outcomes the store has committed."""
         for outcome in outcomes:
             self.status[outcome.step_id] = outcome.status
             if outcome.status is StepStatus.COMPLETED:
@@ -728,6 +766,46 @@ class RunTask:
 
     def _scope(self) -> Scope:
         return scope(self.params, self.vars, self.outputs, budget=self.engine.expression_budget)
+
+    async def _steps(self, current: list[str]) -> None:
+        """Run the step `current[0]`, then, while what it unblocked can start at once, the
+        first of those in this same task (the others in tasks of their own): a sequential
+        flow costs no task and no pass of the run's scheduling loop per step."""
+        while True:
+            step_id = current[0]
+            await self._step(step_id)
+            following = self._following(step_id)
+            if following is None:
+                return
+            task = self.inflight.pop(step_id)
+            self.inflight[following] = task
+            current[0] = following
+
+    def _following(self, step_id: str) -> str | None:
+        """After `step_id` completed: the step this task goes on with, if the scheduling loop
+        would start steps now (the others ready are launched); None leaves it to the loop."""
+        if (
+            self.status[step_id] is not StepStatus.COMPLETED
+            or self.cancelled
+            or self.lost
+            or self.crashed is not None
+            or self.engine.closing
+            or self.fatal is not None
+            or self.paused
+            or "" in self.inflight
+            or (self.plan.plan.security_context.requires_approval and "" not in self.approved)
+        ):
+            return None
+        task = self.inflight.pop(step_id)
+        try:
+            ready = self._ready()  # counted without this step, which is done
+        finally:
+            self.inflight[step_id] = task
+        if not ready:
+            return None
+        for other in ready[1:]:
+            self._launch(other)
+        return ready[0]
 
     async def _step(self, step_id: str) -> None:
         info = self.plan.steps[step_id]
@@ -841,6 +919,7 @@ class RunTask:
     async def _ask(
         self, step_id: str, category: str, prompt: str, options: list[str], argument_name: str
     ) -> Answer:
+        self.touched.add(step_id)
         clarification_id = await self.journal.request_clarification(
             self.run_id,
             step_id,
@@ -910,113 +989,201 @@ class RunTask:
                 return
             if self.engine.closing and step_id not in self.plan.rollback:
                 return  # draining: no new attempt; whoever takes the run over starts it
-            self.starting.add(step_id)
-            try:
-                started = await self.journal.step_started(self.run_id, step_id)
-            finally:
-                self.starting.discard(step_id)
-            if started is None:
-                # Paused (or cancelled) between our check and the commit: wait and retry.
+            # A step takes its slot, then starts: one waiting for a slot still shows PENDING.
+            # A parked signal wait holds no slot: it costs nothing until a signal.
+            slot = (
+                contextlib.nullcontext()
+                if tool.waits_for_signal
+                else self.engine.slots.take(self.tenant_id, self.priority)
+            )
+            async with slot:
+                self.engine.settle(self.run_id)  # adopted at accept: its first slot is taken
+                attempt = await self._attempt(step_id, tool, params, timeout, carried, retry)
+            carried = None
+            if attempt is None:
+                # Paused (or cancelled) before the start committed: wait and retry.
                 if self.cancelled:
                     return
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            self.status[step_id] = StepStatus.RUNNING
-            problem = self._capability_problem(tool)
-            if problem:
-                await self._fail(step_id, problem, "CAPABILITY_DENIED")
-                return
-            ctx = ToolContext(
-                run_id=self.run_id,
-                step_id=step_id,
-                attempt=started.attempt,
-                tenant_id=self.tenant_id,
-                idempotency_key=f"{self.run_id}/{step_id}",
-                logger=self.log.bind(step_id=step_id, attempt=started.attempt),
-                first_started_at=started.first_started_at,
-            )
-            span = self.engine.tracer.start_span(
-                f"step {step_id}",
-                context=self.trace_parent,
-                attributes={
-                    "orchestrator.run_id": self.run_id,
-                    "orchestrator.step_id": step_id,
-                    "orchestrator.tool": tool.name,
-                    "orchestrator.attempt": started.attempt,
-                    "orchestrator.tenant_id": self.tenant_id,
-                },
-            )
-            began = time.monotonic()
-            try:
-                with trace.use_span(span, end_on_exit=True, record_exception=False):
-                    if tool.waits_for_signal:
-                        # A parked wait holds no step slot: it costs nothing until a signal.
-                        checked = await tool.call(ctx, params if isinstance(params, dict) else {})
-                        waiting = self._await_signal(step_id, checked, carried)
-                        carried = None
-                        taken = await (asyncio.wait_for(waiting, timeout) if timeout else waiting)
-                        output = taken.payload
-                    else:
-                        async with self.engine.slots.take(self.tenant_id, self.priority):
-                            self.engine.settle(self.run_id)
-                            call = tool.call(ctx, params if isinstance(params, dict) else {})
-                            output = await (asyncio.wait_for(call, timeout) if timeout else call)
-            except (ToolError, TimeoutError, OrchestratorError) as exc:
-                span.set_status(trace.StatusCode.ERROR, str(exc) or type(exc).__name__)
-                error, retryable, reason = self._attempt_error(exc, tool, timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # A tool that raises anything else met input it could not take (a wrong type,
-                # a malformed URL...): the step fails, precisely, rather than the engine.
-                span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
-                self.log.warning("engine.tool_raised", step_id=step_id, error=type(exc).__name__)
-                error = f"{tool.name} could not use its parameters: {type(exc).__name__}: {exc}"
-                error, retryable, reason = error[:500], False, "TOOL_ERROR"
-            else:
-                error = ""
-            finally:
-                if self.engine.metrics is not None:
-                    self.engine.metrics.step_duration.labels(tool.name).observe(
-                        time.monotonic() - began
-                    )
-            if not error and tool.waits_for_signal:
-                # take_signal committed the step with the payload as its output.
-                self.status[step_id] = StepStatus.COMPLETED
-                self.outputs[step_id] = output
-                return
-            if not error and (
-                json_depth(output, self.engine.max_value_depth) > self.engine.max_value_depth
-                or not finite(output)
-            ):
-                await self._fail(
-                    step_id,
-                    f"the output nests deeper than {self.engine.max_value_depth} levels or "
-                    "holds a number JSON cannot carry",
-                    "OUTPUT_INVALID",
-                )
-                return
-            if not error:
-                variables = output if tool.sets_variables and isinstance(output, dict) else None
-                if variables:
-                    self.vars = {**self.vars, **variables}
-                await self._record([Outcome(step_id, StepStatus.COMPLETED, output)], variables)
-                return
-            if retryable and started.budget_attempt < retry.max_attempts:
-                delay = retry.delay(started.budget_attempt)
+            if attempt.again:
+                continue
+            if attempt.outcome is None:
+                delay = retry.delay(attempt.started.budget_attempt)
                 await self.journal.step_retrying(
-                    self.run_id, step_id, secrets.redact(error, self.secrets), time.time() + delay
+                    self.run_id,
+                    step_id,
+                    secrets.redact(attempt.retry_error, self.secrets),
+                    time.time() + delay,
                 )
                 self.status[step_id] = StepStatus.PENDING
                 await asyncio.sleep(delay)
                 continue
-            tried = started.budget_attempt
-            attempts = f" after {tried} attempts" if tried > 1 else ""
-            if retryable and retry.max_attempts > 1:
-                reason = "RETRIES_EXHAUSTED"
-            await self._fail(step_id, f"{error}{attempts}", reason)
+            if attempt.variables:
+                self.vars = {**self.vars, **attempt.variables}
+            if attempt.recorded:
+                self._apply([attempt.outcome])
+            else:
+                await self._record([attempt.outcome], attempt.variables)
+            if attempt.outcome.status is StepStatus.FAILED:
+                raise StepFailed(attempt.outcome.error, attempt.outcome.reason)
             return
+
+    async def _attempt(
+        self,
+        step_id: str,
+        tool: Tool,
+        params: JSON,
+        limit: float | None,
+        carried: float | None,
+        retry: Retry,
+    ) -> Attempt | None:
+        """One attempt: its start, the call, how it ended; None when the run took no new step
+        (paused or cancelled before the start committed). An instant tool is called while its
+        start is on its way to the store, and its outcome rides with the start when it is ready
+        before the writer takes it: one write for the whole attempt."""
+        row = self.rows[step_id]
+        known = None if step_id in self.touched else row
+        start = self.journal.start_step(self.run_id, step_id, row["attempts"] + 1, known)
+        # Under way from here: on drain, the start commits whether or not we wait for it, and
+        # the replica taking over would run the step again as a second attempt.
+        self.starting.add(step_id)
+        try:
+            if not tool.instant:
+                started = await self._committed(step_id, start)
+                if started is None:
+                    return None
+                return await self._invoke(step_id, tool, params, limit, carried, retry, started)
+            expected = Started(
+                start.attempt,
+                row["first_started_at"] or start.at,
+                int(row["attempts_before"] or 0),
+            )
+            attempt = await self._invoke(step_id, tool, params, limit, carried, retry, expected)
+            rides = False
+            if attempt.outcome is not None:
+                outcomes, variables = self._redacted([attempt.outcome], attempt.variables)
+                rides = start.finish(outcomes[0], variables)
+            committed = await self._committed(step_id, start)
+            if committed is None:
+                return None  # the outcome is dropped: the attempt never started
+            if rides and not committed.finished:
+                # The store counted another attempt than the call was made as: call again.
+                self.log.warning("engine.attempt_mismatch", step_id=step_id)
+                return Attempt(committed, again=True)
+            attempt.started = committed
+            if rides:
+                attempt.outcome, attempt.recorded = outcomes[0], True
+            return attempt
+        finally:
+            self.starting.discard(step_id)
+
+    async def _committed(self, step_id: str, start: StepStart) -> Started | None:
+        """The step's start once committed; the task's copy of the step follows it."""
+        started = await start.committed()
+        if started is not None:
+            self.touched.add(step_id)
+            self.status[step_id] = StepStatus.RUNNING
+            row = self.rows[step_id]
+            row["attempts"] = started.attempt
+            row["first_started_at"] = started.first_started_at
+        return started
+
+    async def _invoke(
+        self,
+        step_id: str,
+        tool: Tool,
+        params: JSON,
+        limit: float | None,
+        carried: float | None,
+        retry: Retry,
+        started: Started,
+    ) -> Attempt:
+        """Call the tool as attempt `started` and say how the attempt ended."""
+        problem = self._capability_problem(tool)
+        if problem:
+            return Attempt(
+                started,
+                Outcome(step_id, StepStatus.FAILED, error=problem, reason="CAPABILITY_DENIED"),
+            )
+        ctx = ToolContext(
+            run_id=self.run_id,
+            step_id=step_id,
+            attempt=started.attempt,
+            tenant_id=self.tenant_id,
+            idempotency_key=f"{self.run_id}/{step_id}",
+            logger=self.log.bind(step_id=step_id, attempt=started.attempt),
+            first_started_at=started.first_started_at,
+        )
+        span = self.engine.tracer.start_span(
+            f"step {step_id}",
+            context=self.trace_parent,
+            attributes={
+                "orchestrator.run_id": self.run_id,
+                "orchestrator.step_id": step_id,
+                "orchestrator.tool": tool.name,
+                "orchestrator.attempt": started.attempt,
+                "orchestrator.tenant_id": self.tenant_id,
+            },
+        )
+        began = time.monotonic()
+        arguments = params if isinstance(params, dict) else {}
+        try:
+            with trace.use_span(span, end_on_exit=True, record_exception=False):
+                if tool.waits_for_signal:
+                    checked = await tool.call(ctx, arguments)
+                    waiting = self._await_signal(step_id, checked, carried)
+                    taken = await (asyncio.wait_for(waiting, limit) if limit else waiting)
+                    output = taken.payload
+                else:
+                    call = tool.call(ctx, arguments)
+                    output = await (asyncio.wait_for(call, limit) if limit else call)
+        except (ToolError, TimeoutError, OrchestratorError) as exc:
+            span.set_status(trace.StatusCode.ERROR, str(exc) or type(exc).__name__)
+            error, retryable, reason = self._attempt_error(exc, tool, limit)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A tool that raises anything else met input it could not take (a wrong type,
+            # a malformed URL...): the step fails, precisely, rather than the engine.
+            span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+            self.log.warning("engine.tool_raised", step_id=step_id, error=type(exc).__name__)
+            error = f"{tool.name} could not use its parameters: {type(exc).__name__}: {exc}"
+            error, retryable, reason = error[:500], False, "TOOL_ERROR"
+        else:
+            error = ""
+        finally:
+            if self.engine.metrics is not None:
+                self.engine.metrics.step_duration.labels(tool.name).observe(
+                    time.monotonic() - began
+                )
+        if not error and tool.waits_for_signal:
+            # take_signal committed the step with the payload as its output.
+            return Attempt(started, Outcome(step_id, StepStatus.COMPLETED, output), recorded=True)
+        if not error and (
+            json_depth(output, self.engine.max_value_depth) > self.engine.max_value_depth
+            or not finite(output)
+        ):
+            error = (
+                f"the output nests deeper than {self.engine.max_value_depth} levels or "
+                "holds a number JSON cannot carry"
+            )
+            return Attempt(
+                started, Outcome(step_id, StepStatus.FAILED, error=error, reason="OUTPUT_INVALID")
+            )
+        if not error:
+            variables = output if tool.sets_variables and isinstance(output, dict) else None
+            return Attempt(started, Outcome(step_id, StepStatus.COMPLETED, output), variables)
+        if retryable and started.budget_attempt < retry.max_attempts:
+            return Attempt(started, retry_error=error)
+        tried = started.budget_attempt
+        attempts = f" after {tried} attempts" if tried > 1 else ""
+        if retryable and retry.max_attempts > 1:
+            reason = "RETRIES_EXHAUSTED"
+        return Attempt(
+            started, Outcome(step_id, StepStatus.FAILED, error=f"{error}{attempts}", reason=reason)
+        )
 
     async def _await_signal(
         self, step_id: str, checked: dict[str, JSON], carried: float | None

@@ -7,6 +7,9 @@ writes nothing and says so; the engine then follows the store, never the other w
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,18 +17,22 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from orchestrator.server.errors import FailedPrecondition, InvalidTransition
+from orchestrator.server.errors import STORE_OUTAGES, FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.records import Answer, EventSpec, clean_text
 from orchestrator.server.store.runs import RunStore, not_found
-from orchestrator.server.store.schema import clarifications, replicas, runs, signals
+from orchestrator.server.store.schema import replicas, runs, signals
 from orchestrator.server.store.statements import (
+    INSERT_CLARIFICATION,
     OPEN_STEPS,
+    RESOLVE_CLARIFICATION,
     SELECT_APPROVALS,
+    SELECT_CLARIFICATION,
     SELECT_OPEN_STEPS,
     SELECT_RUN_INPUTS,
     SELECT_STEP,
+    SELECT_STEP_CLARIFICATION,
     SELECT_STEPS,
     UNFINISHED,
     WITHDRAW_CLARIFICATIONS,
@@ -59,6 +66,8 @@ class Started:
     # Attempts made before the run's last retry; `attempt - attempts_before` is the attempt
     # within the current retry policy's budget.
     attempts_before: int = 0
+    # The outcome handed to the StepStart was committed with it.
+    finished: bool = False
 
     @property
     def budget_attempt(self) -> int:
@@ -81,6 +90,50 @@ class Taken:
     """A signal a step took: its payload is the step's output (already committed)."""
 
     payload: JSON
+
+
+Riding = tuple[Outcome, Mapping[str, JSON] | None]
+
+
+class StepStart:
+    """A step's start on its way to the writer (`Journal.start_step`). An outcome handed over
+    with `finish` before the writer takes the start is committed in the same unit, after it:
+    both events, in order, one write. Once the writer has taken the start (it commits alone:
+    the step shows RUNNING while it runs), `finish` refuses and the outcome is written on its
+    own. The writer takes it in its own thread on SQLite, hence the lock."""
+
+    def __init__(self, journal: Journal, attempt: int, at: float) -> None:
+        self.journal = journal
+        self.attempt = attempt  # the attempt the engine expects this to be
+        self.at = at  # the attempt's start (its started_at)
+        self.unit: Unit[Started | None] | None = None
+        self.future: asyncio.Future[Started | None] | None = None
+        self.riding: Riding | None = None
+        self._taken = False
+        self._lock = threading.Lock()
+
+    def finish(self, outcome: Outcome, variables: Mapping[str, JSON] | None = None) -> bool:
+        """Have `outcome` committed with the start; False when the writer took it already."""
+        with self._lock:
+            if self._taken:
+                return False
+            self.riding = (outcome, variables)
+            return True
+
+    def take(self) -> Riding | None:
+        """The writer takes the start: from now on it carries this outcome or none (the same
+        on every try of the unit)."""
+        with self._lock:
+            self._taken = True
+            return self.riding
+
+    async def committed(self) -> Started | None:
+        """The start once committed (an outage is waited out, as for every engine unit)."""
+        assert self.future is not None and self.unit is not None
+        try:
+            return await self.future
+        except STORE_OUTAGES:
+            return await self.journal._durably(self.unit)
 
 
 class LeaseLost(Exception):
@@ -243,53 +296,94 @@ class Journal:
         step.update(changes)
         return step
 
-    async def step_started(self, run_id: str, step_id: str) -> Started | None:
-        """Record a new attempt of a step; None when the run does not take new steps now."""
-        # What this call wrote last, should the store cut off between committing and saying
-        # so: the attempt found committed when the write is tried again is ours, not a new one.
-        wrote: list[tuple[int, float, float]] = []
+    def start_step(
+        self, run_id: str, step_id: str, attempt: int, known: Mapping[str, Any] | None = None
+    ) -> StepStart:
+        """Queue a new attempt of a step, the step's `attempt`-th, for the next group commit;
+        an outcome handed to the StepStart before the writer takes it is committed with it.
+        `known`: the step's row as the store has it (the run's task read it and nothing has
+        written it since), so it need not be read again. The start resolves to None when the
+        run does not take new steps now."""
+        start = StepStart(self, attempt, time.time())
+        tries = 0
 
         async def unit(tx: Tx) -> Started | None:
+            nonlocal tries
+            tries += 1
             row = await self._run_row(tx, run_id)
             if row is None or row["status"] != RunStatus.RUNNING.value:
                 return None
-            step = await self._step_row(tx, run_id, step_id)
+            # Tried again, the unit may have committed already: only the store can say.
+            if known is not None and tries == 1:
+                step = dict(known)
+            else:
+                step = await self._step_row(tx, run_id, step_id)
             before = int(step["attempts_before"] or 0)
-            if wrote and wrote[-1][:2] == (step["attempts"], step["started_at"]):
-                return Started(wrote[-1][0], wrote[-1][2], before)
+            if (step["attempts"], step["started_at"]) == (start.attempt, start.at):
+                # Ours, committed once already: the store cut off between committing and
+                # saying so, and the write is being tried again.
+                return Started(
+                    start.attempt, step["first_started_at"], before, start.riding is not None
+                )
             if step["status"] not in (StepStatus.PENDING.value, StepStatus.RUNNING.value):
                 return None
             attempt = step["attempts"] + 1
-            first = step["first_started_at"] or tx.now
-            wrote.append((attempt, tx.now, first))
-            await self._set_step(
-                tx,
-                run_id,
-                step,
-                {
-                    "status": StepStatus.RUNNING.value,
-                    "attempts": attempt,
-                    "started_at": tx.now,
-                    "first_started_at": first,
-                    "wake_at": None,
-                },
-            )
-            await self.store.update_run(
-                tx,
-                row,
-                {"current_step": step_id, "started_at": row["started_at"] or tx.now},
-                [
-                    EventSpec(
-                        pb.EVENT_TYPE_STEP_STARTED,
-                        f"step {step_id} attempt {attempt} started",
-                        step_id,
-                        [step],
-                    )
-                ],
-            )
-            return Started(attempt, first, before)
+            first = step["first_started_at"] or start.at
+            changes: dict[str, Any] = {
+                "status": StepStatus.RUNNING.value,
+                "attempts": attempt,
+                "started_at": start.at,
+                "first_started_at": first,
+                "wake_at": None,
+            }
+            specs = [
+                EventSpec(
+                    pb.EVENT_TYPE_STEP_STARTED,
+                    f"step {step_id} attempt {attempt} started",
+                    step_id,
+                    [{**step, **changes}],
+                )
+            ]
+            run_changes: dict[str, Any] = {
+                "current_step": step_id,
+                "started_at": row["started_at"] or tx.now,
+            }
+            # An outcome computed for another attempt than the store's is not this one's.
+            riding = start.take() if attempt == start.attempt else None
+            if riding is not None:
+                outcome, variables = riding
+                changes.update(self._finish_changes(tx, outcome))
+                specs.append(self._finish_spec(outcome, step))
+                run_changes["steps_finished"] = row["steps_finished"] + 1
+                if variables:
+                    run_changes["variables"] = {**(row["variables"] or {}), **variables}
+            await self._set_step(tx, run_id, step, changes)
+            await self.store.update_run(tx, row, run_changes, specs)
+            return Started(attempt, first, before, riding is not None)
 
-        return await self._durably(unit)
+        start.unit = unit
+        start.future = self.writer.submit(unit)
+        return start
+
+    @staticmethod
+    def _finish_changes(tx: Tx, outcome: Outcome) -> dict[str, Any]:
+        """A finishing step's columns."""
+        return {
+            "status": outcome.status.value,
+            "completed_at": tx.now,
+            "output": outcome.output,
+            "error": clean_text(outcome.error),
+            "error_reason": outcome.reason,
+            "wake_at": None,
+        }
+
+    @staticmethod
+    def _finish_spec(outcome: Outcome, step: dict[str, Any]) -> EventSpec:
+        """A finishing step's event, with the step as it is written."""
+        message = f"step {outcome.step_id} {outcome.status.value.lower()}" + (
+            f": {outcome.error}" if outcome.error else ""
+        )
+        return EventSpec(STEP_EVENT[outcome.status], message, outcome.step_id, [step])
 
     async def step_retrying(self, run_id: str, step_id: str, error: str, wake_at: float) -> bool:
         """An attempt failed and another follows at `wake_at` (kept across restarts)."""
@@ -347,26 +441,9 @@ class Journal:
                 step = await self._step_row(tx, run_id, outcome.step_id)
                 if step["status"] not in OPEN_STEPS:
                     continue
-                await self._set_step(
-                    tx,
-                    run_id,
-                    step,
-                    {
-                        "status": outcome.status.value,
-                        "completed_at": tx.now,
-                        "output": outcome.output,
-                        "error": clean_text(outcome.error),
-                        "error_reason": outcome.reason,
-                        "wake_at": None,
-                    },
-                )
+                await self._set_step(tx, run_id, step, self._finish_changes(tx, outcome))
                 finished += 1
-                message = f"step {outcome.step_id} {outcome.status.value.lower()}" + (
-                    f": {outcome.error}" if outcome.error else ""
-                )
-                specs.append(
-                    EventSpec(STEP_EVENT[outcome.status], message, outcome.step_id, [step])
-                )
+                specs.append(self._finish_spec(outcome, step))
             if not specs:
                 return True
             changes: dict[str, Any] = {"steps_finished": row["steps_finished"] + finished}
@@ -463,30 +540,24 @@ class Journal:
             row = await self._run_row(tx, run_id)
             if row is None or RunStatus(row["status"]) in TERMINAL:
                 return None
-            existing = (
-                await tx.conn.execute(
-                    sa.select(clarifications.c.clarification_id).where(
-                        clarifications.c.run_id == run_id,
-                        clarifications.c.step_id == step_id,
-                        clarifications.c.status == "PENDING",
-                    )
-                )
-            ).first()
+            where = {"w_run_id": run_id, "w_step_id": step_id}
+            existing = (await tx.conn.execute(SELECT_STEP_CLARIFICATION, where)).mappings().first()
             if existing is not None:
-                return str(existing.clarification_id)
+                return str(existing["clarification_id"])
             clarification_id = str(uuid.uuid4())
             await tx.conn.execute(
-                sa.insert(clarifications).values(
-                    clarification_id=clarification_id,
-                    run_id=run_id,
-                    step_id=step_id,
-                    category=category,
-                    prompt=clean_text(prompt),
-                    options=options,
-                    argument_name=clean_text(argument_name),
-                    status="PENDING",
-                    created_at=tx.now,
-                )
+                INSERT_CLARIFICATION,
+                {
+                    "clarification_id": clarification_id,
+                    "run_id": run_id,
+                    "step_id": step_id,
+                    "category": category,
+                    "prompt": clean_text(prompt),
+                    "options": options,
+                    "argument_name": clean_text(argument_name),
+                    "status": "PENDING",
+                    "created_at": tx.now,
+                },
             )
             changed: list[dict[str, Any]] = []
             if step_id:
@@ -541,18 +612,8 @@ class Journal:
             row = await self._run_row(tx, run_id, fenced=False)
             if row is None or row["tenant_id"] != tenant_id:
                 raise not_found(run_id)
-            clar = (
-                (
-                    await tx.conn.execute(
-                        sa.select(clarifications).where(
-                            clarifications.c.clarification_id == clarification_id,
-                            clarifications.c.run_id == run_id,
-                        )
-                    )
-                )
-                .mappings()
-                .first()
-            )
+            where = {"w_clarification_id": clarification_id, "w_run_id": run_id}
+            clar = (await tx.conn.execute(SELECT_CLARIFICATION, where)).mappings().first()
             if clar is None or clar["status"] != "PENDING":
                 raise FailedPrecondition(
                     f"clarification {clarification_id!r} is not pending",
@@ -566,14 +627,16 @@ class Journal:
                     metadata={"run_id": run_id, "current_status": row["status"]},
                 )
             await tx.conn.execute(
-                sa.update(clarifications)
-                .where(clarifications.c.clarification_id == clarification_id)
-                .values(
-                    status="RESOLVED",
-                    response=response,
-                    responded_by=responded_by,
-                    resolved_at=tx.now,
-                )
+                RESOLVE_CLARIFICATION,
+                bind(
+                    {
+                        "status": "RESOLVED",
+                        "response": response,
+                        "responded_by": responded_by,
+                        "resolved_at": tx.now,
+                    },
+                    clarification_id=clarification_id,
+                ),
             )
             step_id = clar["step_id"]
             rejected = clar["category"] == "USER_VERIFICATION" and response is not True

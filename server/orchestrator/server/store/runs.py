@@ -55,7 +55,12 @@ from orchestrator.server.store.schema import (
     steps,
     webhook_deliveries,
 )
-from orchestrator.server.store.snapshots import build_execution, partial_execution, timestamp
+from orchestrator.server.store.snapshots import (
+    build_execution,
+    partial_execution,
+    step_message,
+    timestamp,
+)
 from orchestrator.server.store.statements import (
     COUNT_UNFINISHED,
     INSERT_EVENTS,
@@ -479,9 +484,16 @@ class RunStore:
         status_changed: bool,
     ) -> None:
         values = []
+        # The run-level part is the same in every event of the unit: built once.
+        run_part = partial_execution(row) if len(specs) > 1 else None
         for offset, spec in enumerate(specs):
             sequence = first_sequence + offset
-            execution = partial_execution(row, spec.steps)
+            if run_part is None:
+                execution = partial_execution(row, spec.steps)
+            else:
+                execution = pb.Execution()
+                execution.CopyFrom(run_part)
+                execution.steps.extend(step_message(step) for step in spec.steps)
             execution.last_sequence = sequence
             event = pb.ExecutionEvent(
                 sequence=sequence,

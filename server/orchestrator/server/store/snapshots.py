@@ -90,11 +90,12 @@ def partial_execution(row: Row, changed_steps: Iterable[Row] = ()) -> pb.Executi
             timestamp(row["created_at"] + row["estimated_seconds"])
         )
     for step in changed_steps:
-        execution.steps.append(_step_message(step))
+        execution.steps.append(step_message(step))
     return execution
 
 
-def _step_message(row: Row) -> pb.StepExecution:
+def step_message(row: Row) -> pb.StepExecution:
+    """One step row as its message."""
     step = pb.StepExecution(
         step_id=row["step_id"],
         flow_id=row["flow_id"],

@@ -99,6 +99,22 @@ SELECT_EVENTS = direct(
     .order_by(events.c.sequence)
     .limit(sa.bindparam("w_limit"))
 )
+# A step's question and its answer (each core.clarify step and approval asks and is
+# answered once): prebuilt like the transitions'.
+SELECT_STEP_CLARIFICATION = direct(
+    sa.select(clarifications.c.clarification_id).where(
+        clarifications.c.run_id == sa.bindparam("w_run_id"),
+        clarifications.c.step_id == sa.bindparam("w_step_id"),
+        clarifications.c.status == "PENDING",
+    )
+)
+SELECT_CLARIFICATION = direct(
+    sa.select(clarifications).where(
+        clarifications.c.clarification_id == sa.bindparam("w_clarification_id"),
+        clarifications.c.run_id == sa.bindparam("w_run_id"),
+    )
+)
+INSERT_CLARIFICATION = direct(sa.insert(clarifications))
 INSERT_RUN = direct(sa.insert(runs))
 INSERT_STEPS = direct(sa.insert(steps))
 INSERT_EVENTS = direct(sa.insert(events))
@@ -111,6 +127,13 @@ def _update(table: sa.Table, where: tuple[str, ...], keys: tuple[str, ...]) -> s
         .where(*(table.c[w] == sa.bindparam(f"w_{w}") for w in where))
         .values({k: sa.bindparam(f"v_{k}", type_=table.c[k].type) for k in keys})
     )
+
+
+RESOLVE_CLARIFICATION = _update(
+    clarifications,
+    ("clarification_id",),
+    ("status", "response", "responded_by", "resolved_at"),
+)
 
 
 @functools.cache

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from orchestrator.server.errors import NotFound
 from orchestrator.server.store.database import Database
+from orchestrator.server.store.direct import direct
 from orchestrator.server.store.records import EventSpec, Row
 from orchestrator.server.store.schema import webhook_deliveries, webhooks
 from orchestrator.server.store.writer import Tx, Writer
@@ -33,6 +34,14 @@ EVENT_TYPES = {
 # An event's message is cut to this in a body (bodies stay small and bounded).
 MAX_MESSAGE = 1000
 PENDING, DELIVERED, FAILED = "PENDING", "DELIVERED", "FAILED"
+# Every run status change looks its tenant's subscriptions up in the transaction writing it
+# (three times a run): prebuilt, on the SQLite driver path.
+SELECT_SUBSCRIPTIONS = direct(
+    sa.select(webhooks.c.webhook_id, webhooks.c.event_types, webhooks.c.labels).where(
+        webhooks.c.tenant_id == sa.bindparam("w_tenant_id")
+    )
+)
+INSERT_DELIVERIES = direct(sa.insert(webhook_deliveries))
 
 
 @dataclass(frozen=True)
@@ -119,12 +128,8 @@ async def stage_deliveries(
     wanted = [(i, spec) for i, spec in enumerate(specs) if spec.type in EVENT_TYPES]
     if not wanted:
         return
-    rows = await tx.conn.execute(
-        sa.select(webhooks.c.webhook_id, webhooks.c.event_types, webhooks.c.labels).where(
-            webhooks.c.tenant_id == run["tenant_id"]
-        )
-    )
-    subscriptions = rows.all()
+    rows = await tx.conn.execute(SELECT_SUBSCRIPTIONS, {"w_tenant_id": run["tenant_id"]})
+    subscriptions = rows.mappings().all()
     if not subscriptions:
         return
     labels = run.get("labels") or {}
@@ -148,14 +153,14 @@ async def stage_deliveries(
             separators=(",", ":"),
         )
         for sub in subscriptions:
-            if sub.event_types and event_type not in sub.event_types:
+            if sub["event_types"] and event_type not in sub["event_types"]:
                 continue
-            if any(labels.get(k) != v for k, v in (sub.labels or {}).items()):
+            if any(labels.get(k) != v for k, v in (sub["labels"] or {}).items()):
                 continue
             values.append(
                 {
                     "delivery_id": f"msg_{uuid.uuid4().hex}",
-                    "webhook_id": sub.webhook_id,
+                    "webhook_id": sub["webhook_id"],
                     "run_id": run["run_id"],
                     "event_type": event_type,
                     "body": body,
@@ -168,7 +173,7 @@ async def stage_deliveries(
                 }
             )
     if values:
-        await tx.conn.execute(sa.insert(webhook_deliveries), values)
+        await tx.conn.execute(INSERT_DELIVERIES, values)
 
 
 class WebhookStore:

@@ -170,13 +170,17 @@ class Writer:
 
     async def run(self, unit: Unit[T]) -> T:
         """Run `unit` in the next group commit and return its result once committed."""
+        return await self.submit(unit)
+
+    def submit(self, unit: Unit[T]) -> asyncio.Future[T]:
+        """Queue `unit` for the next group commit now; the future resolves once it committed.
+        A caller that goes away cancels only the future: the unit stays queued and commits
+        with its batch, and the writer skips setting a result nobody waits for."""
         if self._closed:
             raise Unavailable("the server is shutting down")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(unit, future))
-        # A caller that goes away cancels only this future: the unit stays queued and commits
-        # with its batch, and the writer skips setting a result nobody waits for.
-        return await future
+        return future
 
     async def run_beside(self, unit: Unit[T]) -> T:
         """Run a small unit that must never wait behind group commits (heartbeats, claims).

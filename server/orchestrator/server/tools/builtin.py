@@ -236,15 +236,16 @@ def builtin_tools(http_allow: Sequence[Network] = ()) -> list[Tool]:
     """Every built-in tool; http.request may reach the `http_allow` networks even when they
     are private or loopback."""
     return [
-        Tool("core.echo", echo, description="returns its parameters"),
+        Tool("core.echo", echo, instant=True, description="returns its parameters"),
         Tool(
             "core.set",
             set_variables,
             sets_variables=True,
+            instant=True,
             description="returns its parameters and makes each key a run variable",
         ),
         Tool("core.wait", wait, description="waits `seconds` or `until`, durably"),
-        Tool("core.fail", fail, description="fails the first `fail_times` attempts"),
+        Tool("core.fail", fail, instant=True, description="fails the first `fail_times` attempts"),
         Tool(
             "core.clarify",
             clarify,

@@ -58,6 +58,12 @@ class Tool:
     asks_person: bool = False
     # core.wait_for_signal: `call` checks the parameters; the engine waits for the signal.
     waits_for_signal: bool = False
+    # The call returns without waiting on anything and touches nothing outside this process
+    # (core.echo, core.set, core.fail): the engine calls it while its start is on its way to
+    # the store, and its outcome is committed with the start, in one write. A tool that
+    # reaches out is called only once its start is committed: a pause committed meanwhile
+    # keeps it from being called at all.
+    instant: bool = False
 
 
 class ToolRegistry:
