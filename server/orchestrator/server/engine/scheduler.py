@@ -1040,12 +1040,15 @@ class RunTask:
         retry: Retry,
     ) -> Attempt | None:
         """One attempt: its start, the call, how it ended; None when the run took no new step
-        (paused or cancelled before the start committed). An instant tool is called while its
-        start is on its way to the store, and its outcome rides with the start when it is ready
-        before the writer takes it: one write for the whole attempt."""
+        (paused or cancelled before the start committed). An instant tool is called first, and
+        its start is queued with its outcome: one write for the whole attempt."""
         row = self.rows[step_id]
         known = None if step_id in self.touched else row
-        start = self.journal.start_step(self.run_id, step_id, row["attempts"] + 1, known)
+        # An instant tool's start is queued once its outcome can go with it: one write, even
+        # when the writer is idle and would have taken the start alone at once.
+        start = self.journal.start_step(
+            self.run_id, step_id, row["attempts"] + 1, known, deferred=tool.instant
+        )
         # Under way from here: on drain, the start commits whether or not we wait for it, and
         # the replica taking over would run the step again as a second attempt.
         self.starting.add(step_id)
@@ -1065,6 +1068,7 @@ class RunTask:
             if attempt.outcome is not None:
                 outcomes, variables = self._redacted([attempt.outcome], attempt.variables)
                 rides = start.finish(outcomes[0], variables)
+            start.submit()
             committed = await self._committed(step_id, start)
             if committed is None:
                 return None  # the outcome is dropped: the attempt never started

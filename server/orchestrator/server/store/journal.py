@@ -127,6 +127,11 @@ class StepStart:
             self._taken = True
             return self.riding
 
+    def submit(self) -> None:
+        """Queue the start for the next group commit (a deferred one: see `start_step`)."""
+        assert self.unit is not None and self.future is None
+        self.future = self.journal.writer.submit(self.unit)
+
     async def committed(self) -> Started | None:
         """The start once committed (an outage is waited out, as for every engine unit)."""
         assert self.future is not None and self.unit is not None
@@ -297,13 +302,20 @@ class Journal:
         return step
 
     def start_step(
-        self, run_id: str, step_id: str, attempt: int, known: Mapping[str, Any] | None = None
+        self,
+        run_id: str,
+        step_id: str,
+        attempt: int,
+        known: Mapping[str, Any] | None = None,
+        *,
+        deferred: bool = False,
     ) -> StepStart:
         """Queue a new attempt of a step, the step's `attempt`-th, for the next group commit;
         an outcome handed to the StepStart before the writer takes it is committed with it.
         `known`: the step's row as the store has it (the run's task read it and nothing has
         written it since), so it need not be read again. The start resolves to None when the
-        run does not take new steps now."""
+        run does not take new steps now. `deferred`: queued only by `StepStart.submit` (an
+        instant tool's start goes with its outcome, whatever the writer is doing)."""
         start = StepStart(self, attempt, time.time())
         tries = 0
 
@@ -362,7 +374,8 @@ class Journal:
             return Started(attempt, first, before, riding is not None)
 
         start.unit = unit
-        start.future = self.writer.submit(unit)
+        if not deferred:
+            start.submit()
         return start
 
     @staticmethod
