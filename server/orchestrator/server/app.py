@@ -343,6 +343,7 @@ async def build_server(
         step_slot_reserve=settings.step_slot_reserve,
         enabled=settings.execute,
         lease_seconds=settings.lease_seconds,
+        park_after=settings.park_after_seconds,
         single_replica=db.dialect.single_replica,
         tracer=trace.get_tracer("orchestrator.engine", tracer_provider=tracer_provider),
         metrics=metrics,

@@ -576,7 +576,7 @@ class RunStore:
         async def unit(tx: Tx) -> Transitioned:
             return await self.transition(tx, tenant_id, run_id, action, reason)
 
-        return await self._with_retry(unit)
+        return await self.with_retry(unit)
 
     async def transition(
         self, tx: Tx, tenant_id: str, run_id: str, action: Action, reason: str
@@ -712,7 +712,7 @@ class RunStore:
                 tx.notify(Notice(NoticeKind.CLAIM))
             return build_execution(new, step_rows, [])
 
-        return await self._with_retry(unit)
+        return await self.with_retry(unit)
 
     async def _cancel_open_work(
         self, tx: Tx, run_id: str, reason: str
@@ -881,7 +881,7 @@ class RunStore:
 
         return bytes.fromhex(await self.writer.run(unit))
 
-    async def _with_retry(self, unit: Unit[T]) -> T:
+    async def with_retry(self, unit: Unit[T]) -> T:
         # A Conflict means another replica changed the run between our read and our write:
         # read again and decide again (the decision may now be a refusal).
         for _ in range(5):

@@ -58,6 +58,9 @@ class Tool:
     asks_person: bool = False
     # core.wait_for_signal: `call` checks the parameters; the engine waits for the signal.
     waits_for_signal: bool = False
+    # core.wait: when the call's deadline is (it raises ToolError for bad parameters). The
+    # engine waits until then holding no step slot, and may park the run meanwhile.
+    sleeps_until: Callable[[ToolContext, dict[str, JSON]], float] | None = None
 
 
 class ToolRegistry:
