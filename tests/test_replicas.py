@@ -6,9 +6,13 @@ serve` processes on loopback."""
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -19,7 +23,7 @@ from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import plan_of
 from tests.process import ServeProcess
-from tests.stores import drop_postgres_database, fetch, postgres_database
+from tests.stores import drop_postgres_database, execute_postgres, fetch, postgres_database
 from tests.test_durability import (
     Cluster,
     call,
@@ -294,4 +298,180 @@ def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path)
         first.kill()
         if second is not None:
             second.kill()
+        drop_postgres_database(url)
+
+
+@contextmanager
+def counting_server(delay: float) -> Iterator[tuple[str, Counter[str]]]:
+    """A loopback HTTP server answering every GET after `delay`, counting the calls per
+    Idempotency-Key (http.request sends `<run_id>/<step_id>`); yields its URL and the counts."""
+    calls: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    class Counting(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with lock:
+                calls[self.headers.get("Idempotency-Key", "")] += 1
+            time.sleep(delay)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the caller was killed meanwhile
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", calls
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# Who writes what: every step and event row written, and every change of a run's owner, with
+# the writing connection's application_name (each replica names its connections after its
+# incarnation) and the time. Row locks order a replica's fenced writes to a run and another's
+# claim of it, so "after the takeover" is well defined.
+AUDIT = """
+CREATE TABLE audit (at double precision, who text, tbl text, run_id text, old_owner text,
+                    new_owner text);
+CREATE FUNCTION audit_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO audit VALUES (extract(epoch FROM clock_timestamp()),
+    current_setting('application_name'), TG_TABLE_NAME, NEW.run_id, NULL, NULL);
+  RETURN NEW;
+END $$;
+CREATE FUNCTION audit_owner() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO audit VALUES (extract(epoch FROM clock_timestamp()),
+    current_setting('application_name'), 'owner', NEW.run_id, OLD.owner, NEW.owner);
+  RETURN NEW;
+END $$;
+CREATE TRIGGER audit_steps AFTER INSERT OR UPDATE ON steps
+  FOR EACH ROW EXECUTE FUNCTION audit_write();
+CREATE TRIGGER audit_events AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION audit_write();
+CREATE TRIGGER audit_owner AFTER UPDATE OF owner ON runs
+  FOR EACH ROW WHEN (OLD.owner IS DISTINCT FROM NEW.owner) EXECUTE FUNCTION audit_owner();
+"""
+
+
+def incarnation_of(url: str, replica_id: str) -> str:
+    rows = fetch(url, "SELECT incarnation FROM replicas WHERE replica_id = $1", replica_id)
+    assert len(rows) == 1, rows
+    return str(rows[0]["incarnation"])
+
+
+def writes_after_takeover(url: str, incarnation: str) -> list[dict[str, object]]:
+    """Step and event rows `incarnation` wrote to a run after another replica took it."""
+    return fetch(
+        url,
+        """
+        WITH taken AS (
+          SELECT run_id, min(at) AS at FROM audit
+          WHERE tbl = 'owner' AND old_owner = $1 AND who <> $1 GROUP BY run_id)
+        SELECT a.tbl, a.run_id, a.at - t.at AS late FROM audit a JOIN taken t USING (run_id)
+        WHERE a.who = $1 AND a.tbl <> 'owner' AND a.at > t.at
+        """,
+        incarnation,
+    )
+
+
+@pytest.mark.postgres
+def test_three_replicas_one_killed_one_stopped_lose_nothing_and_do_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """Runs in flight on three replicas; A is SIGKILLed and B SIGSTOPped past the heartbeat
+    timeout, then continued. Every run completes, no step completes twice, every call was
+    made, and B writes nothing (no step row, no event) to a run after it was taken over."""
+    url = postgres_database()
+    execute_postgres(url, AUDIT)
+    cluster = Cluster(url, tmp_path)
+    tenant = str(uuid.uuid4())
+    lease = 2.0
+    runs, steps_per_run = 24, 4
+    try:
+        with counting_server(0.4) as (address, calls):
+            plan = plan_of(
+                *(
+                    {"stepId": f"h{i}", "tool": "http.request", "parameters": {"url": address}}
+                    for i in range(steps_per_run)
+                )
+            )
+            plan.security_context.allowed_tools[:] = ["http.request"]
+            plan.security_context.required_capabilities[:] = ["network.http"]
+            for name in ("A", "B", "C"):
+                cluster.start(name, lease=lease, http_allow="127.0.0.1/32")
+            incarnations = {name: incarnation_of(url, name) for name in ("A", "B", "C")}
+            run_ids = [
+                call(
+                    cluster, "C", "Execute", pb.ExecuteRequest(executable_plan=plan), tenant
+                ).run_id
+                for _ in range(runs)
+            ]
+            held = wait_for(
+                lambda: (
+                    (o := owners(url, run_ids))
+                    and all(o.values())
+                    and {"A", "B"} <= set(o.values())
+                    and o
+                ),
+                10,
+                "every run claimed, A and B holding some",
+            )
+            on_b = [r for r, o in held.items() if o == "B"]
+            time.sleep(0.3)  # calls in flight everywhere
+            cluster.procs["A"].kill()
+            cluster.procs["B"].signal(signal.SIGSTOP)
+            try:
+                wait_for(
+                    lambda: not {"A", "B"} & set(owners(url, run_ids).values()),
+                    lease + 10,
+                    "C to take over A's and B's runs",
+                )
+                time.sleep(1.0)  # B's calls have been answered meanwhile: it would record them
+            finally:
+                cluster.procs["B"].signal(signal.SIGCONT)
+            woke = time.time()
+            for run_id in run_ids:
+                done = finished(cluster, "C", run_id, tenant, 30)
+                assert done.status == pb.EXECUTION_STATUS_COMPLETED, done.error_message
+                seen = events(cluster, "C", run_id, tenant)
+                assert [e.sequence for e in seen] == list(range(2, seen[-1].sequence + 1))
+                completed = Counter(
+                    e.step_id for e in seen if e.type == pb.EVENT_TYPE_STEP_COMPLETED
+                )
+                assert completed == {f"h{i}": 1 for i in range(steps_per_run)}, (run_id, completed)
+            # B is alive again: it beats, and it has had the time to try its stale writes.
+            wait_for(lambda: heartbeat_of(url, "B") > woke, 5, "B to beat again")
+            time.sleep(1.0)
+            # Every call was made; those in flight at the failures were made again (at least
+            # once, with the same key), none of the others.
+            keys = {f"{r}/h{i}" for r in run_ids for i in range(steps_per_run)}
+            assert keys <= set(calls), keys - set(calls)
+            again = sum(n - 1 for n in calls.values())
+            hit = sum(1 for o in held.values() if o in ("A", "B"))
+            assert again <= hit, (again, hit)
+        # The audit tells the incarnations apart (B wrote before it was stopped)...
+        wrote = fetch(url, "SELECT count(*) AS n FROM audit WHERE who = $1", incarnations["B"])
+        assert wrote[0]["n"] > 0
+        # ...and B wrote nothing to the runs C took from it.
+        stale = writes_after_takeover(url, incarnations["B"])
+        assert stale == [], stale
+        assert writes_after_takeover(url, incarnations["A"]) == []
+        log = cluster.procs["B"].log_path.read_text()
+        for run_id in on_b:
+            assert any(
+                f'"run_id": "{run_id}"' in line and '"lost": true' in line
+                for line in log.splitlines()
+            ), f"B did not stop {run_id} as lost"
+        print(f"\n{runs} runs on three replicas: {again} calls made again (of {hit} in flight)")
+    finally:
+        cluster.stop_all()
         drop_postgres_database(url)

@@ -317,7 +317,9 @@ async def build_server(
     # This process's incarnation: fencing compares it, so a restart under the same replica id
     # (or a second process given the same one) can never pass for the owner it replaces.
     incarnation = f"{replica}#{secrets.token_hex(6)}"
-    db = Database(settings.database_url, stall_seconds=settings.lease_seconds)
+    db = Database(
+        settings.database_url, stall_seconds=settings.lease_seconds, client_name=incarnation
+    )
     await db.migrate()
     writer = Writer(
         db.writer,
