@@ -5,6 +5,7 @@ serve` processes on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -161,6 +162,17 @@ def test_a_parked_pause_timer_and_signal_go_on_from_any_replica(tmp_path: Path) 
         wait_for(lambda: unowned(url, [paused]), 10, "the resumed run to park on its timer")
         call(cluster, "B", "Cancel", pb.CancelRequest(run_id=paused), tenant)
         assert execution(cluster, "B", paused, tenant).status == pb.EXECUTION_STATUS_CANCELLED
+        # Retried, the run cancelled while parked is due at once (not at its old wake-up time).
+        call(cluster, "B", "RetryExecution", pb.RetryExecutionRequest(run_id=paused), tenant)
+        wait_for(
+            lambda: (
+                (got := execution(cluster, "B", paused, tenant)).status
+                == pb.EXECUTION_STATUS_RUNNING
+                and got.steps[0].status == pb.STEP_STATUS_RUNNING
+            ),
+            5,
+            "the retried run to start its wait again",
+        )
         log = cluster.procs["B"].log_path.read_text()
         assert '"level": "error"' not in log
     finally:
@@ -472,6 +484,93 @@ def test_three_replicas_one_killed_one_stopped_lose_nothing_and_do_nothing_twice
                 for line in log.splitlines()
             ), f"B did not stop {run_id} as lost"
         print(f"\n{runs} runs on three replicas: {again} calls made again (of {hit} in flight)")
+    finally:
+        cluster.stop_all()
+        drop_postgres_database(url)
+
+
+# A store slow to write events (a busy disk, a loaded server): each group commit takes as long
+# as its events, seconds for a large batch, while a heartbeat queued behind it would lapse.
+SLOW_EVENTS = """
+CREATE FUNCTION slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(0.005); RETURN NEW; END $$;
+CREATE TRIGGER slow_events BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION slow_event();
+"""
+
+
+@pytest.mark.postgres
+def test_a_replica_saturated_with_work_loses_no_run_to_the_other(tmp_path: Path) -> None:
+    """Every run is submitted to A, as fast as it takes them, on a store slow to write events,
+    with a heartbeat timeout short enough that a heartbeat queued behind A's group commits
+    would lapse: heartbeats go on their own connection, so B never takes a run from A (no
+    owner change away from a live replica, no lost lease) while both work the backlog off."""
+    url = postgres_database()
+    execute_postgres(url, AUDIT + SLOW_EVENTS)
+    cluster = Cluster(url, tmp_path)
+    tenant = str(uuid.uuid4())
+    runs = 200
+    try:
+        for name in ("A", "B"):
+            cluster.start(name, lease=1.5, execute_rate="0")
+        incarnations = {name: incarnation_of(url, name) for name in ("A", "B")}
+        plan = plan_of(
+            *({"stepId": f"s{i}", "tool": "core.echo", "parameters": {"i": i}} for i in range(3))
+        )
+
+        async def submit() -> list[str]:
+            async with grpc.aio.insecure_channel(cluster.procs["A"].address) as channel:
+                stub = pb_grpc.OrchestratorServiceStub(channel)
+                todo = iter(range(runs))
+                run_ids: list[str] = []
+
+                async def worker() -> None:
+                    for _ in todo:
+                        reply = await stub.Execute(
+                            pb.ExecuteRequest(executable_plan=plan),
+                            metadata=(("x-tenant-id", tenant),),
+                            timeout=60,
+                        )
+                        run_ids.append(reply.run_id)
+
+                await asyncio.gather(*(worker() for _ in range(32)))
+                return run_ids
+
+        started = time.monotonic()
+        run_ids = asyncio.run(submit())
+        wait_for(
+            lambda: (
+                fetch(
+                    url,
+                    "SELECT count(*) AS n FROM runs WHERE run_id = ANY($1::text[])"
+                    " AND status = 'COMPLETED'",
+                    run_ids,
+                )[0]["n"]
+                == runs
+            ),
+            120,
+            "every run to complete",
+        )
+        took = time.monotonic() - started
+        # Claims: an owner set on a run nobody held.
+        worked = Counter(
+            r["who"]
+            for r in fetch(url, "SELECT who FROM audit WHERE tbl = 'owner' AND old_owner IS NULL")
+        )
+        taken = fetch(
+            url,
+            "SELECT run_id, who, old_owner FROM audit WHERE tbl = 'owner'"
+            " AND old_owner IS NOT NULL AND new_owner IS DISTINCT FROM old_owner"
+            " AND who <> old_owner",
+        )
+        print(
+            f"\n{runs} runs submitted to A in {took:.1f} s: runs claimed per incarnation "
+            f"{dict(worked)}, taken from a live replica: {len(taken)}"
+        )
+        assert taken == []
+        # Both replicas worked (B claimed its share of A's backlog).
+        assert {incarnations["A"], incarnations["B"]} <= set(worked)
+        for name in ("A", "B"):
+            assert "lease_lost" not in cluster.procs[name].log_path.read_text()
     finally:
         cluster.stop_all()
         drop_postgres_database(url)

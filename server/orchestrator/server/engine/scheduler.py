@@ -1033,8 +1033,9 @@ class RunTask:
                 # Paused (or cancelled) between our check and the commit: wait and retry.
                 if self.cancelled:
                     return
-                self.wake.clear()
-                await self.wake.wait()
+                with self._waiting(step_id, Idle()):
+                    self.wake.clear()
+                    await self.wake.wait()
                 continue
             self.status[step_id] = StepStatus.RUNNING
             problem = self._capability_problem(tool)

@@ -693,6 +693,8 @@ class RunStore:
                 "retry_count": row["retry_count"] + 1,
                 "owner": retry.owner or None,
                 "lease_expires_at": retry.lease_expires_at,
+                # A run cancelled while parked kept its wake-up time: retried, it is due now.
+                "wake_at": None,
             }
             message = f"{Action.RETRY.value}: {retry.reason}" if retry.reason else "run retried"
             specs = [
