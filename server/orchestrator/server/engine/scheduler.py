@@ -101,6 +101,9 @@ class StepFailed(Exception):
 
 # Runs one claim takes at a time: small, so that replicas woken together share new runs.
 CLAIM_BATCH = 8
+# Claims look for due runs at least this often (runs parked by a replica that died are
+# claimed by the others when due, within this).
+CLAIM_POLL_SECONDS = 1.0
 # A run waiting on its concurrency key asks again this often at the latest (a notice from
 # the replica where a run with the key ended wakes it at once).
 KEY_RECHECK_SECONDS = 5.0
@@ -274,7 +277,13 @@ class Engine:
         self._claim_wake.set()
 
     async def _lease_loop(self) -> None:
-        interval = max(self.lease_seconds / 3, 0.05)
+        # The heartbeat is one row written every third of the timeout; claims (reads, unless
+        # they find something) look at least every CLAIM_POLL_SECONDS, so a timer parked by
+        # a replica that died meanwhile is taken about when it is due.
+        beat_every = max(self.lease_seconds / 3, 0.05)
+        interval = min(beat_every, CLAIM_POLL_SECONDS)
+        beaten = -beat_every
+        loop = asyncio.get_running_loop()
         while not self.closing:
             try:
                 async with asyncio.timeout(interval):
@@ -285,7 +294,9 @@ class Engine:
             if self.closing:
                 return
             try:
-                await self._heartbeat()
+                if loop.time() - beaten >= beat_every * 0.95:
+                    beaten = loop.time()
+                    await self._heartbeat()
                 if await self._claim() == CLAIM_BATCH:
                     # More may be waiting: claim again soon, leaving other replicas a turn.
                     self._claim_wake.set()
@@ -1132,12 +1143,13 @@ class RunTask:
             return
 
     async def _invoke(self, step_id: str, tool: Tool, ctx: ToolContext, params: JSON) -> JSON:
-        """Call the tool in a step slot. A timer (core.wait) first waits holding no slot (and
-        may park the run meanwhile); the tool then finds its deadline passed."""
+        """Call the tool in a step slot. A timer (core.wait) waits in it as a wait the run
+        may be parked on (which gives the slot back); the tool then finds its deadline
+        passed."""
         params = params if isinstance(params, dict) else {}
-        if tool.sleeps_until is not None:
-            await self._sleep(step_id, tool.sleeps_until(ctx, params))
         async with self.engine.slots.take(self.tenant_id, self.priority):
+            if tool.sleeps_until is not None:
+                await self._sleep(step_id, tool.sleeps_until(ctx, params))
             return await tool.call(ctx, params)
 
     async def _await_signal(

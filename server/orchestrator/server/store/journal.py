@@ -141,19 +141,38 @@ class Journal:
 
     # ------------------------------------------------------------------ ownership
 
-    def _live(self, now: float, lapse: float) -> sa.Select[Any]:
-        """The incarnations whose heartbeat is fresh: the owners whose runs are taken."""
-        return sa.select(replicas.c.incarnation).where(replicas.c.heartbeat_at >= now - lapse)
+    def _dead(self, now: float, lapse: float, own: bool) -> sa.Select[Any]:
+        """The other incarnations whose heartbeat lapsed (with `own`, also this replica id's
+        earlier ones: a restart, and the port is exclusive, so they are dead)."""
+        lapsed = replicas.c.heartbeat_at < now - lapse
+        if own:
+            lapsed = sa.or_(lapsed, replicas.c.replica_id == self.replica_id)
+        return sa.select(replicas.c.incarnation).where(lapsed, replicas.c.incarnation != self.owner)
 
     async def register(self, lapse: float) -> None:
-        """Enter this incarnation in the replicas table, and forget incarnations long dead
-        (their runs are claimable whether or not their row is left)."""
+        """Enter this incarnation in the replicas table, and forget incarnations long dead,
+        handing their runs back first (claims look runs up by a dead owner's row), as well
+        as runs whose owner has no row at all."""
 
         async def unit(tx: Tx) -> None:
+            forgotten = replicas.c.heartbeat_at < tx.now - max(10 * lapse, STALE_REPLICA_SECONDS)
+            unfinished = one_of(runs.c.status, UNFINISHED)
             await tx.conn.execute(
-                sa.delete(replicas).where(
-                    replicas.c.heartbeat_at < tx.now - max(10 * lapse, STALE_REPLICA_SECONDS)
+                sa.update(runs)
+                .where(runs.c.owner.in_(sa.select(replicas.c.incarnation).where(forgotten)))
+                .where(unfinished)
+                .values(owner=None, wake_at=None)
+            )
+            await tx.conn.execute(sa.delete(replicas).where(forgotten))
+            await tx.conn.execute(
+                sa.update(runs)
+                .where(
+                    runs.c.owner.is_not(None),
+                    runs.c.owner.not_in(sa.select(replicas.c.incarnation)),
+                    runs.c.owner != self.owner,
+                    unfinished,
                 )
+                .values(owner=None, wake_at=None)
             )
             await self._beat(tx)
 
@@ -203,33 +222,33 @@ class Journal:
         single-replica store after a restart)."""
 
         async def unit(tx: Tx) -> list[str]:
-            query = sa.select(runs.c.run_id).where(one_of(runs.c.status, UNFINISHED))
+            unfinished = one_of(runs.c.status, UNFINISHED)
             if everything:
-                query = query.order_by(runs.c.pk).limit(limit)
+                query = sa.select(runs.c.run_id).where(unfinished).order_by(runs.c.pk).limit(limit)
             else:
                 # Unowned and due (a parked run's wake-up time passed, or it has none), or
-                # owned by an incarnation whose heartbeat lapsed.
+                # owned by an incarnation whose heartbeat lapsed: two lookups in the index
+                # on (owner, status, wake_at), never a scan of every unfinished run (runs
+                # parked for days are many, and every replica asks at least every second).
                 due = sa.and_(
                     runs.c.owner.is_(None),
                     sa.or_(runs.c.wake_at.is_(None), runs.c.wake_at <= tx.now),
                 )
-                free = sa.or_(due, runs.c.owner.not_in(self._live(tx.now, lapse)))
-                if own:
-                    earlier = sa.select(replicas.c.incarnation).where(
-                        replicas.c.replica_id == self.replica_id
-                    )
-                    free = sa.or_(free, runs.c.owner.in_(earlier))
-                free = sa.and_(free, sa.or_(runs.c.owner.is_(None), runs.c.owner != self.owner))
-                query = query.where(free)
+                orphaned = runs.c.owner.in_(self._dead(tx.now, lapse, own))
+                columns = (runs.c.run_id, runs.c.tenant_id, runs.c.priority, runs.c.pk)
+                found = sa.union_all(
+                    sa.select(*columns).where(due, unfinished),
+                    sa.select(*columns).where(orphaned, unfinished),
+                ).subquery()
                 turn = sa.func.row_number().over(
-                    partition_by=runs.c.tenant_id, order_by=(runs.c.priority, runs.c.pk)
+                    partition_by=found.c.tenant_id, order_by=(found.c.priority, found.c.pk)
                 )
-                ranked = query.add_columns(turn.label("turn"), runs.c.pk).subquery()
+                ranked = sa.select(found.c.run_id, found.c.pk, turn.label("turn")).subquery()
                 fair = sa.select(ranked.c.run_id).order_by(ranked.c.turn, ranked.c.pk).limit(limit)
                 # The rows are locked (SKIP LOCKED) outside the window: a replica claiming at
                 # the same time skips them, and the free check is made again on each row.
                 query = sa.select(runs.c.run_id).where(
-                    runs.c.run_id.in_(fair), free, one_of(runs.c.status, UNFINISHED)
+                    runs.c.run_id.in_(fair), sa.or_(due, orphaned), unfinished
                 )
             query = self.store.db.dialect.claimable(query)
             run_ids = [r.run_id for r in (await tx.conn.execute(query)).all()]

@@ -69,8 +69,8 @@ runs = sa.Table(
 sa.Index("ix_runs_tenant_pk", runs.c.tenant_id, runs.c.pk)
 sa.Index("ix_runs_tenant_status", runs.c.tenant_id, runs.c.status, runs.c.pk)
 sa.Index("ix_runs_status", runs.c.status, runs.c.lease_expires_at)
-sa.Index("ix_runs_owner", runs.c.owner)
-sa.Index("ix_runs_status_wake", runs.c.status, runs.c.wake_at)
+# Claims (unowned and due, or owned by a dead incarnation) and heartbeats (a replica's own).
+sa.Index("ix_runs_owner_status_wake", runs.c.owner, runs.c.status, runs.c.wake_at)
 sa.Index("ix_runs_tenant_plan", runs.c.tenant_id, runs.c.plan_hash, runs.c.status, runs.c.pk)
 sa.Index("ix_runs_tenant_plan_id", runs.c.tenant_id, runs.c.plan_id, runs.c.pk)
 sa.Index(

@@ -59,7 +59,7 @@ class Tool:
     # core.wait_for_signal: `call` checks the parameters; the engine waits for the signal.
     waits_for_signal: bool = False
     # core.wait: when the call's deadline is (it raises ToolError for bad parameters). The
-    # engine waits until then holding no step slot, and may park the run meanwhile.
+    # engine waits until then as a wait it may park the run on.
     sleeps_until: Callable[[ToolContext, dict[str, JSON]], float] | None = None
 
 

@@ -18,10 +18,14 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("runs", sa.Column("wake_at", sa.Float(), nullable=True))
-    op.create_index("ix_runs_status_wake", "runs", ["status", "wake_at"])
+    # Claims look up unowned due runs and dead owners' runs; heartbeats a replica's own. The
+    # index on owner alone is covered by this one.
+    op.create_index("ix_runs_owner_status_wake", "runs", ["owner", "status", "wake_at"])
+    op.drop_index("ix_runs_owner", table_name="runs")
 
 
 def downgrade() -> None:
-    op.drop_index("ix_runs_status_wake", table_name="runs")
+    op.create_index("ix_runs_owner", "runs", ["owner"])
+    op.drop_index("ix_runs_owner_status_wake", table_name="runs")
     with op.batch_alter_table("runs") as batch:
         batch.drop_column("wake_at")
