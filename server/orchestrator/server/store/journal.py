@@ -227,17 +227,18 @@ class Journal:
                 query = sa.select(runs.c.run_id).where(unfinished).order_by(runs.c.pk).limit(limit)
             else:
                 # Unowned and due (a parked run's wake-up time passed, or it has none), or
-                # owned by an incarnation whose heartbeat lapsed: two lookups in the index
+                # owned by an incarnation whose heartbeat lapsed: lookups in the index
                 # on (owner, status, wake_at), never a scan of every unfinished run (runs
                 # parked for days are many, and every replica asks at least every second).
-                due = sa.and_(
-                    runs.c.owner.is_(None),
-                    sa.or_(runs.c.wake_at.is_(None), runs.c.wake_at <= tx.now),
-                )
+                unowned = runs.c.owner.is_(None)
+                due = sa.and_(unowned, sa.or_(runs.c.wake_at.is_(None), runs.c.wake_at <= tx.now))
                 orphaned = runs.c.owner.in_(self._dead(tx.now, lapse, own))
                 columns = (runs.c.run_id, runs.c.tenant_id, runs.c.priority, runs.c.pk)
+                # One arm per index range ("wake_at IS NULL OR ..." would be a filter over
+                # every parked run).
                 found = sa.union_all(
-                    sa.select(*columns).where(due, unfinished),
+                    sa.select(*columns).where(unowned, unfinished, runs.c.wake_at.is_(None)),
+                    sa.select(*columns).where(unowned, unfinished, runs.c.wake_at <= tx.now),
                     sa.select(*columns).where(orphaned, unfinished),
                 ).subquery()
                 turn = sa.func.row_number().over(
