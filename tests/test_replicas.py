@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from bench import parked
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -175,6 +176,55 @@ def test_a_parked_pause_timer_and_signal_go_on_from_any_replica(tmp_path: Path) 
         )
         log = cluster.procs["B"].log_path.read_text()
         assert '"level": "error"' not in log
+    finally:
+        cluster.stop_all()
+        drop_postgres_database(url)
+
+
+@pytest.mark.postgres
+def test_an_answer_given_to_an_api_only_replica_wakes_a_parked_run_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """A replica that executes nothing cannot take a parked run: its answer makes the run
+    due and a notice tells the others, one of which claims it at once."""
+    url = postgres_database()
+    cluster = Cluster(url, tmp_path)
+    tenant = str(uuid.uuid4())
+    try:
+        cluster.start("worker", lease=30)
+        cluster.start("api", lease=30, execute="false")
+        asking = plan_of(
+            {"stepId": "ask", "tool": "core.clarify", "parameters": {"prompt": "go?"}},
+            {
+                "stepId": "then",
+                "tool": "core.echo",
+                "parameters": {"got": "{{ steps.ask.output }}"},
+            },
+        )
+        run_id = call(
+            cluster, "api", "Execute", pb.ExecuteRequest(executable_plan=asking), tenant
+        ).run_id
+        wait_for(lambda: unowned(url, [run_id]), 10, "the run to park")
+        question = execution(cluster, "api", run_id, tenant).pending_clarifications[0]
+        sent = time.monotonic()
+        call(
+            cluster,
+            "api",
+            "RespondToClarification",
+            pb.RespondToClarificationRequest(
+                run_id=run_id,
+                clarification_id=question.clarification_id,
+                response=struct_pb2.Value(string_value="yes"),
+            ),
+            tenant,
+        )
+        done = finished(cluster, "api", run_id, tenant, 10)
+        moved = time.monotonic() - sent
+        assert done.status == pb.EXECUTION_STATUS_COMPLETED, done.error_message
+        assert done.steps[1].output.struct_value["got"] == "yes"
+        # By the notice, not a lapse (30 s); the worker also looks every second.
+        print(f"\nanswered on the API-only replica: moved in {moved * 1000:.0f} ms")
+        assert moved < 0.5, moved
     finally:
         cluster.stop_all()
         drop_postgres_database(url)
