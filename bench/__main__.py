@@ -2,8 +2,9 @@
 table of every figure with its ratio to the ceiling measured in this same run.
 
 Flags: --quick (about 2-3 minutes instead of about 10), --only NAME[,NAME] (ceilings, accept,
-end_to_end, dbos, reads, watch_fanout, connect, memory, expressions, fair_share), --no-postgres,
---profile (py-spy the server after the benches; `make bench` installs py-spy, the `bench` extra).
+end_to_end, dbos, reads, watch_fanout, connect, memory, expressions, fair_share, parked),
+--no-postgres, --profile (py-spy the server after the benches; `make bench` installs py-spy, the
+`bench` extra).
 `make bench BENCH_ARGS=--quick` passes flags through."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from bench import (
     expressions,
     fair_share,
     memory,
+    parked,
     reads,
     versus_dbos,
     watch_fanout,
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         "expressions": lambda: expressions.run(500 if quick else 2000),
         "fair_share": lambda: fair_share.run(
             fair_share.Scale.quick() if quick else fair_share.Scale(), postgres=pg
+        ),
+        # PostgreSQL only: parking is how replicas share runs that wait.
+        "parked": lambda: (
+            parked.run(parked.Scale.quick() if quick else parked.Scale()) if pg else None
         ),
     }
     chosen = [b for b in args.only.split(",") if b] or list(benches)

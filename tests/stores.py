@@ -111,3 +111,16 @@ def fetch(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
             await conn.close()
 
     return _run(go())
+
+
+def execute_postgres(url: str, script: str) -> None:
+    """Run an SQL script (several statements, no parameters) against a PostgreSQL test store."""
+
+    async def go() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(sa.make_url(url)))
+        try:
+            await conn.execute(script)
+        finally:
+            await conn.close()
+
+    _run(go())

@@ -36,13 +36,18 @@ class Cluster:
         self.procs: dict[str, ServeProcess] = {}
         self.ports: dict[str, int] = {}
 
-    def start(self, name: str, lease: float = 10.0) -> ServeProcess:
+    def start(self, name: str, lease: float = 10.0, **env: str) -> ServeProcess:
+        """Replica `name`; `env` adds ORCHESTRATOR_* variables."""
         port = self.ports.setdefault(name, free_port())
         proc = ServeProcess(
             self.url,
             self.tmp_path / f"{name}.log",
             port=port,
-            env={"ORCHESTRATOR_REPLICA_ID": name, "ORCHESTRATOR_LEASE_SECONDS": str(lease)},
+            env={
+                "ORCHESTRATOR_REPLICA_ID": name,
+                "ORCHESTRATOR_LEASE_SECONDS": str(lease),
+                **{f"ORCHESTRATOR_{k.upper()}": v for k, v in env.items()},
+            },
         )
         self.procs[name] = proc
         proc.wait_serving()

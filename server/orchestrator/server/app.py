@@ -317,7 +317,9 @@ async def build_server(
     # This process's incarnation: fencing compares it, so a restart under the same replica id
     # (or a second process given the same one) can never pass for the owner it replaces.
     incarnation = f"{replica}#{secrets.token_hex(6)}"
-    db = Database(settings.database_url, stall_seconds=settings.lease_seconds)
+    db = Database(
+        settings.database_url, stall_seconds=settings.lease_seconds, client_name=incarnation
+    )
     await db.migrate()
     writer = Writer(
         db.writer,
@@ -343,6 +345,7 @@ async def build_server(
         step_slot_reserve=settings.step_slot_reserve,
         enabled=settings.execute,
         lease_seconds=settings.lease_seconds,
+        park_after=settings.park_after_seconds,
         single_replica=db.dialect.single_replica,
         tracer=trace.get_tracer("orchestrator.engine", tracer_provider=tracer_provider),
         metrics=metrics,

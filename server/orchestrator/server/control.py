@@ -352,7 +352,7 @@ class ControlPlane:
     ) -> Transitioned:
         """Pause, Resume or Cancel."""
         _require_run_id(run_id)
-        result = await self.store.control(tenant_id, run_id, action, reason)
+        result = await self.journal.control(tenant_id, run_id, action, reason)
         self.engine.control(run_id, result.status)
         return result
 

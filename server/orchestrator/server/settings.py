@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="How long a replica's heartbeat may lapse before the others take its runs "
         "(it beats every third of this).",
     )
+    park_after_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="On PostgreSQL a run with nothing in flight that only waits (a person, a "
+        "pause, a timer due later than this) holds no owner: any replica takes it when due.",
+    )
     retention_seconds: float = Field(
         0.0, ge=0, description="Delete finished runs older than this (0 keeps them)."
     )

@@ -12,7 +12,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from orchestrator.server.store.journal import (
     Journal,
     LeaseLost,
     Outcome,
+    Parking,
     Started,
     StepStart,
     Taken,
@@ -122,12 +123,24 @@ class StepFailed(Exception):
 
 # Runs one claim takes at a time: small, so that replicas woken together share new runs.
 CLAIM_BATCH = 8
+# Claims look for due runs at least this often (runs parked by a replica that died are
+# claimed by the others when due, within this).
+CLAIM_POLL_SECONDS = 1.0
 # A run waiting on its concurrency key asks again this often at the latest (a notice from
 # the replica where a run with the key ended wakes it at once).
 KEY_RECHECK_SECONDS = 5.0
 # A run adopted at accept (Engine.adopt) counts against its tenant's free slots this long at
 # most, unless its first step takes a slot (or its task ends) sooner.
 ADOPTED_FOR = 1.0
+
+
+@dataclass(frozen=True)
+class Idle:
+    """What an in-flight step waits for while it does nothing (a pause, when all is unset)."""
+
+    until: float | None = None  # a timer: a back-off, core.wait, a signal's deadline
+    clarification_id: str = ""
+    signal_name: str = ""
 
 
 @dataclass
@@ -140,6 +153,8 @@ class Engine:
     step_slot_reserve: int | None = None
     enabled: bool = True
     lease_seconds: float = 10.0
+    # A run that only waits, and not for less than this, is parked (see RunTask._parking).
+    park_after: float = 60.0
     # One replica on its own store (SQLite): it takes every unfinished run at start and runs
     # the runs it accepts itself. Several (PostgreSQL): runs are claimed, so they spread.
     single_replica: bool = True
@@ -203,6 +218,42 @@ class Engine:
         self._key_freed: dict[tuple[str, str], asyncio.Event] = {}
         # Runs accepted here to run here (see `adopt`) whose first step has no slot yet.
         self._adopted: dict[str, tuple[str, float]] = {}
+        # Tasks are numbered as they start: a heartbeat abandons only tasks older than itself
+        # (a run taken by an answer while it was in flight is not in what it read).
+        self._born = 0
+        # When runs parked here are due: the claimer wakes then (other replicas poll).
+        self._wakeups: set[asyncio.TimerHandle] = set()
+        if self.enabled:
+            self.journal.taker = self
+
+    @property
+    def accepting(self) -> bool:
+        """Whether this engine takes runs now (the journal asks, for parked runs)."""
+        return self.enabled and not self.closing
+
+    @property
+    def parks(self) -> bool:
+        return self.journal.parks
+
+    def take(self, run_id: str) -> None:
+        """The run was taken here (committed): run it, once a task of it still winding down
+        (one that parked it, or finished it before a retry) has ended."""
+        task = self.runs.get(run_id)
+        if task is None:
+            self.submit(run_id)
+        else:
+            task.resubmit = True
+
+    def parked(self, wake_at: float) -> None:
+        """A run parked here is due at `wake_at`: claim then (or sooner, by any replica)."""
+        loop = asyncio.get_running_loop()
+
+        def due() -> None:
+            self._wakeups.discard(handle)
+            self.wake_claimer()
+
+        handle = loop.call_at(loop.time() + max(wake_at - time.time(), 0.0) + 0.01, due)
+        self._wakeups.add(handle)
 
     @property
     def owner(self) -> str:
@@ -234,6 +285,8 @@ class Engine:
             self.settle(run_id)
             return
         task = RunTask(self, run_id)
+        self._born += 1
+        task.born = self._born
         self.runs[run_id] = task
         handle = asyncio.create_task(task.main(), name=f"run-{run_id}")
         self._tasks.add(handle)
@@ -272,7 +325,13 @@ class Engine:
         self._claim_wake.set()
 
     async def _lease_loop(self) -> None:
-        interval = max(self.lease_seconds / 3, 0.05)
+        # The heartbeat is one row written every third of the timeout; claims (reads, unless
+        # they find something) look at least every CLAIM_POLL_SECONDS, so a timer parked by
+        # a replica that died meanwhile is taken about when it is due.
+        beat_every = max(self.lease_seconds / 3, 0.05)
+        interval = min(beat_every, CLAIM_POLL_SECONDS)
+        beaten = -beat_every
+        loop = asyncio.get_running_loop()
         while not self.closing:
             try:
                 async with asyncio.timeout(interval):
@@ -283,7 +342,9 @@ class Engine:
             if self.closing:
                 return
             try:
-                await self._heartbeat()
+                if loop.time() - beaten >= beat_every * 0.95:
+                    beaten = loop.time()
+                    await self._heartbeat()
                 if await self._claim() == CLAIM_BATCH:
                     # More may be waiting: claim again soon, leaving other replicas a turn.
                     self._claim_wake.set()
@@ -296,9 +357,10 @@ class Engine:
                 log.exception("engine.lease_loop_failed")
 
     async def _heartbeat(self) -> None:
+        before = self._born
         held = await self.journal.heartbeat()
         for run_id, task in list(self.runs.items()):
-            if run_id not in held and task.loaded:
+            if run_id not in held and task.loaded and task.born <= before and not task.gone:
                 log.warning("engine.lease_lost", run_id=run_id)
                 task.abandon()
 
@@ -325,11 +387,7 @@ class Engine:
     def retried(self, run_id: str) -> None:
         """A finished run of ours went back to RUNNING (already committed): run it again, once
         the task that finished it, if it is still winding down, has ended."""
-        task = self.runs.get(run_id)
-        if task is None:
-            self.submit(run_id)
-        else:
-            task.resubmit = True
+        self.take(run_id)
 
     def answered(self, run_id: str, clarification_id: str, answer: Answer) -> None:
         """A clarification was answered (already committed)."""
@@ -350,6 +408,9 @@ class Engine:
         a person or a back-off are left at once); cancel the rest; hand the leases back so
         another replica (or the next start) continues right away."""
         self.closing = True
+        for wakeup in self._wakeups:
+            wakeup.cancel()
+        self._wakeups.clear()
         if self._lease_task is not None:
             self._lease_task.cancel()
             await asyncio.gather(self._lease_task, return_exceptions=True)
@@ -413,6 +474,7 @@ class RunTask:
         self.failed_flows: list[str] = []
         self.failures: list[str] = []
         self.fatal: tuple[str, str] | None = None
+        self.fatal_reason = "STEP_FAILED"
         self.answers: dict[str, asyncio.Future[Answer]] = {}
         # Steps waiting on a signal, by its name: each is woken to look in the store again.
         self.signal_waiters: dict[str, set[asyncio.Event]] = {}
@@ -429,6 +491,11 @@ class RunTask:
         self.key: tuple[str, str] | None = None
         self.priority = DEFAULT_PRIORITY
         self.blocked = False  # PENDING, waiting on its concurrency key
+        self.born = 0
+        # In-flight steps ("" the run's approval) that only wait, and on what: when every
+        # one does (or the run is paused with nothing in flight), the run is parked.
+        self.idle: dict[str, Idle] = {}
+        self.gone = False  # parked: the task ends without writing anything more
 
     # ------------------------------------------------------------ notifications
 
@@ -520,7 +587,7 @@ class RunTask:
         return plan, params, variables, found
 
     async def _main(self) -> None:
-        row, step_rows, self.approved = await self.journal.open(self.run_id)
+        row, step_rows, self.approved, refused = await self.journal.open(self.run_id)
         if row["concurrency_key"]:
             self.key = (row["tenant_id"], row["concurrency_key"])
         while row["status"] == RunStatus.PENDING.value:
@@ -535,7 +602,7 @@ class RunTask:
                 await self.engine.wait_for_key(self.key, self.wake, KEY_RECHECK_SECONDS)
             finally:
                 self.blocked = False
-            row, step_rows, self.approved = await self.journal.open(self.run_id)
+            row, step_rows, self.approved, refused = await self.journal.open(self.run_id)
         self.priority = row["priority"] or DEFAULT_PRIORITY
         self.tenant_id: str = row["tenant_id"]
         self.log = self.log.bind(tenant_id=self.tenant_id)
@@ -567,7 +634,16 @@ class RunTask:
         self.paused = status is RunStatus.PAUSED
         self.timeout: float = row["timeout_seconds"]
         self.deadline = (row["started_at"] or time.time()) + self.timeout
-        if self.plan.plan.security_context.requires_approval and "" not in self.approved:
+        # A step that failed before this task (its approval refused while the run was parked,
+        # or a crash between the step's failure and the run's) fails its flow as it would have.
+        for s in step_rows:
+            if s["status"] == StepStatus.FAILED.value and s["step_id"] in self.plan.steps:
+                info = self.plan.steps[s["step_id"]]
+                self._failed(s["step_id"], info, s["error"], s["error_reason"])
+        if refused:
+            self.fatal = ("", "run approval rejected")
+            self.fatal_reason = "APPROVAL_REJECTED"
+        elif self.plan.plan.security_context.requires_approval and "" not in self.approved:
             self._launch("", self._approve_run())
         await self._schedule()
 
@@ -594,7 +670,6 @@ class RunTask:
         task.add_done_callback(done)
 
     async def _schedule(self) -> None:
-        self.fatal_reason = "STEP_FAILED"
         timed_out = False
         while True:
             self.wake.clear()
@@ -624,6 +699,11 @@ class RunTask:
             if remaining <= 0:
                 timed_out = True
                 break
+            parking = self._parking()
+            if parking is not None and await self.journal.park(self.run_id, parking):
+                self._let_go(parking)
+                return
+            # A refused park (an event got there first) is tried again on the next wake.
             try:
                 async with asyncio.timeout(remaining):
                     await self.wake.wait()
@@ -661,6 +741,74 @@ class RunTask:
             if self.failures:
                 message = "completed with failed steps: " + ", ".join(self.failures)
             await self.journal.finish_run(self.run_id, Action.COMPLETE, error_message=message)
+
+    def _parking(self) -> Parking | None:
+        """What the run waits for, when all it does is wait; else None."""
+        if (
+            not self.engine.parks
+            or self.engine.closing
+            or self.cancelled
+            or self.lost
+            or self.crashed is not None
+            or self.fatal is not None
+            or self.starting
+            or self.idle.keys() != self.inflight.keys()
+            or not (self.inflight or self.paused)
+        ):
+            return None
+        wake_at = self.deadline
+        clarifications: list[str] = []
+        names: list[str] = []
+        for idle in self.idle.values():
+            if idle.clarification_id:
+                future = self.answers.get(idle.clarification_id)
+                if future is None or future.done():
+                    return None  # answered: the step goes on
+                clarifications.append(idle.clarification_id)
+            elif idle.signal_name:
+                names.append(idle.signal_name)
+            elif idle.until is None and not self.paused:
+                return None  # a pause wait of a run resumed meanwhile
+            if idle.until is not None:
+                wake_at = min(wake_at, idle.until)
+        if any(w.is_set() for n in names for w in self.signal_waiters.get(n, ())):
+            return None  # a signal came: the step looks for it
+        if wake_at - time.time() < self.engine.park_after:
+            # A short back-off or timer is held: letting go and claiming it back would cost
+            # more writes than holding it, which costs none.
+            return None
+        return Parking(
+            wake_at=wake_at,
+            paused=self.paused,
+            clarifications=tuple(clarifications),
+            signal_names=tuple(sorted(set(names))),
+        )
+
+    def _let_go(self, parking: Parking) -> None:
+        """The run is parked (committed): stop its waiting steps, write nothing more. A
+        task that opens it again finds every wait in the store, as after a restart."""
+        self.gone = True
+        for task in self.inflight.values():
+            task.cancel()
+        self.engine.parked(parking.wake_at)
+        self.log.info("engine.run_parked", wake_at=parking.wake_at, paused=parking.paused)
+
+    @contextlib.contextmanager
+    def _waiting(self, step_id: str, idle: Idle) -> Iterator[None]:
+        """The step only waits meanwhile (the run task is told: it may park the run)."""
+        self.idle[step_id] = idle
+        self.wake.set()
+        try:
+            yield
+        finally:
+            self.idle.pop(step_id, None)
+
+    async def _sleep(self, step_id: str, until: float) -> None:
+        """A timer (a back-off, core.wait): the step waits until `until`, holding nothing."""
+        remaining = until - time.time()
+        if remaining > 0:
+            with self._waiting(step_id, Idle(until=until)):
+                await asyncio.sleep(remaining)
 
     async def _cancel_inflight(self) -> None:
         tasks = list(self.inflight.values())
@@ -935,14 +1083,18 @@ class RunTask:
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self.answers[clarification_id] = future
         try:
-            return await future
+            with self._waiting(step_id, Idle(clarification_id=clarification_id)):
+                return await future
         finally:
             self.answers.pop(clarification_id, None)
 
-    async def _wait_resumed(self) -> None:
-        while self.paused and not self.cancelled:
-            self.wake.clear()
-            await self.wake.wait()
+    async def _wait_resumed(self, step_id: str) -> None:
+        if not self.paused or self.cancelled:
+            return
+        with self._waiting(step_id, Idle()):
+            while self.paused and not self.cancelled:
+                self.wake.clear()
+                await self.wake.wait()
 
     async def _call(self, step_id: str, info: StepInfo, tool: Tool) -> None:
         retry = Retry.of(
@@ -956,11 +1108,11 @@ class RunTask:
         if tool.waits_for_signal and row.get("status") == StepStatus.RUNNING.value:
             # A signal wait under way before a restart keeps its deadline (not a back-off).
             carried, wake_at = wake_at, None
-        if wake_at and wake_at > time.time():
+        if wake_at:
             # A back-off that was under way before a restart keeps its deadline.
-            await asyncio.sleep(wake_at - time.time())
+            await self._sleep(step_id, wake_at)
         while True:
-            await self._wait_resumed()
+            await self._wait_resumed(step_id)
             try:
                 params = await sandbox.render(self.engine.sandbox, info.parameters, self._scope())
             except ExpressionError as exc:
@@ -1004,8 +1156,9 @@ class RunTask:
                 # Paused (or cancelled) before the start committed: wait and retry.
                 if self.cancelled:
                     return
-                self.wake.clear()
-                await self.wake.wait()
+                with self._waiting(step_id, Idle()):
+                    self.wake.clear()
+                    await self.wake.wait()
                 continue
             if attempt.again:
                 continue
@@ -1018,7 +1171,7 @@ class RunTask:
                     time.time() + delay,
                 )
                 self.status[step_id] = StepStatus.PENDING
-                await asyncio.sleep(delay)
+                await self._sleep(step_id, time.time() + delay)
                 continue
             if attempt.variables:
                 self.vars = {**self.vars, **attempt.variables}
@@ -1057,6 +1210,7 @@ class RunTask:
                 started = await self._committed(step_id, start)
                 if started is None:
                     return None
+                self.starting.discard(step_id)  # started: a step under way like any other
                 return await self._invoke(step_id, tool, params, limit, carried, retry, started)
             expected = Started(
                 start.attempt,
@@ -1141,7 +1295,7 @@ class RunTask:
                     taken = await (asyncio.wait_for(waiting, limit) if limit else waiting)
                     output = taken.payload
                 else:
-                    call = tool.call(ctx, arguments)
+                    call = self._call_tool(step_id, tool, ctx, arguments)
                     output = await (asyncio.wait_for(call, limit) if limit else call)
         except (ToolError, TimeoutError, OrchestratorError) as exc:
             span.set_status(trace.StatusCode.ERROR, str(exc) or type(exc).__name__)
@@ -1189,6 +1343,16 @@ class RunTask:
             started, Outcome(step_id, StepStatus.FAILED, error=f"{error}{attempts}", reason=reason)
         )
 
+    async def _call_tool(
+        self, step_id: str, tool: Tool, ctx: ToolContext, params: dict[str, JSON]
+    ) -> JSON:
+        """Call the tool (in the step's slot). A timer (core.wait) waits first as a wait the
+        run may be parked on (which gives the slot back); the tool then finds its deadline
+        passed."""
+        if tool.sleeps_until is not None:
+            await self._sleep(step_id, tool.sleeps_until(ctx, params))
+        return await tool.call(ctx, params)
+
     async def _await_signal(
         self, step_id: str, checked: dict[str, JSON], carried: float | None
     ) -> Taken:
@@ -1214,8 +1378,9 @@ class RunTask:
                     )
                 self.parked.add(step_id)
                 try:
-                    async with asyncio.timeout(remaining):
-                        await waiter.wait()
+                    with self._waiting(step_id, Idle(until=deadline, signal_name=name)):
+                        async with asyncio.timeout(remaining):
+                            await waiter.wait()
                 except TimeoutError:
                     pass
                 finally:

@@ -29,12 +29,12 @@ class Database:
     """The store's engines. SQLite gets a single writer connection (WAL lets readers run beside
     it); PostgreSQL shares one pool."""
 
-    def __init__(self, url: str, stall_seconds: float = 0.0) -> None:
+    def __init__(self, url: str, stall_seconds: float = 0.0, client_name: str = "") -> None:
         self.url = sa.make_url(url)
         self.dialect = dialect_for(self.url)
         # A writer transaction idle this long belongs to a stopped process (SIGSTOP, a frozen
         # VM): the database ends it, so its row locks do not hide its runs from claims.
-        engines = self.dialect.engines(self.url, stall_seconds)
+        engines = self.dialect.engines(self.url, stall_seconds, client_name)
         self.writer: AsyncEngine = engines.writer
         self.reader: AsyncEngine = engines.reader
         self.sync_writer = engines.sync_writer

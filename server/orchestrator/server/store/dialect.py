@@ -81,8 +81,9 @@ class Dialect:
     select_run_for_write: ClassVar[sa.Select[Any]] = SELECT_RUN
     select_tenant_run_for_write: ClassVar[sa.Select[Any]] = SELECT_TENANT_RUN
 
-    def engines(self, url: sa.URL, stall_seconds: float = 0.0) -> Engines:
-        """The engines; a write transaction left idle `stall_seconds` is ended (0: never)."""
+    def engines(self, url: sa.URL, stall_seconds: float = 0.0, client_name: str = "") -> Engines:
+        """The engines; a write transaction left idle `stall_seconds` is ended (0: never);
+        `client_name` names the connections to the server (where it has names for them)."""
         raise NotImplementedError
 
     def insert(self, table: sa.Table) -> Any:
@@ -137,7 +138,7 @@ class SqliteDialect(Dialect):
 
     name = "sqlite"
 
-    def engines(self, url: sa.URL, stall_seconds: float = 0.0) -> Engines:
+    def engines(self, url: sa.URL, stall_seconds: float = 0.0, client_name: str = "") -> Engines:
         writer = create_async_engine(url, pool_size=1, max_overflow=0, **JSON_CODEC)
         _sqlite_pragmas(writer.sync_engine, "BEGIN IMMEDIATE")
         reader = create_async_engine(url, pool_size=8, max_overflow=8, **JSON_CODEC)
@@ -164,13 +165,17 @@ class PostgresDialect(Dialect):
     select_run_for_write = SELECT_RUN_LOCKED
     select_tenant_run_for_write = SELECT_TENANT_RUN_LOCKED
 
-    def engines(self, url: sa.URL, stall_seconds: float = 0.0) -> Engines:
-        writer_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT}
+    def engines(self, url: sa.URL, stall_seconds: float = 0.0, client_name: str = "") -> Engines:
+        # pg_stat_activity (and anything reading application_name) tells the replicas'
+        # incarnations apart.
+        named = {"application_name": client_name[:63]} if client_name else {}
+        writer_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT, "server_settings": named}
         if stall_seconds > 0:
             # A stopped replica's open transaction would hold its run rows locked, and SKIP
             # LOCKED claims would skip them for as long as it stands still.
             writer_args["server_settings"] = {
-                "idle_in_transaction_session_timeout": str(max(int(stall_seconds * 1000), 1000))
+                **named,
+                "idle_in_transaction_session_timeout": str(max(int(stall_seconds * 1000), 1000)),
             }
         writer = create_async_engine(
             url,
@@ -190,7 +195,7 @@ class PostgresDialect(Dialect):
             max_overflow=8,
             pool_pre_ping=True,
             isolation_level="REPEATABLE READ",
-            connect_args={"timeout": CONNECT_TIMEOUT},
+            connect_args={"timeout": CONNECT_TIMEOUT, "server_settings": named},
             **JSON_CODEC,
         )
         # Marked statements run on asyncpg itself, in the writer's and readers' greenlets.

@@ -13,16 +13,16 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
 from orchestrator.server.errors import STORE_OUTAGES, FailedPrecondition, InvalidTransition
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
 from orchestrator.server.store.notices import Notice, NoticeKind
-from orchestrator.server.store.records import Answer, EventSpec, clean_text
+from orchestrator.server.store.records import Answer, EventSpec, Transitioned, clean_text
 from orchestrator.server.store.runs import RunStore, not_found
-from orchestrator.server.store.schema import replicas, runs, signals
+from orchestrator.server.store.schema import clarifications, replicas, runs, signals
 from orchestrator.server.store.statements import (
     INSERT_CLARIFICATION,
     OPEN_STEPS,
@@ -141,6 +141,26 @@ class StepStart:
             return await self.journal._durably(self.unit)
 
 
+@dataclass(frozen=True)
+class Parking:
+    """What a run with nothing in flight waits for. It parks (holds no owner) only if all of
+    it still holds under the run's lock when the park commits."""
+
+    wake_at: float  # due at the latest then: its next timer, else its deadline
+    paused: bool = False  # waits for Resume (else the run is RUNNING)
+    clarifications: tuple[str, ...] = ()  # each still PENDING
+    signal_names: tuple[str, ...] = ()  # none of them kept unconsumed
+
+
+class Taker(Protocol):
+    """The engine, as the journal sees it: whether it takes runs now, and taking one."""
+
+    @property
+    def accepting(self) -> bool: ...
+
+    def take(self, run_id: str) -> None: ...
+
+
 class LeaseLost(Exception):
     """This incarnation no longer owns the run: another one executes it now."""
 
@@ -155,6 +175,12 @@ class Journal:
         # The incarnation (replica id + boot nonce) this process writes runs as.
         self.owner = owner
         self.replica_id = replica_id or owner
+        # Runs that only wait are parked, so any replica can go on with them (DESIGN §9,
+        # issue 10). One replica on its own store keeps them: nobody else could.
+        self.parks = not store.db.dialect.single_replica
+        # The engine of this process, when it executes runs: an event for a parked run
+        # (an answer, a signal, Resume) is taken here in the transaction that records it.
+        self.taker: Taker | None = None
 
     async def _durably(self, unit: Unit[T]) -> T:
         """Run the engine's unit until it commits: a store outage delays the engine's
@@ -173,19 +199,38 @@ class Journal:
 
     # ------------------------------------------------------------------ ownership
 
-    def _live(self, now: float, lapse: float) -> sa.Select[Any]:
-        """The incarnations whose heartbeat is fresh: the owners whose runs are taken."""
-        return sa.select(replicas.c.incarnation).where(replicas.c.heartbeat_at >= now - lapse)
+    def _dead(self, now: float, lapse: float, own: bool) -> sa.Select[Any]:
+        """The other incarnations whose heartbeat lapsed (with `own`, also this replica id's
+        earlier ones: a restart, and the port is exclusive, so they are dead)."""
+        lapsed = replicas.c.heartbeat_at < now - lapse
+        if own:
+            lapsed = sa.or_(lapsed, replicas.c.replica_id == self.replica_id)
+        return sa.select(replicas.c.incarnation).where(lapsed, replicas.c.incarnation != self.owner)
 
     async def register(self, lapse: float) -> None:
-        """Enter this incarnation in the replicas table, and forget incarnations long dead
-        (their runs are claimable whether or not their row is left)."""
+        """Enter this incarnation in the replicas table, and forget incarnations long dead,
+        handing their runs back first (claims look runs up by a dead owner's row), as well
+        as runs whose owner has no row at all."""
 
         async def unit(tx: Tx) -> None:
+            forgotten = replicas.c.heartbeat_at < tx.now - max(10 * lapse, STALE_REPLICA_SECONDS)
+            unfinished = one_of(runs.c.status, UNFINISHED)
             await tx.conn.execute(
-                sa.delete(replicas).where(
-                    replicas.c.heartbeat_at < tx.now - max(10 * lapse, STALE_REPLICA_SECONDS)
+                sa.update(runs)
+                .where(runs.c.owner.in_(sa.select(replicas.c.incarnation).where(forgotten)))
+                .where(unfinished)
+                .values(owner=None, wake_at=None)
+            )
+            await tx.conn.execute(sa.delete(replicas).where(forgotten))
+            await tx.conn.execute(
+                sa.update(runs)
+                .where(
+                    runs.c.owner.is_not(None),
+                    runs.c.owner.not_in(sa.select(replicas.c.incarnation)),
+                    runs.c.owner != self.owner,
+                    unfinished,
                 )
+                .values(owner=None, wake_at=None)
             )
             await self._beat(tx)
 
@@ -235,29 +280,34 @@ class Journal:
         single-replica store after a restart)."""
 
         async def unit(tx: Tx) -> list[str]:
-            query = sa.select(runs.c.run_id).where(one_of(runs.c.status, UNFINISHED))
+            unfinished = one_of(runs.c.status, UNFINISHED)
             if everything:
-                query = query.order_by(runs.c.pk).limit(limit)
+                query = sa.select(runs.c.run_id).where(unfinished).order_by(runs.c.pk).limit(limit)
             else:
-                free = sa.or_(
-                    runs.c.owner.is_(None), runs.c.owner.not_in(self._live(tx.now, lapse))
-                )
-                if own:
-                    earlier = sa.select(replicas.c.incarnation).where(
-                        replicas.c.replica_id == self.replica_id
-                    )
-                    free = sa.or_(free, runs.c.owner.in_(earlier))
-                free = sa.and_(free, sa.or_(runs.c.owner.is_(None), runs.c.owner != self.owner))
-                query = query.where(free)
+                # Unowned and due (a parked run's wake-up time passed, or it has none), or
+                # owned by an incarnation whose heartbeat lapsed: lookups in the index
+                # on (owner, status, wake_at), never a scan of every unfinished run (runs
+                # parked for days are many, and every replica asks at least every second).
+                unowned = runs.c.owner.is_(None)
+                due = sa.and_(unowned, sa.or_(runs.c.wake_at.is_(None), runs.c.wake_at <= tx.now))
+                orphaned = runs.c.owner.in_(self._dead(tx.now, lapse, own))
+                columns = (runs.c.run_id, runs.c.tenant_id, runs.c.priority, runs.c.pk)
+                # One arm per index range ("wake_at IS NULL OR ..." would be a filter over
+                # every parked run).
+                found = sa.union_all(
+                    sa.select(*columns).where(unowned, unfinished, runs.c.wake_at.is_(None)),
+                    sa.select(*columns).where(unowned, unfinished, runs.c.wake_at <= tx.now),
+                    sa.select(*columns).where(orphaned, unfinished),
+                ).subquery()
                 turn = sa.func.row_number().over(
-                    partition_by=runs.c.tenant_id, order_by=(runs.c.priority, runs.c.pk)
+                    partition_by=found.c.tenant_id, order_by=(found.c.priority, found.c.pk)
                 )
-                ranked = query.add_columns(turn.label("turn"), runs.c.pk).subquery()
+                ranked = sa.select(found.c.run_id, found.c.pk, turn.label("turn")).subquery()
                 fair = sa.select(ranked.c.run_id).order_by(ranked.c.turn, ranked.c.pk).limit(limit)
                 # The rows are locked (SKIP LOCKED) outside the window: a replica claiming at
                 # the same time skips them, and the free check is made again on each row.
                 query = sa.select(runs.c.run_id).where(
-                    runs.c.run_id.in_(fair), free, one_of(runs.c.status, UNFINISHED)
+                    runs.c.run_id.in_(fair), sa.or_(due, orphaned), unfinished
                 )
             query = self.store.db.dialect.claimable(query)
             run_ids = [r.run_id for r in (await tx.conn.execute(query)).all()]
@@ -265,7 +315,7 @@ class Journal:
                 await tx.conn.execute(
                     sa.update(runs)
                     .where(runs.c.run_id.in_(run_ids))
-                    .values(owner=self.owner, lease_expires_at=None)
+                    .values(owner=self.owner, lease_expires_at=None, wake_at=None)
                 )
             return run_ids
 
@@ -279,13 +329,98 @@ class Journal:
             result = await tx.conn.execute(
                 sa.update(runs)
                 .where(runs.c.owner == self.owner, one_of(runs.c.status, UNFINISHED))
-                .values(owner=None, lease_expires_at=None)
+                .values(owner=None, lease_expires_at=None, wake_at=None)
             )
             await tx.conn.execute(sa.delete(replicas).where(replicas.c.incarnation == self.owner))
             tx.notify(Notice(NoticeKind.CLAIM))
             return int(result.rowcount or 0)
 
         return await self.writer.run(unit)
+
+    async def park(self, run_id: str, parking: Parking) -> bool:
+        """Let go of a run that only waits: no owner, due at `parking.wake_at` or when the
+        event it waits for comes. False (nothing written) when the wait no longer holds: an
+        answer, a signal or a control call got there first."""
+
+        async def unit(tx: Tx) -> bool:
+            row = await self._run_row(tx, run_id)
+            expected = RunStatus.PAUSED if parking.paused else RunStatus.RUNNING
+            if row is None or row["status"] != expected.value:
+                return False
+            if parking.clarifications:
+                pending = await tx.conn.execute(
+                    sa.select(sa.func.count()).where(
+                        clarifications.c.clarification_id.in_(parking.clarifications),
+                        clarifications.c.status == "PENDING",
+                    )
+                )
+                if pending.scalar_one() != len(parking.clarifications):
+                    return False
+            if parking.signal_names:
+                kept = await tx.conn.execute(
+                    sa.select(signals.c.pk)
+                    .where(
+                        signals.c.run_id == run_id,
+                        signals.c.signal_name.in_(parking.signal_names),
+                        signals.c.consumed_by == "",
+                    )
+                    .limit(1)
+                )
+                if kept.first() is not None:
+                    return False
+            await tx.conn.execute(
+                sa.update(runs)
+                .where(runs.c.run_id == run_id)
+                .values(owner=None, wake_at=parking.wake_at)
+            )
+            return True
+
+        return await self._durably(unit)
+
+    async def _wake_parked(self, tx: Tx, run_id: str, taken: list[str]) -> None:
+        """An event for the run came: if it is parked, it is due now, and taken by this
+        incarnation in the same transaction when the engine here takes runs (else any
+        replica claims it, told so by a notice). `taken` says which it was, once committed."""
+        if not self.parks:
+            return
+        take = self.taker is not None and self.taker.accepting
+        values: dict[str, Any] = {"wake_at": None}
+        if take:
+            values["owner"] = self.owner
+        woken = await tx.conn.execute(
+            sa.update(runs)
+            .where(
+                runs.c.run_id == run_id, runs.c.owner.is_(None), one_of(runs.c.status, UNFINISHED)
+            )
+            .values(**values)
+        )
+        if not woken.rowcount:
+            return
+        if take:
+            taken.append(run_id)
+        else:
+            tx.notify(Notice(NoticeKind.CLAIM))
+
+    def _taken(self, taken: list[str]) -> None:
+        if taken and self.taker is not None:
+            self.taker.take(taken[-1])
+
+    async def control(
+        self, tenant_id: str, run_id: str, action: Action, reason: str
+    ) -> Transitioned:
+        """Pause, Resume or Cancel (RunStore.transition); a parked run that goes on is woken."""
+        taken: list[str] = []
+
+        async def unit(tx: Tx) -> Transitioned:
+            taken.clear()
+            result = await self.store.transition(tx, tenant_id, run_id, action, reason)
+            if not result.status.terminal:
+                await self._wake_parked(tx, run_id, taken)
+            return result
+
+        result = await self.store.with_retry(unit)
+        self._taken(taken)
+        return result
 
     async def _step_row(self, tx: Tx, run_id: str, step_id: str) -> dict[str, Any]:
         where = {"w_run_id": run_id, "w_step_id": step_id}
@@ -619,9 +754,12 @@ class Journal:
     ) -> Answer:
         """Resolve a pending clarification and apply it in the same transaction: a core.clarify
         step completes with the answer; an approval answered false fails its step (or the run)
-        with APPROVAL_REJECTED; one answered true lets the step call its tool."""
+        with APPROVAL_REJECTED; one answered true lets the step call its tool. A parked run
+        is woken (and taken here: see `_wake_parked`)."""
+        taken: list[str] = []
 
         async def unit(tx: Tx) -> Answer:
+            taken.clear()
             row = await self._run_row(tx, run_id, fenced=False)
             if row is None or row["tenant_id"] != tenant_id:
                 raise not_found(run_id)
@@ -668,6 +806,7 @@ class Journal:
                 if rejected:
                     answer = Answer("", None, error="run approval rejected", run_failed=True)
                 await self.store.update_run(tx, row, changes, specs)
+                await self._wake_parked(tx, run_id, taken)
                 tx.notify(Notice.answered(run_id, clarification_id, answer))
                 return answer
             step = await self._step_row(tx, run_id, step_id)
@@ -719,10 +858,13 @@ class Journal:
                 specs[0].steps = [step]
                 answer = Answer(step_id, StepStatus.PENDING)
             await self.store.update_run(tx, row, changes, specs)
+            await self._wake_parked(tx, run_id, taken)
             tx.notify(Notice.answered(run_id, clarification_id, answer))
             return answer
 
-        return await self.writer.run(unit)
+        answer = await self.writer.run(unit)
+        self._taken(taken)
+        return answer
 
     async def _admitted(self, tx: Tx, row: dict[str, Any]) -> bool:
         """Whether a PENDING run with a concurrency key may start now: fewer than its
@@ -750,9 +892,12 @@ class Journal:
         self, tenant_id: str, run_id: str, signal_name: str, payload: JSON, request_id: str
     ) -> bool:
         """Keep a signal for the run, with its SIGNAL_RECEIVED event, in one transaction.
-        True when the run already has a signal with this request id (nothing is written)."""
+        True when the run already has a signal with this request id (nothing is written).
+        A parked run is woken (and taken here: see `_wake_parked`)."""
+        taken: list[str] = []
 
         async def unit(tx: Tx) -> bool:
+            taken.clear()
             row = await self._run_row(tx, run_id, fenced=False)
             if row is None or row["tenant_id"] != tenant_id:
                 raise not_found(run_id)
@@ -785,10 +930,13 @@ class Journal:
                 {},
                 [EventSpec(pb.EVENT_TYPE_SIGNAL_RECEIVED, f"signal {signal_name} received")],
             )
+            await self._wake_parked(tx, run_id, taken)
             tx.notify(Notice.signalled(run_id, signal_name))
             return False
 
-        return await self.writer.run(unit)
+        duplicate = await self.writer.run(unit)
+        self._taken(taken)
+        return duplicate
 
     async def take_signal(
         self, run_id: str, step_id: str, signal_name: str, deadline: float | None
@@ -856,13 +1004,16 @@ class Journal:
 
         return await self._durably(unit)
 
-    async def open(self, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], set[str]]:
+    async def open(
+        self, run_id: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool]:
         """What (re)starting the run's task needs, in one unit: the run row (a PENDING run is
         started: RUNNING, unless its concurrency key says wait: then it stays PENDING with
-        its `waiting_reason`), its step rows, and the steps (and "" for the run) whose
-        approval was answered yes."""
+        its `waiting_reason`), its step rows, the steps (and "" for the run) whose approval
+        was answered yes, and whether the run's own approval was refused since it (re)started
+        (answered while nobody held the run: the task that opens it fails it)."""
 
-        async def unit(tx: Tx) -> tuple[dict[str, Any], list[dict[str, Any]], set[str]]:
+        async def unit(tx: Tx) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool]:
             row = await self._run_row(tx, run_id)
             if row is None:
                 raise not_found(run_id)
@@ -872,8 +1023,17 @@ class Journal:
             ]
             inputs = (await tx.conn.execute(SELECT_RUN_INPUTS, {"w_run_id": run_id})).mappings()
             run_inputs = dict(inputs.one())
-            answers = await tx.conn.execute(SELECT_APPROVALS, {"w_run_id": run_id})
-            approved = {r["step_id"] for r in answers.mappings() if r["response"] is True}
+            answers = list(
+                (await tx.conn.execute(SELECT_APPROVALS, {"w_run_id": run_id})).mappings()
+            )
+            approved = {r["step_id"] for r in answers if r["response"] is True}
+            since = row["started_at"] or 0.0
+            refused = any(
+                r["step_id"] == ""
+                and r["response"] is not True
+                and (r["resolved_at"] or 0) >= since
+                for r in answers
+            )
             if (
                 row["status"] == RunStatus.PENDING.value
                 and row["concurrency_key"]
@@ -896,6 +1056,6 @@ class Journal:
                     },
                     [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")],
                 )
-            return {**row, **run_inputs}, step_rows, approved
+            return {**row, **run_inputs}, step_rows, approved, refused
 
         return await self._durably(unit)

@@ -588,7 +588,7 @@ class RunStore:
         async def unit(tx: Tx) -> Transitioned:
             return await self.transition(tx, tenant_id, run_id, action, reason)
 
-        return await self._with_retry(unit)
+        return await self.with_retry(unit)
 
     async def transition(
         self, tx: Tx, tenant_id: str, run_id: str, action: Action, reason: str
@@ -705,6 +705,8 @@ class RunStore:
                 "retry_count": row["retry_count"] + 1,
                 "owner": retry.owner or None,
                 "lease_expires_at": retry.lease_expires_at,
+                # A run cancelled while parked kept its wake-up time: retried, it is due now.
+                "wake_at": None,
             }
             message = f"{Action.RETRY.value}: {retry.reason}" if retry.reason else "run retried"
             specs = [
@@ -724,7 +726,7 @@ class RunStore:
                 tx.notify(Notice(NoticeKind.CLAIM))
             return build_execution(new, step_rows, [])
 
-        return await self._with_retry(unit)
+        return await self.with_retry(unit)
 
     async def _cancel_open_work(
         self, tx: Tx, run_id: str, reason: str
@@ -893,7 +895,7 @@ class RunStore:
 
         return bytes.fromhex(await self.writer.run(unit))
 
-    async def _with_retry(self, unit: Unit[T]) -> T:
+    async def with_retry(self, unit: Unit[T]) -> T:
         # A Conflict means another replica changed the run between our read and our write:
         # read again and decide again (the decision may now be a refusal).
         for _ in range(5):

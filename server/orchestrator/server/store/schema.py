@@ -45,8 +45,12 @@ runs = sa.Table(
     sa.Column("results", sa.JSON),  # dry run: the execution order
     # The incarnation (replicas.incarnation) executing the run: it owns the run while its
     # heartbeat is fresh, with no per-run renewal. lease_expires_at is no longer written.
+    # A run with nothing in flight that only waits (a person, a pause, a timer, a signal)
+    # is parked: no owner, and `wake_at` says when any replica claims it at the latest (its
+    # next timer, else its deadline); the event that resumes it clears `wake_at` (due now).
     sa.Column("owner", sa.String(160)),
     sa.Column("lease_expires_at", sa.Float),
+    sa.Column("wake_at", sa.Float),
     sa.Column("trace_parent", sa.String(64), nullable=False, server_default=""),
     # How many times RetryExecution sent the run back to RUNNING.
     sa.Column("retry_count", sa.Integer, nullable=False, server_default="0"),
@@ -65,7 +69,8 @@ runs = sa.Table(
 sa.Index("ix_runs_tenant_pk", runs.c.tenant_id, runs.c.pk)
 sa.Index("ix_runs_tenant_status", runs.c.tenant_id, runs.c.status, runs.c.pk)
 sa.Index("ix_runs_status", runs.c.status, runs.c.lease_expires_at)
-sa.Index("ix_runs_owner", runs.c.owner)
+# Claims (unowned and due, or owned by a dead incarnation) and heartbeats (a replica's own).
+sa.Index("ix_runs_owner_status_wake", runs.c.owner, runs.c.status, runs.c.wake_at)
 sa.Index("ix_runs_tenant_plan", runs.c.tenant_id, runs.c.plan_hash, runs.c.status, runs.c.pk)
 sa.Index("ix_runs_tenant_plan_id", runs.c.tenant_id, runs.c.plan_id, runs.c.pk)
 sa.Index(

@@ -82,7 +82,9 @@ WITHDRAW_CLARIFICATIONS = direct(
     )
 )
 SELECT_APPROVALS = direct(
-    sa.select(clarifications.c.step_id, clarifications.c.response).where(
+    sa.select(
+        clarifications.c.step_id, clarifications.c.response, clarifications.c.resolved_at
+    ).where(
         clarifications.c.run_id == sa.bindparam("w_run_id"),
         clarifications.c.status == "RESOLVED",
         clarifications.c.category == "USER_VERIFICATION",

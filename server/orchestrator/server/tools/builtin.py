@@ -39,6 +39,16 @@ def _number(params: dict[str, JSON], name: str) -> float:
 async def wait(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
     """core.wait: sleeps until `seconds` after the first attempt started, or `until` (RFC 3339).
     The deadline counts from the first attempt, so a restart keeps it."""
+    deadline = wait_deadline(ctx, params)
+    remaining = deadline - time.time()
+    if remaining > 0:
+        await asyncio.sleep(remaining)
+    started = ctx.first_started_at or deadline
+    return {"waited_seconds": round(max(0.0, time.time() - started), 6)}
+
+
+def wait_deadline(ctx: ToolContext, params: dict[str, JSON]) -> float:
+    """When core.wait's call ends (epoch seconds)."""
     if "until" in params:
         raw = params["until"]
         if not isinstance(raw, str):
@@ -60,11 +70,7 @@ async def wait(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
                 "seconds must not be negative", retryable=False, reason="INVALID_PARAMETERS"
             )
         deadline = (ctx.first_started_at or time.time()) + seconds
-    remaining = deadline - time.time()
-    if remaining > 0:
-        await asyncio.sleep(remaining)
-    started = ctx.first_started_at or deadline
-    return {"waited_seconds": round(max(0.0, time.time() - started), 6)}
+    return deadline
 
 
 async def fail(ctx: ToolContext, params: dict[str, JSON]) -> JSON:
@@ -244,7 +250,12 @@ def builtin_tools(http_allow: Sequence[Network] = ()) -> list[Tool]:
             instant=True,
             description="returns its parameters and makes each key a run variable",
         ),
-        Tool("core.wait", wait, description="waits `seconds` or `until`, durably"),
+        Tool(
+            "core.wait",
+            wait,
+            sleeps_until=wait_deadline,
+            description="waits `seconds` or `until`, durably",
+        ),
         Tool("core.fail", fail, instant=True, description="fails the first `fail_times` attempts"),
         Tool(
             "core.clarify",

@@ -64,6 +64,9 @@ class Tool:
     # reaches out is called only once its start is committed: a pause committed meanwhile
     # keeps it from being called at all.
     instant: bool = False
+    # core.wait: when the call's deadline is (it raises ToolError for bad parameters). The
+    # engine waits until then as a wait it may park the run on.
+    sleeps_until: Callable[[ToolContext, dict[str, JSON]], float] | None = None
 
 
 class ToolRegistry:
