@@ -12,7 +12,7 @@ BUF ?= $(BIN)/buf
 ORCHESTRATOR_PORT ?= 50051
 ORCHESTRATOR_HTTP_PORT ?= 8080
 
-.PHONY: install run test test-fast generate check-generated lint buf-lint buf-breaking bench clean \
+.PHONY: install browser run test test-fast generate check-generated lint buf-lint buf-breaking bench clean \
   web web-install check-web
 
 install: $(STAMP)
@@ -96,7 +96,12 @@ lint: install
 	$(BIN)/ruff format --check server clients tests
 	$(BIN)/mypy --strict server clients tests
 
-test: install lint buf-lint buf-breaking check-generated check-web
+# The browser tests (tests/test_dashboard.py) drive Debian's Chromium: installed when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser lint buf-lint buf-breaking check-generated check-web
 	$(BIN)/pytest -q
 
 bench: install
