@@ -84,7 +84,12 @@ def struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
 
     Keys are sorted: map order in protobuf is unspecified, and violations should not shuffle.
     """
-    return {key: _value_to_python(struct.fields[key]) for key in sorted(struct.fields)}
+    return _Walk(_UNBOUNDED).fields(struct, 1)
+
+
+def value_to_python(value: struct_pb2.Value) -> Any:
+    """A protobuf Value as plain Python, never raising."""
+    return _Walk(_UNBOUNDED).value(value, 1)
 
 
 def checked_struct(struct: struct_pb2.Struct, limit: int) -> tuple[dict[str, Any], bool, bool]:
@@ -92,51 +97,46 @@ def checked_struct(struct: struct_pb2.Struct, limit: int) -> tuple[dict[str, Any
     than `limit` (values past it are left out, as None) and whether every number in it is
     finite: (value, too deep, finite). A request's parameters can be megabytes: one walk
     instead of four (conversion, depth, finiteness, conversion again)."""
-    too_deep, all_finite = False, True
-    isfinite = math.isfinite
+    walk = _Walk(limit)
+    converted = walk.fields(struct, 1)
+    return converted, walk.too_deep, walk.finite
 
-    def fields(of: struct_pb2.Struct, depth: int) -> dict[str, Any]:
-        items = of.fields
+
+_UNBOUNDED = 1 << 30  # protobuf's decoder already stops at 100 levels
+
+
+class _Walk:
+    """One conversion of protobuf Values to plain Python, noting what it meets."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.too_deep = False  # a value sat deeper than `limit` (left out, as None)
+        self.finite = True  # every number was finite
+
+    def fields(self, of: struct_pb2.Struct, depth: int) -> dict[str, Any]:
+        items, value = of.fields, self.value
         return {key: value(items[key], depth) for key in sorted(items)}
 
-    def value(item: struct_pb2.Value, depth: int) -> Any:
-        nonlocal too_deep, all_finite
-        if depth > limit:
-            too_deep = True
+    def value(self, item: struct_pb2.Value, depth: int) -> Any:
+        if depth > self.limit:
+            self.too_deep = True
             return None
         kind = item.WhichOneof("kind")
         if kind == "number_value":
             number = item.number_value
-            if not isfinite(number):
-                all_finite = False
+            if not math.isfinite(number):
+                self.finite = False
             return number
         if kind == "string_value":
             return item.string_value
         if kind == "list_value":
+            value = self.value
             return [value(entry, depth + 1) for entry in item.list_value.values]
         if kind == "struct_value":
-            return fields(item.struct_value, depth + 1)
+            return self.fields(item.struct_value, depth + 1)
         if kind == "bool_value":
             return item.bool_value
         return None
-
-    converted = fields(struct, 1)
-    return converted, too_deep, all_finite
-
-
-def _value_to_python(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "struct_value":
-        return struct_to_python(value.struct_value)
-    if kind == "list_value":
-        return [_value_to_python(item) for item in value.list_value.values]
-    if kind == "number_value":
-        return value.number_value
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    return None
 
 
 @dataclass(frozen=True)
@@ -829,9 +829,20 @@ def finite(value: Any) -> bool:
     return True
 
 
-def value_to_python(value: struct_pb2.Value) -> Any:
-    """A protobuf Value as plain Python, never raising."""
-    return _value_to_python(value)
+def more_nodes_than(value: Any, limit: int) -> bool:
+    """Whether a plain JSON value has more than `limit` nodes (counted only that far)."""
+    stack = [value]
+    seen = 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _struct_depth(struct: struct_pb2.Struct, limit: int) -> int:

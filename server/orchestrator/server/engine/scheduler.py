@@ -32,6 +32,7 @@ from orchestrator.server.plan import (
     ValidationCache,
     finite,
     json_depth,
+    more_nodes_than,
     validate_request,
 )
 from orchestrator.server.sandbox import Sandbox
@@ -437,21 +438,6 @@ OFF_LOOP_PLAN_BYTES = 64 * 1024
 OFF_LOOP_NODES = 10_000
 
 
-def _more_nodes_than(value: Any, limit: int) -> bool:
-    stack = [value]
-    seen = 0
-    while stack:
-        item = stack.pop()
-        seen += 1
-        if seen > limit:
-            return True
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
 class RunTask:
     """Schedules one run's steps until the run is finished."""
 
@@ -608,7 +594,7 @@ class RunTask:
         self.log = self.log.bind(tenant_id=self.tenant_id)
         # A large plan or large values take long Python work: off the event loop.
         large = len(row["plan"]) > OFF_LOOP_PLAN_BYTES or any(
-            _more_nodes_than(row[name], OFF_LOOP_NODES) for name in ("parameters", "variables")
+            more_nodes_than(row[name], OFF_LOOP_NODES) for name in ("parameters", "variables")
         )
         if large:
             self.plan, self.params, self.vars, self.secrets = await asyncio.to_thread(
