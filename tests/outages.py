@@ -24,6 +24,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
+        self._cuts = 0  # a link that was being made across a cut is dropped, not kept
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -32,6 +33,7 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def cut(self) -> None:
+        self._cuts += 1
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -50,10 +52,16 @@ class TcpProxy:
         await asyncio.gather(*self._pumps, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cuts = self._cuts
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
+            return
+        if cuts != self._cuts:
+            # Accepted before a cut, connected after it: the cut drops it too.
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self._links.update((writer, up_writer))
         for source, sink in ((reader, up_writer), (up_reader, writer)):

@@ -290,6 +290,9 @@ def test_a_sigkill_while_deliveries_are_due_loses_none(
         "ORCHESTRATOR_WEBHOOK_MAX_BACKOFF_SECONDS": "1",
         "ORCHESTRATOR_WEBHOOK_POLL_SECONDS": "0.2",
         "ORCHESTRATOR_REPLICA_ID": "r1",
+        # An attempt the SIGKILL cut off waits out its lease (timeout x 20 + 30 s) before it
+        # is made again, holding its subscription's later deliveries behind it.
+        "ORCHESTRATOR_WEBHOOK_TIMEOUT_SECONDS": "0.5",
     }
     port = free_port()
     proc = ServeProcess(database_url, tmp_path / "r1.log", port=port, env=env)
@@ -316,7 +319,7 @@ def test_a_sigkill_while_deliveries_are_due_loses_none(
         receiver.start()
         proc = ServeProcess(database_url, tmp_path / "r1.log", port=port, env=env)
         proc.wait_serving()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 0.5 * 20 + 30 + 15  # the lease of a cut-off attempt
         statuses = ("PENDING", "RUNNING", "COMPLETED")
         expected = {(run_id, status) for run_id in run_ids for status in statuses}
         while True:
