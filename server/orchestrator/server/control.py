@@ -272,30 +272,20 @@ class ControlPlane:
 
     async def wait_terminal(self, tenant_id: str, run_id: str, limit: float) -> pb.Execution:
         """The run's snapshot once it is terminal, or as it is after `limit` seconds."""
-        with self.hub.run(run_id) as (wake, channel):
+        with self.hub.run(run_id) as (wake, _channel):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + limit
-            execution = await self.store.get_execution(tenant_id, run_id)
-            seen = execution.last_sequence
-            while execution.status not in TERMINAL_PB:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
+            while True:
                 wake.clear()
+                execution = await self.store.get_execution(tenant_id, run_id)
+                remaining = deadline - loop.time()
+                if execution.status in TERMINAL_PB or remaining <= 0:
+                    return execution
                 try:
                     async with asyncio.timeout(remaining):
                         await wake.wait()
                 except TimeoutError:
                     pass
-                # This replica's commits of the run come with their events: while none is
-                # the last, there is nothing to read. Others' commits come as a bare wake.
-                frames = channel.after(seen)
-                if frames and not any(f.terminal for f in frames) and loop.time() < deadline:
-                    seen = frames[-1].sequence
-                    continue
-                execution = await self.store.get_execution(tenant_id, run_id)
-                seen = execution.last_sequence
-            return execution
 
     async def get(self, tenant_id: str, run_id: str) -> pb.Execution:
         """One run's snapshot."""
