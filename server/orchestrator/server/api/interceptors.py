@@ -14,7 +14,7 @@ import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
@@ -96,6 +96,7 @@ class Call:
     correlation_id: str
     tenant_id: str = ""
     code: grpc.StatusCode = grpc.StatusCode.OK
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("current_call")
@@ -109,6 +110,18 @@ def _metadata(context: Context, key: str) -> str:
         if k == key:
             return v if isinstance(v, str) else v.decode()
     return ""
+
+
+_WANTED = frozenset(("x-correlation-id", "x-tenant-id", "authorization"))
+
+
+def _call_metadata(context: Context) -> dict[str, str]:
+    """The metadata the interceptor reads, in one pass (the first value of each key)."""
+    found: dict[str, str] = {}
+    for k, v in context.invocation_metadata() or ():
+        if k in _WANTED and k not in found:
+            found[k] = v if isinstance(v, str) else v.decode()
+    return found
 
 
 @functools.cache
@@ -175,14 +188,52 @@ def rich_status(code: grpc.StatusCode, error: OrchestratorError, call: Call | No
 
 def tenant_from(context: Context) -> str:
     """The caller's tenant: x-tenant-id, a UUID, required on every OrchestratorService call."""
-    raw = _metadata(context, "x-tenant-id").strip()
+    return _tenant(_metadata(context, "x-tenant-id"))
+
+
+def _tenant(raw: str) -> str:
+    raw = raw.strip()
     if not raw:
         raise Unauthenticated("x-tenant-id metadata is required", reason="TENANT_REQUIRED")
-    try:
-        tenant = str(uuid.UUID(raw))
-    except ValueError:
-        raise InvalidArgument("x-tenant-id must be a UUID", reason="INVALID_TENANT_ID") from None
+    tenant = _canonical_uuid(raw)
+    if tenant is None:
+        raise InvalidArgument("x-tenant-id must be a UUID", reason="INVALID_TENANT_ID")
     return tenant
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_uuid(raw: str) -> str | None:
+    """A tenant id in its canonical form (callers send the same few over and over)."""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        return None
+
+
+class _MethodMetrics:
+    """One method's metric children, looked up once: `labels()` takes a lock and builds a
+    key on every call."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.labels = _rpc_labels(name)
+        self.unary = self.labels[0] in ("unary", "client_stream")
+        self.started = metrics.started.labels(*self.labels)
+        self.received = (
+            metrics.msg_received.labels(*self.labels)
+            if self.labels[0] in ("unary", "server_stream")
+            else None
+        )
+        self.sent = metrics.msg_sent.labels(*self.labels)
+        histogram = metrics.handling if self.unary else metrics.stream_handling
+        self.duration = histogram.labels(*self.labels)
+        self._handled_family = metrics.handled
+        self._handled: dict[str, Any] = {}
+
+    def handled(self, code: str) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = self._handled_family.labels(*self.labels, code)
+        return child
 
 
 class CallInterceptor(AsyncServerInterceptor):
@@ -201,6 +252,15 @@ class CallInterceptor(AsyncServerInterceptor):
     def __init__(self, metrics: Metrics | None = None, keys: KeyRing | None = None) -> None:
         self._metrics = metrics
         self._keys = keys
+        self._methods: dict[str, _MethodMetrics] = {}
+
+    def _method_metrics(self, name: str) -> _MethodMetrics | None:
+        if self._metrics is None:
+            return None
+        found = self._methods.get(name)
+        if found is None:
+            found = self._methods[name] = _MethodMetrics(self._metrics, name)
+        return found
 
     def intercept(
         self, method: Callable[[Any, Context], Any], request: Any, context: Context, name: str
@@ -231,8 +291,9 @@ class CallInterceptor(AsyncServerInterceptor):
             # trailers-only, which a channel's retry policy may still retry (headers received
             # commit a call). Errors carry the id in their trailers.
             await context.send_initial_metadata((("x-correlation-id", state.correlation_id),))
-            if self._metrics is not None:
-                self._metrics.msg_sent.labels(*_rpc_labels(name)).inc()
+            measured = self._method_metrics(name)
+            if measured is not None:
+                measured.sent.inc()
             return response
         finally:
             self._end(state, started, context)
@@ -247,7 +308,8 @@ class CallInterceptor(AsyncServerInterceptor):
         state, started = self._begin(context, name)
         try:
             await context.send_initial_metadata((("x-correlation-id", state.correlation_id),))
-            sent = self._metrics.msg_sent.labels(*_rpc_labels(name)) if self._metrics else None
+            measured = self._method_metrics(name)
+            sent = measured.sent if measured is not None else None
             try:
                 if isinstance(request, Undecodable):
                     raise request.problem()
@@ -273,20 +335,23 @@ class CallInterceptor(AsyncServerInterceptor):
     # ------------------------------------------------------------ call context
 
     def _begin(self, context: Context, name: str) -> tuple[Call, float]:
-        correlation_id = _metadata(context, "x-correlation-id")[:128] or str(uuid.uuid4())
-        call = Call(method=name, correlation_id=correlation_id)
+        metadata = _call_metadata(context)
+        correlation_id = metadata.get("x-correlation-id", "")[:128] or str(uuid.uuid4())
+        call = Call(method=name, correlation_id=correlation_id, metadata=metadata)
         current_call.set(call)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
-        if self._metrics is not None:
-            labels = _rpc_labels(name)
-            self._metrics.started.labels(*labels).inc()
-            if labels[0] in ("unary", "server_stream"):
-                self._metrics.msg_received.labels(*labels).inc()
+        measured = self._method_metrics(name)
+        if measured is not None:
+            measured.started.inc()
+            if measured.received is not None:
+                measured.received.inc()
         return call, time.perf_counter()
 
     def _end(self, call: Call, started: float, context: Context) -> None:
-        code = context.code() if context.code() is not None else call.code
+        code = context.code()
+        if code is None:
+            code = call.code
         if isinstance(code, int):
             code = grpc.StatusCode.UNKNOWN
         elapsed = time.perf_counter() - started
@@ -297,21 +362,19 @@ class CallInterceptor(AsyncServerInterceptor):
             duration_ms=round(elapsed * 1000, 3),
             tenant_id=call.tenant_id,
         )
-        if self._metrics is not None:
-            labels = _rpc_labels(call.method)
-            self._metrics.handled.labels(*labels, code.name).inc()
-            unary = labels[0] in ("unary", "client_stream")
-            histogram = self._metrics.handling if unary else self._metrics.stream_handling
-            histogram.labels(*labels).observe(elapsed)
+        measured = self._method_metrics(call.method)
+        if measured is not None:
+            measured.handled(code.name).inc()
+            measured.duration.observe(elapsed)
 
     # ------------------------------------------------------------ tenant
 
     def _bind(self, context: Context, name: str, call: Call) -> None:
         if not name.startswith(SERVICE_PREFIX):
             return
-        tenant = tenant_from(context)
+        tenant = _tenant(call.metadata.get("x-tenant-id", ""))
         if self._keys is not None:
-            key = self._keys.authorize(_metadata(context, "authorization"), tenant)
+            key = self._keys.authorize(call.metadata.get("authorization", ""), tenant)
             structlog.contextvars.bind_contextvars(api_key=key)
         call.tenant_id = tenant
         structlog.contextvars.bind_contextvars(tenant_id=tenant)
