@@ -328,6 +328,7 @@ async def build_server(
         sync_engine=db.sync_writer,
         direct=db.direct,
         health=db.health,
+        lanes=settings.writer_lanes,
     )
     writer.start()
     hub = Hub(settings.max_watchers_per_tenant)

@@ -69,6 +69,13 @@ class Settings(BaseSettings):
         description="On PostgreSQL a run with nothing in flight that only waits (a person, a "
         "pause, a timer due later than this) holds no owner: any replica takes it when due.",
     )
+    writer_lanes: int = Field(
+        2,
+        ge=1,
+        le=4,
+        description="On PostgreSQL, group commits in flight at once, each on its own "
+        "connection (a run's writes keep to one); SQLite always has one.",
+    )
     retention_seconds: float = Field(
         0.0, ge=0, description="Delete finished runs older than this (0 keeps them)."
     )

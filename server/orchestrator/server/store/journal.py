@@ -102,8 +102,9 @@ class StepStart:
     the step shows RUNNING while it runs), `finish` refuses and the outcome is written on its
     own. The writer takes it in its own thread on SQLite, hence the lock."""
 
-    def __init__(self, journal: Journal, attempt: int, at: float) -> None:
+    def __init__(self, journal: Journal, run_id: str, attempt: int, at: float) -> None:
         self.journal = journal
+        self.run_id = run_id
         self.attempt = attempt  # the attempt the engine expects this to be
         self.at = at  # the attempt's start (its started_at)
         self.unit: Unit[Started | None] | None = None
@@ -130,7 +131,7 @@ class StepStart:
     def submit(self) -> None:
         """Queue the start for the next group commit (a deferred one: see `start_step`)."""
         assert self.unit is not None and self.future is None
-        self.future = self.journal.writer.submit(self.unit)
+        self.future = self.journal.writer.submit(self.unit, self.run_id)
 
     async def committed(self) -> Started | None:
         """The start once committed (an outage is waited out, as for every engine unit)."""
@@ -138,7 +139,7 @@ class StepStart:
         try:
             return await self.future
         except STORE_OUTAGES:
-            return await self.journal._durably(self.unit)
+            return await self.journal._durably(self.unit, self.run_id)
 
 
 @dataclass(frozen=True)
@@ -182,11 +183,11 @@ class Journal:
         # (an answer, a signal, Resume) is taken here in the transaction that records it.
         self.taker: Taker | None = None
 
-    async def _durably(self, unit: Unit[T]) -> T:
-        """Run the engine's unit until it commits: a store outage delays the engine's
-        progress, never fails it (the outcome is kept here and written once the store is
-        back). LeaseLost and bugs pass through."""
-        return await self.store.health.wait_out(lambda: self.writer.run(unit))
+    async def _durably(self, unit: Unit[T], run_id: str) -> T:
+        """Run the engine's unit for `run_id` until it commits: a store outage delays the
+        engine's progress, never fails it (the outcome is kept here and written once the
+        store is back). LeaseLost and bugs pass through."""
+        return await self.store.health.wait_out(lambda: self.writer.run(unit, run_id))
 
     async def _run_row(self, tx: Tx, run_id: str, *, fenced: bool = True) -> dict[str, Any] | None:
         query = self.store.db.dialect.select_run_for_write
@@ -375,7 +376,7 @@ class Journal:
             )
             return True
 
-        return await self._durably(unit)
+        return await self._durably(unit, run_id)
 
     async def _wake_parked(self, tx: Tx, run_id: str, taken: list[str]) -> None:
         """An event for the run came: if it is parked, it is due now, and taken by this
@@ -418,7 +419,7 @@ class Journal:
                 await self._wake_parked(tx, run_id, taken)
             return result
 
-        result = await self.store.with_retry(unit)
+        result = await self.store.with_retry(unit, run_id)
         self._taken(taken)
         return result
 
@@ -451,7 +452,7 @@ class Journal:
         written it since), so it need not be read again. The start resolves to None when the
         run does not take new steps now. `deferred`: queued only by `StepStart.submit` (an
         instant tool's start goes with its outcome, whatever the writer is doing)."""
-        start = StepStart(self, attempt, time.time())
+        start = StepStart(self, run_id, attempt, time.time())
         tries = 0
 
         async def unit(tx: Tx) -> Started | None:
@@ -567,7 +568,7 @@ class Journal:
             )
             return True
 
-        return await self._durably(unit)
+        return await self._durably(unit, run_id)
 
     async def steps_finished(
         self,
@@ -600,7 +601,7 @@ class Journal:
             await self.store.update_run(tx, row, changes, specs)
             return True
 
-        return await self._durably(unit)
+        return await self._durably(unit, run_id)
 
     async def finish_run(
         self, run_id: str, action: Action, *, error_message: str = "", error_reason: str = ""
@@ -669,7 +670,7 @@ class Journal:
             )
             return True
 
-        return await self._durably(unit)
+        return await self._durably(unit, run_id)
 
     async def request_clarification(
         self,
@@ -742,7 +743,7 @@ class Journal:
             )
             return clarification_id
 
-        return await self._durably(unit)
+        return await self._durably(unit, run_id)
 
     async def answer(
         self,
@@ -862,7 +863,7 @@ class Journal:
             tx.notify(Notice.answered(run_id, clarification_id, answer))
             return answer
 
-        answer = await self.writer.run(unit)
+        answer = await self.writer.run(unit, run_id)
         self._taken(taken)
         return answer
 
@@ -934,7 +935,7 @@ class Journal:
             tx.notify(Notice.signalled(run_id, signal_name))
             return False
 
-        duplicate = await self.writer.run(unit)
+        duplicate = await self.writer.run(unit, run_id)
         self._taken(taken)
         return duplicate
 
@@ -1002,7 +1003,7 @@ class Journal:
             )
             return Taken(found.payload)
 
-        return await self._durably(unit)
+        return await self._durably(unit, run_id)
 
     async def open(
         self, run_id: str
@@ -1011,12 +1012,24 @@ class Journal:
         started: RUNNING, unless its concurrency key says wait: then it stays PENDING with
         its `waiting_reason`), its step rows, the steps (and "" for the run) whose approval
         was answered yes, and whether the run's own approval was refused since it (re)started
-        (answered while nobody held the run: the task that opens it fails it)."""
+        (answered while nobody held the run: the task that opens it fails it).
 
-        async def unit(tx: Tx) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool]:
+        On PostgreSQL a PENDING run with a concurrency key is admitted in a transaction of its
+        own (`Writer.run_beside`): the key's lock is then the only lock its transaction waits
+        for after the run's row, so no two transactions (lanes or replicas) can each hold one
+        key and wait for another's. In a group commit, units for runs of different keys in
+        opposite orders could."""
+        alone = not self.store.db.dialect.single_replica
+
+        async def unit(
+            tx: Tx, admit: bool
+        ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool] | None:
             row = await self._run_row(tx, run_id)
             if row is None:
                 raise not_found(run_id)
+            keyed = row["status"] == RunStatus.PENDING.value and bool(row["concurrency_key"])
+            if keyed and not admit:
+                return None
             step_rows = [
                 dict(s)
                 for s in (await tx.conn.execute(SELECT_STEPS, {"w_run_id": run_id})).mappings()
@@ -1034,11 +1047,7 @@ class Journal:
                 and (r["resolved_at"] or 0) >= since
                 for r in answers
             )
-            if (
-                row["status"] == RunStatus.PENDING.value
-                and row["concurrency_key"]
-                and not await self._admitted(tx, row)
-            ):
+            if keyed and not await self._admitted(tx, row):
                 if row["waiting_reason"] != WAITING_FOR_KEY:
                     row = await self.store.update_run(
                         tx, row, {"waiting_reason": WAITING_FOR_KEY}, []
@@ -1058,4 +1067,10 @@ class Journal:
                 )
             return {**row, **run_inputs}, step_rows, approved, refused
 
-        return await self._durably(unit)
+        opened = await self._durably(lambda tx: unit(tx, not alone), run_id)
+        if opened is None:  # to be admitted: alone, and never put off again
+            opened = await self.store.health.wait_out(
+                lambda: self.writer.run_beside(lambda tx: unit(tx, True))
+            )
+        assert opened is not None
+        return opened

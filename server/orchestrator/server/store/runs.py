@@ -311,7 +311,8 @@ class RunStore:
                     return Created(execution, created=False)
             return Created(await self.insert_run(tx, new), created=True)
 
-        created = await self.writer.run(unit)
+        # Keyed by tenant: one tenant's new runs take turns (its quota, its idempotency keys).
+        created = await self.writer.run(unit, new.tenant_id)
         if created.created:
             self._plan_written(new, created.execution.created_at.ToNanoseconds() / 1e9)
         return created
@@ -588,7 +589,7 @@ class RunStore:
         async def unit(tx: Tx) -> Transitioned:
             return await self.transition(tx, tenant_id, run_id, action, reason)
 
-        return await self.with_retry(unit)
+        return await self.with_retry(unit, run_id)
 
     async def transition(
         self, tx: Tx, tenant_id: str, run_id: str, action: Action, reason: str
@@ -726,7 +727,7 @@ class RunStore:
                 tx.notify(Notice(NoticeKind.CLAIM))
             return build_execution(new, step_rows, [])
 
-        return await self.with_retry(unit)
+        return await self.with_retry(unit, retry.run_id)
 
     async def _cancel_open_work(
         self, tx: Tx, run_id: str, reason: str
@@ -895,15 +896,15 @@ class RunStore:
 
         return bytes.fromhex(await self.writer.run(unit))
 
-    async def with_retry(self, unit: Unit[T]) -> T:
+    async def with_retry(self, unit: Unit[T], run_id: str) -> T:
         # A Conflict means another replica changed the run between our read and our write:
         # read again and decide again (the decision may now be a refusal).
         for _ in range(5):
             try:
-                return await self.writer.run(unit)
+                return await self.writer.run(unit, run_id)
             except Conflict:
                 continue
-        return await self.writer.run(unit)
+        return await self.writer.run(unit, run_id)
 
 
 def not_found(run_id: str) -> NotFound:

@@ -1,8 +1,18 @@
-"""The group-commit writer (DESIGN §7): one task per process owns every write.
+"""The group-commit writer (DESIGN §7): one task per process owns every write (on
+PostgreSQL, one task per lane).
 
 Callers hand it units of work; it runs whatever units are queued together in one transaction,
 commits once, then wakes each caller and announces what changed. On SQLite this removes both
 "database is locked" and the per-commit thread-hop cost; on PostgreSQL it batches round trips.
+
+On PostgreSQL a batch spends most of its time waiting for round trips, and the process is idle
+meanwhile. Lanes fill that wait: each lane is a writer loop with its own connection, and a
+unit goes to the lane of its key (a run id, or a tenant id for a new run), so one run's units
+still commit in the order they were queued. Lanes commit concurrently, as replicas do, and
+cannot deadlock: a run's rows are locked only by its lane; a concurrency key's lock is taken
+only by an admission in a transaction of its own (`Journal.open`); the event order lock is
+taken last, just before the commit, and still makes event ids grow in commit order across
+lanes as across replicas.
 
 On SQLite the whole batch runs in one hop to the writer's own thread, on the stdlib driver:
 each statement through aiosqlite would be a hop of its own (about 0.36 ms of waiting), which
@@ -110,6 +120,7 @@ class Writer:
         sync_engine: sa.Engine | None = None,
         direct: Direct | None = None,
         health: StoreHealth | None = None,
+        lanes: int = 1,
     ) -> None:
         self._engine = engine
         self.health = health or StoreHealth()
@@ -124,8 +135,12 @@ class Writer:
         self.notify_channel = notify_channel
         self.origin = origin
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[_Job[Any] | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        # SQLite has one writing connection (and one thread): one lane.
+        count = 1 if sync_engine is not None else max(1, lanes)
+        self._queues: list[asyncio.Queue[_Job[Any] | None]] = [
+            asyncio.Queue() for _ in range(count)
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[CommitListener] = []
         self._closed = False
         self.commits = 0
@@ -149,37 +164,50 @@ class Writer:
     @property
     def queue_depth(self) -> int:
         """Units of work waiting for the next group commit."""
-        return self._queue.qsize()
+        return sum(q.qsize() for q in self._queues)
+
+    @property
+    def lanes(self) -> int:
+        """How many group commits may be in flight at once."""
+        return len(self._queues)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="store-writer")
+        self._tasks = [
+            asyncio.create_task(self._loop(queue), name=f"store-writer-{i}")
+            for i, queue in enumerate(self._queues)
+        ]
 
     async def stop(self) -> None:
         """Finish every queued unit, then stop."""
-        if self._task is None:
+        if not self._tasks:
             return
         self._closed = True
-        await self._queue.put(None)
-        await self._task
-        self._task = None
+        for queue in self._queues:
+            await queue.put(None)
+        await asyncio.gather(*self._tasks)
+        self._tasks = []
         if self._thread is not None and self._sync_engine is not None:
             await asyncio.get_running_loop().run_in_executor(
                 self._thread, self._sync_engine.dispose
             )
             self._thread.shutdown()
 
-    async def run(self, unit: Unit[T]) -> T:
+    async def run(self, unit: Unit[T], key: str = "") -> T:
         """Run `unit` in the next group commit and return its result once committed."""
-        return await self.submit(unit)
+        return await self.submit(unit, key)
 
-    def submit(self, unit: Unit[T]) -> asyncio.Future[T]:
+    def submit(self, unit: Unit[T], key: str = "") -> asyncio.Future[T]:
         """Queue `unit` for the next group commit now; the future resolves once it committed.
-        A caller that goes away cancels only the future: the unit stays queued and commits
-        with its batch, and the writer skips setting a result nobody waits for."""
+        Units of one `key` (a run id) commit in the order queued; units without a key, in
+        the order queued among themselves. A caller that goes away cancels only the future:
+        the unit stays queued and commits with its batch, and the writer skips setting a
+        result nobody waits for."""
         if self._closed:
             raise Unavailable("the server is shutting down")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(unit, future))
+        queues = self._queues
+        queue = queues[hash(key) % len(queues)] if key and len(queues) > 1 else queues[0]
+        queue.put_nowait(_Job(unit, future))
         return future
 
     async def run_beside(self, unit: Unit[T]) -> T:
@@ -204,15 +232,15 @@ class Writer:
         result: T = results[0]
         return result
 
-    async def _loop(self) -> None:
+    async def _loop(self, queue: asyncio.Queue[_Job[Any] | None]) -> None:
         while True:
-            job = await self._queue.get()
+            job = await queue.get()
             if job is None:
                 return
             batch: list[_Job[Any]] = [job]
             stop = False
-            while len(batch) < self._max_batch and not self._queue.empty():
-                nxt = self._queue.get_nowait()
+            while len(batch) < self._max_batch and not queue.empty():
+                nxt = queue.get_nowait()
                 if nxt is None:
                     stop = True
                     break
