@@ -266,7 +266,15 @@ def validate_request(
     """Validate an ExecuteRequest's plan; ValidationFailed lists every problem found. With
     `cache`, a plan already found valid (with the same timeout) skips the plan checks."""
     problems = _Problems()
-    _check_size(problems, request, limits)
+    plan = request.executable_plan
+    hit = None
+    if cache is not None and request.HasField("executable_plan"):
+        # The timeout as checked below (a bad one is None there too), without its problem.
+        timeout = request.timeout if request.HasField("timeout") else None
+        quiet = _check_duration(_Problems(), "", timeout, positive=True) if timeout else None
+        hit = cache.get(plan, quiet)
+    if hit is None:  # a plan found valid before passed its size checks (the same limits)
+        _check_size(problems, request, limits)
     request_timeout: float | None = None
     for name in ("triggered_by", "correlation_id", "idempotency_key"):
         if len(getattr(request, name)) > MAX_REQUEST_STRING:
@@ -289,8 +297,6 @@ def validate_request(
     if not request.HasField("executable_plan"):
         problems.add(_PLAN, "an executable plan is required")
         problems.raise_if_any()
-    plan = request.executable_plan
-    hit = cache.get(plan, request_timeout) if cache is not None else None
     hash_error = ""
     if hit is not None:
         validated: _Result | None
