@@ -31,13 +31,13 @@ def pg_url() -> Iterator[str]:
         drop_postgres_database(url)
 
 
-def lane_keys(lanes: int) -> list[str]:
-    """A key for each lane (the lane of a key is its hash, which differs per process)."""
+def lane_keys(writer: Writer) -> list[str]:
+    """A key for each of the writer's lanes."""
     found: dict[int, str] = {}
-    while len(found) < lanes:
+    while len(found) < writer.lanes:
         key = str(uuid.uuid4())
-        found.setdefault(hash(key) % lanes, key)
-    return [found[i] for i in range(lanes)]
+        found.setdefault(writer.lane_of(key), key)
+    return [found[i] for i in range(writer.lanes)]
 
 
 @pytest.mark.postgres
@@ -46,7 +46,7 @@ async def test_lanes_commit_side_by_side_and_one_keys_units_in_order(pg_url: str
     await db.migrate()
     writer = Writer(db.writer, lanes=2)
     writer.start()
-    first, second = lane_keys(2)
+    first, second = lane_keys(writer)
     done: list[str] = []
 
     def unit(name: str, seconds: float) -> Unit[str]:

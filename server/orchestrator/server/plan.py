@@ -266,24 +266,25 @@ def validate_request(
     """Validate an ExecuteRequest's plan; ValidationFailed lists every problem found. With
     `cache`, a plan already found valid (with the same timeout) skips the plan checks."""
     problems = _Problems()
+    # The timeout first (part of the cache's key); its problem is reported in its place below.
+    timeout_problems = _Problems()
+    request_timeout: float | None = None
+    if request.HasField("timeout"):
+        request_timeout = _check_duration(
+            timeout_problems, "timeout", request.timeout, positive=True
+        )
     plan = request.executable_plan
-    hit = None
-    if cache is not None and request.HasField("executable_plan"):
-        # The timeout as checked below (a bad one is None there too), without its problem.
-        timeout = request.timeout if request.HasField("timeout") else None
-        quiet = _check_duration(_Problems(), "", timeout, positive=True) if timeout else None
-        hit = cache.get(plan, quiet)
+    has_plan = request.HasField("executable_plan")
+    hit = cache.get(plan, request_timeout) if cache is not None and has_plan else None
     if hit is None:  # a plan found valid before passed its size checks (the same limits)
         _check_size(problems, request, limits)
-    request_timeout: float | None = None
     for name in ("triggered_by", "correlation_id", "idempotency_key"):
         if len(getattr(request, name)) > MAX_REQUEST_STRING:
             problems.add(name, f"must be at most {MAX_REQUEST_STRING} characters")
         elif "\x00" in getattr(request, name):
             problems.add(name, "must not contain NUL characters")
     _check_queueing(problems, request)
-    if request.HasField("timeout"):
-        request_timeout = _check_duration(problems, "timeout", request.timeout, positive=True)
+    problems.violations.extend(timeout_problems.violations)
     given: dict[str, dict[str, Any]] = {}
     for name in ("parameters", "variables"):
         value, too_deep, all_finite = checked_struct(
@@ -294,7 +295,7 @@ def validate_request(
         elif not all_finite:
             _check_finite(problems, name, value)  # each number's path
         given[name] = value
-    if not request.HasField("executable_plan"):
+    if not has_plan:
         problems.add(_PLAN, "an executable plan is required")
         problems.raise_if_any()
     hash_error = ""

@@ -1019,7 +1019,8 @@ class Journal:
         for after the run's row, so no two transactions (lanes or replicas) can each hold one
         key and wait for another's. In a group commit, units for runs of different keys in
         opposite orders could."""
-        alone = not self.store.db.dialect.single_replica
+        # SQLite's one writer never overlaps itself: there the group commit admits too.
+        admit_in_batch = self.store.db.dialect.single_replica
 
         async def unit(
             tx: Tx, admit: bool
@@ -1067,8 +1068,8 @@ class Journal:
                 )
             return {**row, **run_inputs}, step_rows, approved, refused
 
-        opened = await self._durably(lambda tx: unit(tx, not alone), run_id)
-        if opened is None:  # to be admitted: alone, and never put off again
+        opened = await self._durably(lambda tx: unit(tx, admit_in_batch), run_id)
+        if opened is None:  # to be admitted, in a transaction of its own
             opened = await self.store.health.wait_out(
                 lambda: self.writer.run_beside(lambda tx: unit(tx, True))
             )

@@ -205,10 +205,12 @@ class Writer:
         if self._closed:
             raise Unavailable("the server is shutting down")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        queues = self._queues
-        queue = queues[hash(key) % len(queues)] if key and len(queues) > 1 else queues[0]
-        queue.put_nowait(_Job(unit, future))
+        self._queues[self.lane_of(key)].put_nowait(_Job(unit, future))
         return future
+
+    def lane_of(self, key: str) -> int:
+        """The lane a unit of `key` goes to (lane 0 without a key)."""
+        return hash(key) % len(self._queues) if key else 0
 
     async def run_beside(self, unit: Unit[T]) -> T:
         """Run a small unit that must never wait behind group commits (heartbeats, claims).
