@@ -332,8 +332,12 @@ async def test_cancelled_streams_leave_nothing_behind(
 
 async def test_watch_executions_resumes_by_cursor_without_loss(stub: Stub, tenant: str) -> None:
     m = md(tenant)
-    call = stub.WatchExecutions(pb.WatchExecutionsRequest(), metadata=m)
-    await asyncio.sleep(0.2)
+    # From the list's cursor: a watch opened with none starts wherever the server is when it
+    # handles the call, which can be after the run below began.
+    page = await stub.ListExecutions(pb.ListExecutionsRequest(), metadata=m)
+    call = stub.WatchExecutions(
+        pb.WatchExecutionsRequest(after_cursor=page.watch_cursor), metadata=m
+    )
     first_run = await start(stub, tenant, steps_plan(1, 0.01))
     first = await read_message(call)
     call.cancel()
@@ -355,3 +359,38 @@ async def test_watch_executions_resumes_by_cursor_without_loss(stub: Stub, tenan
             expected = [pb.EXECUTION_STATUS_PENDING, *expected]
         assert mine == expected, (run_id, mine)
     assert len(changes) == len(set((r, s) for r, s in changes)), "nothing twice"
+
+
+async def test_a_watch_from_the_lists_cursor_misses_nothing_that_changed_in_between(
+    stub: Stub, tenant: str
+) -> None:
+    """List, then watch from the list's `watch_cursor` (Kubernetes' list-then-watch, the
+    dashboard's way): a run that starts and ends between the two is in the watch, whole; a run
+    that ended before the list is not."""
+    m = md(tenant)
+
+    async def finished_run() -> str:
+        request = pb.ExecuteRequest(executable_plan=steps_plan(1, 0.01), async_execution=False)
+        response = await stub.Execute(request, metadata=m)
+        assert response.execution.status == pb.EXECUTION_STATUS_COMPLETED
+        return response.run_id
+
+    before = await finished_run()
+    page = await stub.ListExecutions(pb.ListExecutionsRequest(), metadata=m)
+    assert [e.run_id for e in page.executions] == [before]
+    assert page.watch_cursor
+    between = await finished_run()
+    call = stub.WatchExecutions(
+        pb.WatchExecutionsRequest(after_cursor=page.watch_cursor), metadata=m
+    )
+    changes: list[tuple[str, int]] = []
+    async for item in call:
+        if item.event.type == pb.EVENT_TYPE_HEARTBEAT:
+            break
+        changes.append((item.event.run_id, item.event.execution.status))
+    call.cancel()
+    assert changes == [
+        (between, pb.EXECUTION_STATUS_PENDING),
+        (between, pb.EXECUTION_STATUS_RUNNING),
+        (between, pb.EXECUTION_STATUS_COMPLETED),
+    ]

@@ -176,14 +176,15 @@ function RunList({ epoch }: { epoch: number }) {
         return new Map(old).set(e.runId, { ...(known ?? {}), ...e, steps: known?.steps ?? e.steps });
       });
     (async () => {
-      let cursor = "";
       for (;;) {
         try {
+          // List, then watch from the list's cursor: a run that starts or ends in between is
+          // in the watch (Kubernetes' list-then-watch); a reconnect lists again.
           const page = await client.listExecutions({ pageSize: 200 }, { signal: abort.signal });
           setRuns(new Map(page.executions.map((e) => [e.runId, e])));
           setProblem(null);
-          for await (const res of client.watchExecutions({ afterCursor: cursor }, { signal: abort.signal })) {
-            cursor = res.cursor || cursor;
+          const changes = client.watchExecutions({ afterCursor: page.watchCursor }, { signal: abort.signal });
+          for await (const res of changes) {
             const e = res.event?.execution;
             if (e && e.runId) merge(e);
           }

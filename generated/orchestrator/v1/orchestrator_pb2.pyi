@@ -1303,8 +1303,14 @@ class ListExecutionsResponse(_message.Message):
 
     EXECUTIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    WATCH_CURSOR_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token of the next page; empty on the last page."""
+    watch_cursor: _builtins.str
+    """Where WatchExecutions can start (its `after_cursor`) to see every change after this page:
+    taken before the page was read, so a list followed by a watch misses nothing (a change
+    made while the page was read shows in both, the watch's copy being the newer).
+    """
     @_builtins.property
     def executions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Execution]:
         """The runs of this page."""
@@ -1314,10 +1320,11 @@ class ListExecutionsResponse(_message.Message):
         *,
         executions: _abc.Iterable[Global___Execution] | None = ...,
         next_page_token: _builtins.str = ...,
+        watch_cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "next_page_token", b"next_page_token", "watch_cursor", b"watch_cursor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

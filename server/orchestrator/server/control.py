@@ -323,6 +323,8 @@ class ControlPlane:
                     "page_token belongs to a different query", reason="INVALID_PAGE_TOKEN"
                 )
             before_pk = token["pk"]
+        # Before the page: a change committed while it is read is then in the watch too.
+        watch_cursor = await self.watcher.start_cursor(tenant_id)
         page = await self.store.list_executions(
             tenant_id,
             flt,
@@ -330,7 +332,7 @@ class ControlPlane:
             before_pk=before_pk,
             full=request.view == pb.EXECUTION_VIEW_FULL,
         )
-        response = pb.ListExecutionsResponse(executions=page.executions)
+        response = pb.ListExecutionsResponse(executions=page.executions, watch_cursor=watch_cursor)
         if page.last_pk is not None:
             response.next_page_token = self.tokens.encode(
                 "page", {"pk": page.last_pk, "f": digest[:16], "t": tenant_id}

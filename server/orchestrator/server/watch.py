@@ -352,5 +352,10 @@ class Watcher:
                         self._cursor(tenant_id, position), heartbeat.SerializeToString()
                     )
 
+    async def start_cursor(self, tenant_id: str) -> str:
+        """A cursor at the tenant's newest status change: a WatchExecutions started after it
+        sees every change committed since this call (ListExecutions' `watch_cursor`)."""
+        return self._cursor(tenant_id, await self.store.last_event_id(tenant_id))
+
     def _cursor(self, tenant_id: str, event_id: int) -> str:
         return self.tokens.encode("cursor", {"id": event_id, "t": tenant_id})

@@ -261,8 +261,11 @@ class RunStore:
         return await self.db.read(read)
 
     async def last_event_id(self, tenant_id: str) -> int:
-        """The newest global event id of the tenant (a WatchExecutions start point)."""
-        query = sa.select(sa.func.max(events.c.id)).where(events.c.tenant_id == tenant_id)
+        """The id of the tenant's newest status event (a WatchExecutions start point; the
+        watch reads status events only, and ix_events_tenant_status answers this at once)."""
+        query = sa.select(sa.func.max(events.c.id)).where(
+            events.c.tenant_id == tenant_id, events.c.status_changed == sa.true()
+        )
 
         async def read(conn: Any) -> Any:
             return (await conn.execute(query)).scalar()
