@@ -66,6 +66,18 @@ async def collect(
     return got, await call.code()
 
 
+async def status_changes(call: Any) -> list[tuple[str, int]]:
+    """A WatchExecutions stream's (run id, status) changes up to its first heartbeat (it is
+    caught up then), after which the call is cancelled."""
+    changes: list[tuple[str, int]] = []
+    async for item in call:
+        if item.event.type == pb.EVENT_TYPE_HEARTBEAT:
+            break
+        changes.append((item.event.run_id, item.event.execution.status))
+    call.cancel()
+    return changes
+
+
 def sequences(evs: list[pb.ExecutionEvent]) -> list[int]:
     return [e.sequence for e in evs if e.type != pb.EVENT_TYPE_SNAPSHOT]
 
@@ -346,12 +358,7 @@ async def test_watch_executions_resumes_by_cursor_without_loss(stub: Stub, tenan
     run_ids = [await start(stub, tenant, steps_plan(2, 0.01)) for _ in range(5)]
     await asyncio.sleep(0.5)
     resumed = stub.WatchExecutions(pb.WatchExecutionsRequest(after_cursor=first.cursor), metadata=m)
-    changes: list[tuple[str, int]] = []
-    async for item in resumed:
-        if item.event.type == pb.EVENT_TYPE_HEARTBEAT:
-            break
-        changes.append((item.event.run_id, item.event.execution.status))
-    resumed.cancel()
+    changes = await status_changes(resumed)
     for run_id in [first_run, *run_ids]:
         mine = [status for rid, status in changes if rid == run_id]
         expected = [pb.EXECUTION_STATUS_RUNNING, pb.EXECUTION_STATUS_COMPLETED]
@@ -383,13 +390,7 @@ async def test_a_watch_from_the_lists_cursor_misses_nothing_that_changed_in_betw
     call = stub.WatchExecutions(
         pb.WatchExecutionsRequest(after_cursor=page.watch_cursor), metadata=m
     )
-    changes: list[tuple[str, int]] = []
-    async for item in call:
-        if item.event.type == pb.EVENT_TYPE_HEARTBEAT:
-            break
-        changes.append((item.event.run_id, item.event.execution.status))
-    call.cancel()
-    assert changes == [
+    assert await status_changes(call) == [
         (between, pb.EXECUTION_STATUS_PENDING),
         (between, pb.EXECUTION_STATUS_RUNNING),
         (between, pb.EXECUTION_STATUS_COMPLETED),
