@@ -477,7 +477,8 @@ async def test_no_http_and_static_paths(tmp_path: Path, http: httpx.AsyncClient)
 
 
 async def test_stop_ends_open_watch_streams(tmp_path: Path) -> None:
-    async with running(make_settings(tmp_path)) as srv:
+    # connectrpc sends a stream's headers with its first message: here the first heartbeat.
+    async with running(make_settings(tmp_path, heartbeat_seconds=0.2)) as srv:
         http = httpx.AsyncClient(base_url=f"http://{srv.http_address}", timeout=30)
         tenant = str(uuid.uuid4())
         async with http.stream(
