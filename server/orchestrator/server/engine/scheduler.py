@@ -555,6 +555,7 @@ class RunTask:
             )
         finally:
             self.engine.runs.pop(self.run_id, None)
+            self.journal.forget(self.run_id)
             self.engine.settle(self.run_id)
             if self.key is not None:
                 self.engine.key_freed(self.key)

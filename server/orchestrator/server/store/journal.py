@@ -1,8 +1,13 @@
 """The engine's durable record: every step transition is one unit of work that checks the run,
-updates the step and the run (compare-and-set) and appends the event, in one transaction.
+updates the run (compare-and-set) and the step and appends the event, in one transaction.
 
 A unit that finds the run no longer accepts the change (cancelled, paused before a start)
 writes nothing and says so; the engine then follows the store, never the other way round.
+
+The hot units (a step's start, its outcome, the run's end) do not read the run's row: the
+journal keeps the row as this process last committed it, for each run it executes, and the
+unit's compare-and-set on (version, owner) is what checks it is still the store's. When it is
+not (another writer, a replica, a retried commit), the unit reads the row and runs again.
 """
 
 from __future__ import annotations
@@ -11,13 +16,18 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from orchestrator.server.errors import STORE_OUTAGES, FailedPrecondition, InvalidTransition
+from orchestrator.server.errors import (
+    STORE_OUTAGES,
+    Conflict,
+    FailedPrecondition,
+    InvalidTransition,
+)
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.records import Answer, EventSpec, Transitioned, clean_text
@@ -166,6 +176,17 @@ class LeaseLost(Exception):
     """This incarnation no longer owns the run: another one executes it now."""
 
 
+class _Stale(Exception):
+    """The run row a unit took from the journal's cache is not the store's (its compare-and-set
+    missed), or the unit would decide on it without writing: the unit reads the row and runs
+    again. Raised before the unit has written anything."""
+
+
+# A unit's body on the run's row: (tx, row or None when the run is gone, whether it is the
+# cached row) -> result.
+OnRow = Callable[[Tx, dict[str, Any] | None, bool], Awaitable[T]]
+
+
 class Journal:
     """Units of work for the engine's progress, fenced by the run's owner incarnation: a
     process that lost a run (or shares a replica id with another) cannot write to it."""
@@ -182,12 +203,67 @@ class Journal:
         # The engine of this process, when it executes runs: an event for a parked run
         # (an answer, a signal, Resume) is taken here in the transaction that records it.
         self.taker: Taker | None = None
+        # The runs executed here (from `open` to `forget`): each one's row as last committed,
+        # or None when unknown (the next unit reads it).
+        self._rows: dict[str, dict[str, Any] | None] = {}
+        self.writer.add_row_listener(self._committed)
 
     async def _durably(self, unit: Unit[T], run_id: str) -> T:
         """Run the engine's unit for `run_id` until it commits: a store outage delays the
         engine's progress, never fails it (the outcome is kept here and written once the
         store is back). LeaseLost and bugs pass through."""
         return await self.store.health.wait_out(lambda: self.writer.run(unit, run_id))
+
+    def _committed(self, rows: dict[str, dict[str, Any]]) -> None:
+        """A commit wrote these run rows: keep those of runs executed here that this
+        incarnation still owns and that go on."""
+        for run_id, row in rows.items():
+            if run_id in self._rows:
+                live = row["owner"] == self.owner and not RunStatus(row["status"]).terminal
+                self._rows[run_id] = row if live else None
+
+    def forget(self, run_id: str) -> None:
+        """The run's task here ended: its row is no longer kept."""
+        self._rows.pop(run_id, None)
+
+    async def _on_run(self, tx: Tx, run_id: str, body: OnRow[T]) -> T:
+        """Run `body` on the run's row: the one this process last committed, when it has it
+        (not read: the body's `_write_run` compares it with the store's), else the row read,
+        locked and fenced. A body on the cached row that raises _Stale runs again on the
+        row read."""
+        cached = tx.rows.get(run_id) or self._rows.get(run_id)
+        if cached is not None and cached["owner"] == self.owner:
+            try:
+                return await body(tx, cached, True)
+            except _Stale:
+                pass
+        return await body(tx, await self._run_row(tx, run_id), False)
+
+    async def _write_run(
+        self,
+        tx: Tx,
+        row: dict[str, Any],
+        cached: bool,
+        changes: Mapping[str, Any],
+        specs: Sequence[EventSpec],
+    ) -> dict[str, Any]:
+        """A body's first write (`_on_run`): the run's compare-and-set, on version and owner
+        when the row came from the cache. Locking the run's row first keeps the order of the
+        control paths (run, then its steps), so no two transactions wait on each other."""
+        try:
+            return await self.store.update_run(
+                tx, row, changes, specs, owner=self.owner if cached else None
+            )
+        except Conflict:
+            if cached:
+                raise _Stale from None
+            raise
+
+    @staticmethod
+    def _unsure(cached: bool) -> None:
+        """A body about to decide on its row without writing: not on the cached row."""
+        if cached:
+            raise _Stale
 
     async def _run_row(self, tx: Tx, run_id: str, *, fenced: bool = True) -> dict[str, Any] | None:
         query = self.store.db.dialect.select_run_for_write
@@ -376,7 +452,10 @@ class Journal:
             )
             return True
 
-        return await self._durably(unit, run_id)
+        parked = await self._durably(unit, run_id)
+        if parked:
+            self.forget(run_id)  # no longer this incarnation's
+        return parked
 
     async def _wake_parked(self, tx: Tx, run_id: str, taken: list[str]) -> None:
         """An event for the run came: if it is parked, it is due now, and taken by this
@@ -453,16 +532,17 @@ class Journal:
         run does not take new steps now. `deferred`: queued only by `StepStart.submit` (an
         instant tool's start goes with its outcome, whatever the writer is doing)."""
         start = StepStart(self, run_id, attempt, time.time())
-        tries = 0
+        calls = 0
 
-        async def unit(tx: Tx) -> Started | None:
-            nonlocal tries
-            tries += 1
-            row = await self._run_row(tx, run_id)
+        async def body(tx: Tx, row: dict[str, Any] | None, cached: bool) -> Started | None:
+            nonlocal calls
+            calls += 1
             if row is None or row["status"] != RunStatus.RUNNING.value:
+                self._unsure(cached)
                 return None
-            # Tried again, the unit may have committed already: only the store can say.
-            if known is not None and tries == 1:
+            # Tried again, the unit may have committed already: only the store can say (and
+            # a run row that was stale may have had its steps changed with it).
+            if known is not None and calls == 1:
                 step = dict(known)
             else:
                 step = await self._step_row(tx, run_id, step_id)
@@ -505,9 +585,13 @@ class Journal:
                 run_changes["steps_finished"] = row["steps_finished"] + 1
                 if variables:
                     run_changes["variables"] = {**(row["variables"] or {}), **variables}
+            step.update(changes)  # as its events show it
+            await self._write_run(tx, row, cached, run_changes, specs)
             await self._set_step(tx, run_id, step, changes)
-            await self.store.update_run(tx, row, run_changes, specs)
             return Started(attempt, first, before, riding is not None)
+
+        async def unit(tx: Tx) -> Started | None:
+            return await self._on_run(tx, run_id, body)
 
         start.unit = unit
         if not deferred:
@@ -580,28 +664,32 @@ class Journal:
         """Finish steps. With `variables`, they are merged into the run's variables in the
         same transaction."""
 
-        async def unit(tx: Tx) -> bool:
-            row = await self._run_row(tx, run_id)
+        async def body(tx: Tx, row: dict[str, Any] | None, cached: bool) -> bool:
             if row is None or RunStatus(row["status"]) in TERMINAL:
+                self._unsure(cached)
                 return False
             specs: list[EventSpec] = []
-            finished = 0
+            finishing: list[tuple[dict[str, Any], dict[str, Any]]] = []
             for outcome in outcomes:
                 step = await self._step_row(tx, run_id, outcome.step_id)
                 if step["status"] not in OPEN_STEPS:
                     continue
-                await self._set_step(tx, run_id, step, self._finish_changes(tx, outcome))
-                finished += 1
+                changes = self._finish_changes(tx, outcome)
+                step.update(changes)  # as its event shows it
+                finishing.append((step, changes))
                 specs.append(self._finish_spec(outcome, step))
             if not specs:
+                self._unsure(cached)
                 return True
-            changes: dict[str, Any] = {"steps_finished": row["steps_finished"] + finished}
+            run_changes: dict[str, Any] = {"steps_finished": row["steps_finished"] + len(specs)}
             if variables:
-                changes["variables"] = {**(row["variables"] or {}), **variables}
-            await self.store.update_run(tx, row, changes, specs)
+                run_changes["variables"] = {**(row["variables"] or {}), **variables}
+            await self._write_run(tx, row, cached, run_changes, specs)
+            for step, changes in finishing:
+                await self._set_step(tx, run_id, step, changes)
             return True
 
-        return await self._durably(unit, run_id)
+        return await self._durably(lambda tx: self._on_run(tx, run_id, body), run_id)
 
     async def finish_run(
         self, run_id: str, action: Action, *, error_message: str = "", error_reason: str = ""
@@ -609,33 +697,29 @@ class Journal:
         """COMPLETE or FAIL the run; steps never reached are SKIPPED (or CANCELLED when the run
         failed while they ran). False when the run was already finished (e.g. cancelled)."""
 
-        async def unit(tx: Tx) -> bool:
-            row = await self._run_row(tx, run_id)
-            if row is None:
-                return False
-            target = next_status(RunStatus(row["status"]), action)
-            if target is None:
+        async def body(tx: Tx, row: dict[str, Any] | None, cached: bool) -> bool:
+            target = None if row is None else next_status(RunStatus(row["status"]), action)
+            if row is None or target is None:
+                self._unsure(cached)
                 return False
             open_steps = [
                 dict(r)
                 for r in (await tx.conn.execute(SELECT_OPEN_STEPS, {"w_run_id": run_id})).mappings()
             ]
             step_specs: list[EventSpec] = []
+            closing: list[tuple[dict[str, Any], dict[str, Any]]] = []
             for step in open_steps:
                 running = step["status"] != StepStatus.PENDING.value
-                await self._set_step(
-                    tx,
-                    run_id,
-                    step,
-                    {
-                        "status": (StepStatus.CANCELLED if running else StepStatus.SKIPPED).value,
-                        "completed_at": tx.now,
-                        "error": step["error"]
-                        or ("cancelled: the run failed" if running else "not reached"),
-                        "error_reason": "CANCELLED" if running else "NOT_REACHED",
-                        "wake_at": None,
-                    },
-                )
+                changes: dict[str, Any] = {
+                    "status": (StepStatus.CANCELLED if running else StepStatus.SKIPPED).value,
+                    "completed_at": tx.now,
+                    "error": step["error"]
+                    or ("cancelled: the run failed" if running else "not reached"),
+                    "error_reason": "CANCELLED" if running else "NOT_REACHED",
+                    "wake_at": None,
+                }
+                step.update(changes)  # as its event shows it
+                closing.append((step, changes))
                 # Every step change has its event (DESIGN §5), before the run's own.
                 status = StepStatus(step["status"])
                 step_specs.append(
@@ -646,15 +730,13 @@ class Journal:
                         [step],
                     )
                 )
-            await tx.conn.execute(
-                WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
-            )
             message = f"run {target.value.lower()}" + (
                 f": {error_message}" if error_message else ""
             )
-            await self.store.update_run(
+            await self._write_run(
                 tx,
                 row,
+                cached,
                 {
                     "status": target.value,
                     "completed_at": tx.now,
@@ -668,9 +750,14 @@ class Journal:
                     EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=open_steps),
                 ],
             )
+            for step, changes in closing:
+                await self._set_step(tx, run_id, step, changes)
+            await tx.conn.execute(
+                WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
+            )
             return True
 
-        return await self._durably(unit, run_id)
+        return await self._durably(lambda tx: self._on_run(tx, run_id, body), run_id)
 
     async def request_clarification(
         self,
@@ -1066,8 +1153,10 @@ class Journal:
                     },
                     [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")],
                 )
+            tx.rows[run_id] = row  # as committed: kept for the run's next units
             return {**row, **run_inputs}, step_rows, approved, refused
 
+        self._rows.setdefault(run_id, None)
         opened = await self._durably(lambda tx: unit(tx, admit_in_batch), run_id)
         if opened is None:  # to be admitted, in a transaction of its own
             opened = await self.store.health.wait_out(

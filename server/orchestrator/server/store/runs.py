@@ -73,6 +73,7 @@ from orchestrator.server.store.statements import (
     SELECT_STEPS,
     SELECT_TENANT_RUN,
     bind,
+    update_owned_run_statement,
     update_run_statement,
 )
 from orchestrator.server.store.webhooks import stage_deliveries
@@ -558,9 +559,12 @@ class RunStore:
         row: dict[str, Any],
         changes: Row,
         specs: Sequence[EventSpec],
+        *,
+        owner: str | None = None,
     ) -> dict[str, Any]:
-        """Compare-and-set `changes` onto the run at the version `row` was read at, and append
-        `specs` as its next events. Raises Conflict when another writer got there first."""
+        """Compare-and-set `changes` onto the run at the version `row` was read at (and, with
+        `owner`, only while that incarnation owns it), and append `specs` as its next events.
+        Raises Conflict, having written nothing, when another writer got there first."""
         status_changed = "status" in changes and changes["status"] != row["status"]
         new = dict(row)
         new.update(changes)
@@ -568,12 +572,15 @@ class RunStore:
         new["updated_at"] = tx.now
         new["last_sequence"] = row["last_sequence"] + len(specs)
         keys = (*changes.keys(), "version", "updated_at", "last_sequence")
-        result = await tx.conn.execute(
-            update_run_statement(keys),
-            bind({k: new[k] for k in keys}, run_id=row["run_id"], version=row["version"]),
-        )
+        params = bind({k: new[k] for k in keys}, run_id=row["run_id"], version=row["version"])
+        if owner is None:
+            result = await tx.conn.execute(update_run_statement(keys), params)
+        else:
+            params["w_owner"] = owner
+            result = await tx.conn.execute(update_owned_run_statement(keys), params)
         if result.rowcount != 1:
             raise Conflict(row["run_id"])
+        tx.rows[row["run_id"]] = new
         if specs:
             await self._insert_events(
                 tx,

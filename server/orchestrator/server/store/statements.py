@@ -150,6 +150,13 @@ def update_run_statement(keys: tuple[str, ...]) -> sa.Update:
     return _update(runs, ("run_id", "version"), keys)
 
 
+@functools.cache
+def update_owned_run_statement(keys: tuple[str, ...]) -> sa.Update:
+    """`update_run_statement` that also compares the run's owner (parameter w_owner): claims
+    and parks change the owner without a new version."""
+    return _update(runs, ("run_id", "version", "owner"), keys)
+
+
 def bind(changes: Mapping[str, Any], **where: Any) -> dict[str, Any]:
     """Parameters for the statements above."""
     params = {f"v_{k}": v for k, v in changes.items()}

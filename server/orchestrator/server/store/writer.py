@@ -78,6 +78,8 @@ class Tx:
     notices: list[Notice] = field(default_factory=list)
     # Statements run once, just before the commit, with the rows every unit staged for them.
     staged: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
+    # The run rows this transaction wrote (RunStore.update_run), as written, by run id.
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def changed(self, change: Change) -> None:
         self.changes.append(change)
@@ -95,6 +97,7 @@ class Tx:
 
 Unit = Callable[[Tx], Coroutine[Any, Any, T]]
 CommitListener = Callable[[list[Change]], None]
+RowListener = Callable[[dict[str, dict[str, Any]]], None]
 # (units, seconds, ok): a batch committed, or failed to reach the database (metrics).
 BatchObserver = Callable[[int, float, bool], None]
 
@@ -142,6 +145,7 @@ class Writer:
         ]
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[CommitListener] = []
+        self._row_listeners: list[RowListener] = []
         self._closed = False
         self.commits = 0
         self.units = 0
@@ -151,13 +155,20 @@ class Writer:
         """Call `listener` with the changes of every commit, right after it."""
         self._listeners.append(listener)
 
-    def _tell_listeners(self, changes: list[Change]) -> None:
+    def add_row_listener(self, listener: RowListener) -> None:
+        """Call `listener` with the run rows every commit wrote (`Tx.rows`), right after it."""
+        self._row_listeners.append(listener)
+
+    def _tell_listeners(self, tx: Tx) -> None:
         """What a commit changed, to every listener (one failing does not stop the others)."""
-        if not changes:
-            return
-        for listener in self._listeners:
+        calls: list[tuple[Callable[[Any], None], Any]] = []
+        if tx.rows:
+            calls.extend((listener, tx.rows) for listener in self._row_listeners)
+        if tx.changes:
+            calls.extend((listener, tx.changes) for listener in self._listeners)
+        for listener, what in calls:
             try:
-                listener(changes)
+                listener(what)
             except Exception:
                 _quietly(log.exception, "writer.listener_failed")
 
@@ -230,7 +241,7 @@ class Writer:
             self.health.failed(weather, exc)
             raise _outage(exc) from exc
         self.health.succeeded(wrote=True)
-        self._tell_listeners(tx.changes)
+        self._tell_listeners(tx)
         result: T = results[0]
         return result
 
@@ -339,7 +350,7 @@ class Writer:
         self.units += len(batch)
         if self.on_batch is not None:
             self.on_batch(len(batch), time.perf_counter() - started, True)
-        self._tell_listeners(tx.changes)
+        self._tell_listeners(tx)
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
