@@ -395,3 +395,27 @@ async def test_a_watch_from_the_lists_cursor_misses_nothing_that_changed_in_betw
         (between, pb.EXECUTION_STATUS_RUNNING),
         (between, pb.EXECUTION_STATUS_COMPLETED),
     ]
+
+
+async def test_every_page_of_a_listing_gives_its_first_pages_watch_cursor(
+    stub: Stub, tenant: str
+) -> None:
+    """A run that ends while a client pages through a long list is in the watch it starts
+    from any page's `watch_cursor` (Kubernetes gives every page of a list one resourceVersion)."""
+    m = md(tenant)
+    for _ in range(3):
+        request = pb.ExecuteRequest(executable_plan=steps_plan(1, 0.01), async_execution=False)
+        await stub.Execute(request, metadata=m)
+    first = await stub.ListExecutions(pb.ListExecutionsRequest(page_size=2), metadata=m)
+    request = pb.ExecuteRequest(executable_plan=steps_plan(1, 0.01), async_execution=False)
+    paging = (await stub.Execute(request, metadata=m)).run_id
+    second = await stub.ListExecutions(
+        pb.ListExecutionsRequest(page_size=2, page_token=first.next_page_token), metadata=m
+    )
+    assert second.executions and second.watch_cursor == first.watch_cursor
+    call = stub.WatchExecutions(
+        pb.WatchExecutionsRequest(after_cursor=second.watch_cursor), metadata=m
+    )
+    assert [run_id for run_id, _ in await status_changes(call)] == [paging] * 3
+    fresh = await stub.ListExecutions(pb.ListExecutionsRequest(page_size=2), metadata=m)
+    assert fresh.watch_cursor != first.watch_cursor

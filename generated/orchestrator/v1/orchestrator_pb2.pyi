@@ -1307,9 +1307,10 @@ class ListExecutionsResponse(_message.Message):
     next_page_token: _builtins.str
     """Token of the next page; empty on the last page."""
     watch_cursor: _builtins.str
-    """Where WatchExecutions can start (its `after_cursor`) to see every change after this page:
-    taken before the page was read, so a list followed by a watch misses nothing (a change
-    made while the page was read shows in both, the watch's copy being the newer).
+    """Where WatchExecutions can start (its `after_cursor`) to see every change after this
+    listing: taken before its first page was read, so a list followed by a watch misses
+    nothing (a change made while the pages were read shows in both, the watch's copy being
+    the newer). Every page of one listing (followed by its page tokens) gives the same cursor.
     """
     @_builtins.property
     def executions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Execution]:

@@ -312,6 +312,7 @@ class ControlPlane:
         flt = run_filter(request.filter, "filter")
         digest = hashlib.sha256(request.filter.SerializeToString(deterministic=True)).hexdigest()
         before_pk = None
+        watch_cursor = ""
         if request.page_token:
             token = self.tokens.decode("page", request.page_token, field="page_token")
             if (
@@ -323,8 +324,13 @@ class ControlPlane:
                     "page_token belongs to a different query", reason="INVALID_PAGE_TOKEN"
                 )
             before_pk = token["pk"]
-        # Before the page: a change committed while it is read is then in the watch too.
-        watch_cursor = await self.watcher.start_cursor(tenant_id)
+            # Every page of a listing gives its first page's cursor (a token from before it
+            # was kept had none: then this page's own).
+            kept = token.get("w")
+            watch_cursor = kept if isinstance(kept, str) else ""
+        if not watch_cursor:
+            # Before the page: a change committed while it is read is then in the watch too.
+            watch_cursor = await self.watcher.start_cursor(tenant_id)
         page = await self.store.list_executions(
             tenant_id,
             flt,
@@ -335,7 +341,7 @@ class ControlPlane:
         response = pb.ListExecutionsResponse(executions=page.executions, watch_cursor=watch_cursor)
         if page.last_pk is not None:
             response.next_page_token = self.tokens.encode(
-                "page", {"pk": page.last_pk, "f": digest[:16], "t": tenant_id}
+                "page", {"pk": page.last_pk, "f": digest[:16], "t": tenant_id, "w": watch_cursor}
             )
         return response
 

@@ -1167,9 +1167,10 @@ export type ListExecutionsResponse = Message<"orchestrator.v1.ListExecutionsResp
   nextPageToken: string;
 
   /**
-   * Where WatchExecutions can start (its `after_cursor`) to see every change after this page:
-   * taken before the page was read, so a list followed by a watch misses nothing (a change
-   * made while the page was read shows in both, the watch's copy being the newer).
+   * Where WatchExecutions can start (its `after_cursor`) to see every change after this
+   * listing: taken before its first page was read, so a list followed by a watch misses
+   * nothing (a change made while the pages were read shows in both, the watch's copy being
+   * the newer). Every page of one listing (followed by its page tokens) gives the same cursor.
    *
    * @generated from field: string watch_cursor = 3;
    */
