@@ -12,43 +12,29 @@ from typing import Any
 
 import grpc
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from orchestrator.server.store.journal import LeaseLost
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import make_settings, md, plan_of, running
+from tests.stores import fetch
 
 
 async def store_row(url: str, run_id: str) -> dict[str, Any]:
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as conn:
-            found = await conn.execute(
-                sa.text("SELECT status, version, owner FROM runs WHERE run_id = :r"), {"r": run_id}
-            )
-            row = dict(found.mappings().one())
-            steps = await conn.execute(
-                sa.text("SELECT attempts FROM steps WHERE run_id = :r"), {"r": run_id}
-            )
-            row["attempts"] = steps.scalar_one()
-            return row
-    finally:
-        await engine.dispose()
+    """The run's status, version and owner, and its one step's attempts, as the store has
+    them (read off the test's loop, which the server under test shares)."""
+    sql = "SELECT status, version, owner FROM runs WHERE run_id = $1"
+    run = (await asyncio.to_thread(fetch, url, sql, run_id))[0]
+    sql = "SELECT attempts FROM steps WHERE run_id = $1"
+    step = (await asyncio.to_thread(fetch, url, sql, run_id))[0]
+    return {**run, "attempts": step["attempts"]}
 
 
 async def behind_its_back(url: str, run_id: str, **values: Any) -> None:
     """Another writer's change to the run row (a replica's control call, a claim)."""
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            sets = ", ".join(f"{k} = :{k}" for k in values)
-            await conn.execute(
-                sa.text(f"UPDATE runs SET {sets} WHERE run_id = :r"), {**values, "r": run_id}
-            )
-    finally:
-        await engine.dispose()
+    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(values, 1))
+    sql = f"UPDATE runs SET {sets} WHERE run_id = ${len(values) + 1}"
+    await asyncio.to_thread(fetch, url, sql, *values.values(), run_id)
 
 
 async def test_a_unit_on_a_row_changed_behind_its_back_follows_the_store(

@@ -509,12 +509,16 @@ class Journal:
     async def _set_step(
         self, tx: Tx, run_id: str, step: dict[str, Any], changes: Mapping[str, Any]
     ) -> dict[str, Any]:
-        await tx.conn.execute(
-            update_step_statement(tuple(changes)),
-            bind(changes, run_id=run_id, step_id=step["step_id"]),
-        )
+        await self._write_step(tx, run_id, step["step_id"], changes)
         step.update(changes)
         return step
+
+    @staticmethod
+    async def _write_step(tx: Tx, run_id: str, step_id: str, changes: Mapping[str, Any]) -> None:
+        """A step's `changes` written (its dict, already updated, showed them in the events)."""
+        await tx.conn.execute(
+            update_step_statement(tuple(changes)), bind(changes, run_id=run_id, step_id=step_id)
+        )
 
     def start_step(
         self,
@@ -587,7 +591,7 @@ class Journal:
                     run_changes["variables"] = {**(row["variables"] or {}), **variables}
             step.update(changes)  # as its events show it
             await self._write_run(tx, row, cached, run_changes, specs)
-            await self._set_step(tx, run_id, step, changes)
+            await self._write_step(tx, run_id, step_id, changes)
             return Started(attempt, first, before, riding is not None)
 
         async def unit(tx: Tx) -> Started | None:
@@ -686,7 +690,7 @@ class Journal:
                 run_changes["variables"] = {**(row["variables"] or {}), **variables}
             await self._write_run(tx, row, cached, run_changes, specs)
             for step, changes in finishing:
-                await self._set_step(tx, run_id, step, changes)
+                await self._write_step(tx, run_id, step["step_id"], changes)
             return True
 
         return await self._durably(lambda tx: self._on_run(tx, run_id, body), run_id)
@@ -751,7 +755,7 @@ class Journal:
                 ],
             )
             for step, changes in closing:
-                await self._set_step(tx, run_id, step, changes)
+                await self._write_step(tx, run_id, step["step_id"], changes)
             await tx.conn.execute(
                 WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
             )

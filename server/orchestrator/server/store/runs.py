@@ -73,7 +73,6 @@ from orchestrator.server.store.statements import (
     SELECT_STEPS,
     SELECT_TENANT_RUN,
     bind,
-    update_owned_run_statement,
     update_run_statement,
 )
 from orchestrator.server.store.webhooks import stage_deliveries
@@ -573,11 +572,9 @@ class RunStore:
         new["last_sequence"] = row["last_sequence"] + len(specs)
         keys = (*changes.keys(), "version", "updated_at", "last_sequence")
         params = bind({k: new[k] for k in keys}, run_id=row["run_id"], version=row["version"])
-        if owner is None:
-            result = await tx.conn.execute(update_run_statement(keys), params)
-        else:
+        if owner is not None:
             params["w_owner"] = owner
-            result = await tx.conn.execute(update_owned_run_statement(keys), params)
+        result = await tx.conn.execute(update_run_statement(keys, owner is not None), params)
         if result.rowcount != 1:
             raise Conflict(row["run_id"])
         tx.rows[row["run_id"]] = new

@@ -145,16 +145,10 @@ def update_step_statement(keys: tuple[str, ...]) -> sa.Update:
 
 
 @functools.cache
-def update_run_statement(keys: tuple[str, ...]) -> sa.Update:
-    """Compare-and-set a run's `keys` (parameters w_run_id, w_version and v_<key>)."""
-    return _update(runs, ("run_id", "version"), keys)
-
-
-@functools.cache
-def update_owned_run_statement(keys: tuple[str, ...]) -> sa.Update:
-    """`update_run_statement` that also compares the run's owner (parameter w_owner): claims
-    and parks change the owner without a new version."""
-    return _update(runs, ("run_id", "version", "owner"), keys)
+def update_run_statement(keys: tuple[str, ...], owned: bool = False) -> sa.Update:
+    """Compare-and-set a run's `keys` (parameters w_run_id, w_version and v_<key>); `owned`
+    also compares its owner (w_owner): claims and parks change it without a new version."""
+    return _update(runs, ("run_id", "version", "owner") if owned else ("run_id", "version"), keys)
 
 
 def bind(changes: Mapping[str, Any], **where: Any) -> dict[str, Any]:

@@ -161,16 +161,12 @@ class Writer:
 
     def _tell_listeners(self, tx: Tx) -> None:
         """What a commit changed, to every listener (one failing does not stop the others)."""
-        calls: list[tuple[Callable[[Any], None], Any]] = []
         if tx.rows:
-            calls.extend((listener, tx.rows) for listener in self._row_listeners)
+            for row_listener in self._row_listeners:
+                _tell(row_listener, tx.rows)
         if tx.changes:
-            calls.extend((listener, tx.changes) for listener in self._listeners)
-        for listener, what in calls:
-            try:
-                listener(what)
-            except Exception:
-                _quietly(log.exception, "writer.listener_failed")
+            for listener in self._listeners:
+                _tell(listener, tx.changes)
 
     @property
     def queue_depth(self) -> int:
@@ -363,6 +359,14 @@ def _outage(exc: BaseException) -> Exception:
     fresh = type(outage)()
     fresh.__cause__ = exc
     return fresh
+
+
+def _tell(listener: Callable[[Any], None], what: Any) -> None:
+    """One listener of a commit; its failure is logged, never the writer's."""
+    try:
+        listener(what)
+    except Exception:
+        _quietly(log.exception, "writer.listener_failed")
 
 
 def _quietly(report: Callable[..., Any], event: str) -> None:
