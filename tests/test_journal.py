@@ -13,7 +13,11 @@ from typing import Any
 import grpc
 import pytest
 
+from orchestrator.server.app import Server
+from orchestrator.server.lifecycle import Action
 from orchestrator.server.store.journal import LeaseLost
+from orchestrator.server.store.records import Created
+from orchestrator.server.store.statements import SELECT_RUN, SELECT_RUN_INPUTS, SELECT_STEPS
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import make_settings, md, plan_of, running
@@ -75,3 +79,64 @@ async def test_a_unit_on_a_row_changed_behind_its_back_follows_the_store(
             await journal.start_step(run_id, "w", before["attempts"] + 1).committed()
         claimed = await store_row(database_url, run_id)
         assert claimed == {**before, "owner": "other#1"}, "a unit wrote to a run it lost"
+
+
+async def created_here(srv: Server, tenant: str, plan: pb.ExecutablePlan) -> Created:
+    """A run created as Execute creates one, its task not started."""
+    request = pb.ExecuteRequest(executable_plan=plan)
+    checked = srv.control.check_request(tenant, request)
+    new = srv.control.new_run(tenant, "", request, checked, 0.0)
+    created = await srv.store.create_run(new)
+    srv.engine.settle(new.run_id)
+    return created
+
+
+async def test_a_run_created_here_opens_from_the_rows_it_was_created_with(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The rows a new run's first task starts from are the rows the store reads back: every
+    column, the same values."""
+    async with running(make_settings(tmp_path, database_url)) as srv:
+        plan = plan_of(
+            {"stepId": "a", "tool": "core.echo", "parameters": {"v": 1}},
+            {"stepId": "b", "tool": "core.echo", "parameters": {}, "dependsOn": ["a"]},
+        )
+        created = await created_here(srv, str(uuid.uuid4()), plan)
+        inserted = created.inserted
+        assert inserted is not None
+        run_id = created.execution.run_id
+
+        async def read(conn: Any) -> tuple[Any, ...]:
+            where = {"w_run_id": run_id}
+            run = (await conn.execute(SELECT_RUN, where)).mappings().one()
+            inputs = (await conn.execute(SELECT_RUN_INPUTS, where)).mappings().one()
+            steps = (await conn.execute(SELECT_STEPS, where)).mappings().all()
+            return dict(run), dict(inputs), [dict(s) for s in steps]
+
+        run, inputs, steps = await srv.db.read(read)
+        assert inserted.run == run
+        assert inserted.inputs == inputs
+        assert inserted.steps == steps
+
+
+async def test_a_run_changed_between_its_creation_and_its_start_opens_from_the_store(
+    tmp_path: Path, database_url: str
+) -> None:
+    tenant = str(uuid.uuid4())
+    async with running(make_settings(tmp_path, database_url)) as srv:
+        plan = plan_of({"stepId": "a", "tool": "core.echo", "parameters": {}})
+        created = await created_here(srv, tenant, plan)
+        run_id = created.execution.run_id
+        await srv.control.store.control(tenant, run_id, Action.CANCEL, "changed my mind")
+        journal = srv.engine.journal
+        try:
+            row, _, _, _ = await journal.open(run_id, created.inserted)
+        finally:
+            journal.forget(run_id)
+        assert row["status"] == "CANCELLED", "the run was started from the rows it was created with"
+        stored = (
+            await asyncio.to_thread(
+                fetch, database_url, "SELECT status, version FROM runs WHERE run_id = $1", run_id
+            )
+        )[0]
+        assert stored == {"status": "CANCELLED", "version": row["version"]}

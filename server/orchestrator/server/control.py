@@ -124,7 +124,7 @@ class ControlPlane:
         run_id = execution.run_id
         if created.created and not request.dry_run:
             if new.owner:
-                self.engine.submit(run_id)
+                self.engine.submit(run_id, created.inserted)
             else:
                 self.engine.wake_claimer()
         if (

@@ -46,7 +46,7 @@ from orchestrator.server.store.journal import (
     StepStart,
     Taken,
 )
-from orchestrator.server.store.records import Answer
+from orchestrator.server.store.records import Answer, Inserted
 from orchestrator.server.tools import Tool, ToolContext, ToolError, ToolRegistry
 from orchestrator.server.tracing import parent_context
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -280,12 +280,13 @@ class Engine:
     def settle(self, run_id: str) -> None:
         self._adopted.pop(run_id, None)
 
-    def submit(self, run_id: str) -> None:
-        """Start the run's task (the lease is held) unless it already has one."""
+    def submit(self, run_id: str, inserted: Inserted | None = None) -> None:
+        """Start the run's task (the lease is held) unless it already has one; `inserted`,
+        the rows of a run just created here, spares its task reading them back."""
         if self.closing or not self.enabled or run_id in self.runs:
             self.settle(run_id)
             return
-        task = RunTask(self, run_id)
+        task = RunTask(self, run_id, inserted)
         self._born += 1
         task.born = self._born
         self.runs[run_id] = task
@@ -441,10 +442,11 @@ OFF_LOOP_NODES = 10_000
 class RunTask:
     """Schedules one run's steps until the run is finished."""
 
-    def __init__(self, engine: Engine, run_id: str) -> None:
+    def __init__(self, engine: Engine, run_id: str, inserted: Inserted | None = None) -> None:
         self.engine = engine
         self.journal = engine.journal
         self.run_id = run_id
+        self.inserted = inserted  # for its first open only
         self.log = log.bind(run_id=run_id)
         self.wake = asyncio.Event()
         self.paused = False
@@ -574,7 +576,8 @@ class RunTask:
         return plan, params, variables, found
 
     async def _main(self) -> None:
-        row, step_rows, self.approved, refused = await self.journal.open(self.run_id)
+        inserted, self.inserted = self.inserted, None
+        row, step_rows, self.approved, refused = await self.journal.open(self.run_id, inserted)
         if row["concurrency_key"]:
             self.key = (row["tenant_id"], row["concurrency_key"])
         while row["status"] == RunStatus.PENDING.value:

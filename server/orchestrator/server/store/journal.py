@@ -30,7 +30,13 @@ from orchestrator.server.errors import (
 )
 from orchestrator.server.lifecycle import TERMINAL, Action, RunStatus, StepStatus, next_status
 from orchestrator.server.store.notices import Notice, NoticeKind
-from orchestrator.server.store.records import Answer, EventSpec, Transitioned, clean_text
+from orchestrator.server.store.records import (
+    Answer,
+    EventSpec,
+    Inserted,
+    Transitioned,
+    clean_text,
+)
 from orchestrator.server.store.runs import RunStore, not_found
 from orchestrator.server.store.schema import clarifications, replicas, runs, signals
 from orchestrator.server.store.statements import (
@@ -1097,7 +1103,7 @@ class Journal:
         return await self._durably(unit, run_id)
 
     async def open(
-        self, run_id: str
+        self, run_id: str, inserted: Inserted | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool]:
         """What (re)starting the run's task needs, in one unit: the run row (a PENDING run is
         started: RUNNING, unless its concurrency key says wait: then it stays PENDING with
@@ -1109,13 +1115,28 @@ class Journal:
         own (`Writer.run_beside`): the key's lock is then the only lock its transaction waits
         for after the run's row, so no two transactions (lanes or replicas) can each hold one
         key and wait for another's. In a group commit, units for runs of different keys in
-        opposite orders could."""
+        opposite orders could.
+
+        A run created here without a concurrency key opens from its `inserted` rows: its start
+        is a compare-and-set on the row as created, and nothing is read; when the run changed
+        since (cancelled, claimed), the unit reads it as any other."""
         # SQLite's one writer never overlaps itself: there the group commit admits too.
         admit_in_batch = self.store.db.dialect.single_replica
+        if inserted is not None and inserted.run["concurrency_key"]:
+            inserted = None  # its admission reads the key's runs: the unit reads it all
 
         async def unit(
             tx: Tx, admit: bool
         ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool] | None:
+            if inserted is not None:
+                try:
+                    new = await self._write_run(tx, inserted.run, True, *_started(tx, inserted.run))
+                except _Stale:
+                    pass  # changed since it was created: read as below
+                else:
+                    tx.rows[run_id] = new
+                    steps = [dict(s) for s in inserted.steps]
+                    return {**new, **inserted.inputs}, steps, set(), False
             row = await self._run_row(tx, run_id)
             if row is None:
                 raise not_found(run_id)
@@ -1145,18 +1166,7 @@ class Journal:
                         tx, row, {"waiting_reason": WAITING_FOR_KEY}, []
                     )
             elif row["status"] == RunStatus.PENDING.value:
-                target = next_status(RunStatus.PENDING, Action.START)
-                assert target is not None
-                row = await self.store.update_run(
-                    tx,
-                    row,
-                    {
-                        "status": target.value,
-                        "started_at": row["started_at"] or tx.now,
-                        "waiting_reason": "",
-                    },
-                    [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")],
-                )
+                row = await self.store.update_run(tx, row, *_started(tx, row))
             tx.rows[run_id] = row  # as committed: kept for the run's next units
             return {**row, **run_inputs}, step_rows, approved, refused
 
@@ -1168,3 +1178,15 @@ class Journal:
             )
         assert opened is not None
         return opened
+
+
+def _started(tx: Tx, row: Mapping[str, Any]) -> tuple[dict[str, Any], list[EventSpec]]:
+    """A PENDING run's start: its changes and its event."""
+    target = next_status(RunStatus.PENDING, Action.START)
+    assert target is not None
+    changes = {
+        "status": target.value,
+        "started_at": row["started_at"] or tx.now,
+        "waiting_reason": "",
+    }
+    return changes, [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")]

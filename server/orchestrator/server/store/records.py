@@ -69,6 +69,18 @@ class Created:
 
     execution: pb.Execution
     created: bool
+    # The new run's rows as its unit wrote them (None when found by its idempotency key).
+    inserted: Inserted | None = None
+
+
+@dataclass(frozen=True)
+class Inserted:
+    """A new run's rows as its creating unit wrote them: the first task of a run created here
+    starts from them (`Journal.open`) instead of reading them back."""
+
+    run: dict[str, Any]  # every column but the inputs (as the journal reads a run)
+    inputs: dict[str, Any]  # plan and parameters
+    steps: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)

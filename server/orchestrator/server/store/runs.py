@@ -36,6 +36,7 @@ from orchestrator.server.store.records import (
     ClarificationRecord,
     Created,
     EventSpec,
+    Inserted,
     ListPage,
     NewRun,
     RetryRun,
@@ -67,6 +68,7 @@ from orchestrator.server.store.statements import (
     INSERT_RUN,
     INSERT_STEPS,
     RUN_COLUMNS,
+    RUN_INPUTS,
     SELECT_EVENTS,
     SELECT_PENDING_CLARIFICATIONS,
     SELECT_RUN_STATUS,
@@ -312,7 +314,7 @@ class RunStore:
                         )
                     execution = await self._load_execution(tx.conn, new.tenant_id, existing.run_id)
                     return Created(execution, created=False)
-            return Created(await self.insert_run(tx, new), created=True)
+            return await self._insert(tx, new)
 
         # Keyed by tenant: one tenant's new runs take turns (its quota, its idempotency keys).
         created = await self.writer.run(unit, new.tenant_id)
@@ -322,6 +324,9 @@ class RunStore:
 
     async def insert_run(self, tx: Tx, new: NewRun) -> pb.Execution:
         """Store a new run in the caller's unit of work, within the tenant's run quota."""
+        return (await self._insert(tx, new)).execution
+
+    async def _insert(self, tx: Tx, new: NewRun) -> Created:
         if new.max_unfinished:
             unfinished = (
                 await tx.conn.execute(COUNT_UNFINISHED, {"w_tenant_id": new.tenant_id})
@@ -337,7 +342,7 @@ class RunStore:
             tx.notify(Notice(NoticeKind.CLAIM))
         return await self._insert_run(tx, new)
 
-    async def _insert_run(self, tx: Tx, new: NewRun) -> pb.Execution:
+    async def _insert_run(self, tx: Tx, new: NewRun) -> Created:
         now = tx.now
         row: dict[str, Any] = {
             "run_id": new.run_id,
@@ -376,6 +381,7 @@ class RunStore:
             "max_concurrent": new.max_concurrent,
             "priority": new.priority,
             "waiting_reason": "",
+            "wake_at": None,
         }
         step_rows: list[dict[str, Any]] = [
             {
@@ -386,6 +392,7 @@ class RunStore:
                 "tool": s.tool,
                 "status": StepStatus.PENDING.value,
                 "attempts": 0,
+                "attempts_before": 0,
                 "first_started_at": None,
                 "started_at": None,
                 "completed_at": None,
@@ -439,7 +446,13 @@ class RunStore:
                 )
             )
         await self._insert_events(tx, row, specs, first_sequence=1, status_changed=True)
-        return build_execution(row, step_rows, [])
+        execution = build_execution(row, step_rows, [])
+        inserted = Inserted(
+            run={k: v for k, v in row.items() if k not in RUN_INPUTS},
+            inputs={k: row[k] for k in RUN_INPUTS},
+            steps=step_rows,
+        )
+        return Created(execution, created=True, inserted=inserted)
 
     async def _keep_plan(self, tx: Tx, new: NewRun, blob: bytes) -> None:
         """Store the run's plan in the plan store, or move its last_run_at (at most every
