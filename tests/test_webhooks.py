@@ -22,6 +22,7 @@ from orchestrator.v1 import orchestrator_pb2 as pb
 from tests.conftest import echo_plan, make_settings, md, running
 from tests.errors import details_of
 from tests.process import ServeProcess, free_port
+from tests.stores import drop_postgres_database, fetch, postgres_database
 
 if TYPE_CHECKING:
     from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -339,3 +340,77 @@ def test_a_sigkill_while_deliveries_are_due_loses_none(
         assert all(b["type"] == "run.status_changed" for b in bodies)
     finally:
         proc.kill()
+
+
+async def deliveries_of(url: str, run_id: str) -> int:
+    """The deliveries queued for the run's changes, as the store has them."""
+    sql = "SELECT count(*) AS n FROM webhook_deliveries WHERE run_id = $1"
+    return int((await asyncio.to_thread(fetch, url, sql, run_id))[0]["n"])
+
+
+async def run_once(stub: Stub, tenant: str) -> str:
+    done = await stub.Execute(
+        pb.ExecuteRequest(executable_plan=echo_plan(1), async_execution=False),
+        metadata=md(tenant),
+    )
+    assert done.status == pb.EXECUTION_STATUS_COMPLETED
+    return done.run_id
+
+
+async def test_the_status_change_after_a_subscription_changes_sees_it(
+    tmp_path: Path, database_url: str, tenant: str, receiver: Receiver
+) -> None:
+    """Subscriptions are kept between lookups, yet the first run after a subscription is
+    created is announced, the first after it is deleted is not, and one deleted behind the
+    server's back (no notice) only costs its deliveries, never a run."""
+    settings = make_settings(tmp_path, database_url, http_allow="127.0.0.1/32")
+    async with running(settings) as srv, grpc.aio.insecure_channel(srv.address) as channel:
+        from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+        stub: Stub = pb_grpc.OrchestratorServiceStub(channel)
+        before = await run_once(stub, tenant)  # the tenant's subscriptions (none) are kept
+        assert await deliveries_of(database_url, before) == 0
+        hook = await create(stub, tenant, receiver.url)
+        heard = await run_once(stub, tenant)
+        # Created, started, completed: each status change announced.
+        assert await deliveries_of(database_url, heard) == 3
+        await stub.DeleteWebhook(
+            pb.DeleteWebhookRequest(webhook_id=hook.webhook_id), metadata=md(tenant)
+        )
+        assert await deliveries_of(database_url, await run_once(stub, tenant)) == 0
+
+        await create(stub, tenant, receiver.url)
+        assert await deliveries_of(database_url, await run_once(stub, tenant)) == 3
+        # Gone from the store with no word to the server: the kept subscription is stale.
+        await asyncio.to_thread(fetch, database_url, "DELETE FROM webhook_deliveries")
+        await asyncio.to_thread(fetch, database_url, "DELETE FROM webhooks")
+        assert await deliveries_of(database_url, await run_once(stub, tenant)) == 0
+
+
+@pytest.mark.postgres
+async def test_a_subscription_made_on_one_replica_is_heard_on_the_other(
+    tmp_path: Path, tenant: str, receiver: Receiver
+) -> None:
+    url = postgres_database()
+    try:
+        one = make_settings(tmp_path, url, replica_id="one", http_allow="127.0.0.1/32")
+        two = make_settings(tmp_path, url, replica_id="two", http_allow="127.0.0.1/32")
+        async with (
+            running(one) as first,
+            running(two) as second,
+            grpc.aio.insecure_channel(first.address) as ch1,
+            grpc.aio.insecure_channel(second.address) as ch2,
+        ):
+            from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+            on_one: Stub = pb_grpc.OrchestratorServiceStub(ch1)
+            on_two: Stub = pb_grpc.OrchestratorServiceStub(ch2)
+            await run_once(on_two, tenant)  # replica two keeps "no subscriptions"
+            await create(on_one, tenant, receiver.url)
+            # Replica two hears of it by notice, well within SUBSCRIPTIONS_TTL.
+            deadline = time.monotonic() + 5
+            while not await deliveries_of(url, await run_once(on_two, tenant)):
+                assert time.monotonic() < deadline, "replica two never heard of the webhook"
+                await asyncio.sleep(0.05)
+    finally:
+        drop_postgres_database(url)

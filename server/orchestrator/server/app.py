@@ -38,7 +38,7 @@ from orchestrator.server.store.journal import Journal
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.runs import RunStore
 from orchestrator.server.store.schedules import ScheduleStore
-from orchestrator.server.store.webhooks import WebhookStore
+from orchestrator.server.store.webhooks import Subscriptions, WebhookStore
 from orchestrator.server.store.writer import Writer
 from orchestrator.server.tokens import TokenCodec
 from orchestrator.server.tools import ToolRegistry, default_registry
@@ -229,12 +229,16 @@ class Server:
             await asyncio.sleep(min(max(keep / 10, 1.0), 60.0))
 
 
-def on_cluster_message(hub: Hub, engine: Engine) -> Handler:
+def on_cluster_message(hub: Hub, engine: Engine, subscriptions: Subscriptions) -> Handler:
     """What another replica's commit means here."""
 
     def handle(notices: list[Notice]) -> None:
         hub.on_remote(notices)
         for notice in notices:
+            if notice.kind is NoticeKind.WEBHOOKS:
+                subscriptions.dropped(notice.tenant_id)
+            elif notice.kind is NoticeKind.RESYNC:
+                subscriptions.dropped()
             if notice.kind is NoticeKind.CONTROL:
                 engine.control(notice.run_id, RunStatus(notice.status))
             elif notice.kind is NoticeKind.ANSWER and notice.answer is not None:
@@ -367,11 +371,13 @@ async def build_server(
         store_up=lambda: float(db.health.reachable),
     )
     control = ControlPlane(settings, store, hub, tokens, registry, engine, journal, policy)
-    bus = db.dialect.cluster_bus(db.url, incarnation, on_cluster_message(hub, engine))
+    bus = db.dialect.cluster_bus(
+        db.url, incarnation, on_cluster_message(hub, engine, store.subscriptions)
+    )
     schedules = ScheduleControl(control, ScheduleStore(store))
     clock = ScheduleClock(schedules, settings.schedule_poll_seconds)
     writer.add_listener(clock.on_commit)
-    webhook_store = WebhookStore(db, writer)
+    webhook_store = WebhookStore(db, writer, store.subscriptions)
     deliverer = Deliverer(
         webhook_store,
         allow=http_allow,

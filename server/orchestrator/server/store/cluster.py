@@ -59,7 +59,14 @@ class ClusterBus:
             message = json.loads(payload)
             if message.get("o") == self._origin:
                 return  # our own commits were handled where they happened
-            self._handler([Notice.from_json(m) for m in message["m"]])
+            notices = []
+            for m in message["m"]:
+                try:
+                    notices.append(Notice.from_json(m))
+                except ValueError:
+                    # A kind from a newer release (a rolling deploy): the rest still counts.
+                    log.debug("cluster.unknown_notice", notice=str(m)[:200])
+            self._handler(notices)
         except Exception:
             log.exception("cluster.bad_message", payload=payload[:200])
 

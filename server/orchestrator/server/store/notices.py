@@ -22,6 +22,7 @@ class NoticeKind(enum.Enum):
     ANSWER = "answer"  # a clarification of a run was answered
     SIGNAL = "signal"  # a signal was sent to a run
     CLAIM = "claim"  # runs are free to claim
+    WEBHOOKS = "webhooks"  # a tenant's webhook subscriptions changed
     RESYNC = "resync"  # the listener reconnected: messages may have been missed
 
 
@@ -31,7 +32,7 @@ class Notice:
 
     kind: NoticeKind
     run_id: str = ""
-    tenant_id: str = ""  # CHANGE
+    tenant_id: str = ""  # CHANGE, WEBHOOKS
     status_changed: bool = False  # CHANGE
     status: str = ""  # CONTROL: the run's new status
     clarification_id: str = ""  # ANSWER
@@ -57,6 +58,8 @@ class Notice:
             return [kind, self.run_id, self.clarification_id, self.answer.to_json()]
         if self.kind is NoticeKind.SIGNAL:
             return [kind, self.run_id, self.signal_name]
+        if self.kind is NoticeKind.WEBHOOKS:
+            return [kind, self.tenant_id]
         return [kind]
 
     @classmethod
@@ -75,4 +78,7 @@ class Notice:
         if kind is NoticeKind.SIGNAL:
             _, run_id, signal_name = data
             return cls.signalled(str(run_id), str(signal_name))
+        if kind is NoticeKind.WEBHOOKS:
+            _, tenant_id = data
+            return cls(kind, tenant_id=str(tenant_id))
         return cls(kind)

@@ -77,7 +77,7 @@ from orchestrator.server.store.statements import (
     bind,
     update_run_statement,
 )
-from orchestrator.server.store.webhooks import stage_deliveries
+from orchestrator.server.store.webhooks import Subscriptions, stage_deliveries
 from orchestrator.server.store.writer import (
     Change,
     EventRecord,
@@ -119,6 +119,8 @@ class RunStore:
         # again soon after writes nothing there: every replica's group commits would
         # otherwise queue on the row lock of a plan they all run.
         self._plans_written: dict[tuple[str, str], float] = {}
+        # Each tenant's webhook subscriptions, looked up by every status change.
+        self.subscriptions = Subscriptions()
 
     @property
     def health(self) -> StoreHealth:
@@ -537,7 +539,7 @@ class RunStore:
         self.db.dialect.order_events(tx.stage)
         # Every event of the group commit goes in at its end, in one statement.
         tx.stage(INSERT_EVENTS, values)
-        await stage_deliveries(tx, row, specs, first_sequence)
+        await stage_deliveries(tx, self.subscriptions, row, specs, first_sequence)
         terminal = RunStatus(row["status"]) in TERMINAL
         tx.changed(
             Change(

@@ -1,13 +1,23 @@
 """Webhook subscriptions and their outbox: deliveries are queued in the transaction of the
 change they announce (`stage_deliveries`, called where events are written), so no change is
 announced that did not commit and none that committed goes unannounced; the deliverer
-(`orchestrator.server.webhooks`) sends them and settles each attempt here."""
+(`orchestrator.server.webhooks`) sends them and settles each attempt here.
+
+A tenant's subscriptions are looked up by every run status change (three a run, nearly always
+to find none), so each process keeps them as last read (`Subscriptions`). A change made here
+is seen by the next status change after it commits, exactly; one made by another replica,
+once its notice arrives (PostgreSQL NOTIFY: milliseconds), or after SUBSCRIPTIONS_TTL at the
+latest. A delivery is queued only while its subscription exists, so a deleted one kept
+somewhere a moment longer costs nothing."""
 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,9 +27,10 @@ import sqlalchemy as sa
 from orchestrator.server.errors import NotFound
 from orchestrator.server.store.database import Database
 from orchestrator.server.store.direct import direct
+from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.records import EventSpec, Row
 from orchestrator.server.store.schema import webhook_deliveries, webhooks
-from orchestrator.server.store.writer import Tx, Writer
+from orchestrator.server.store.writer import T, Tx, Writer
 from orchestrator.v1 import orchestrator_pb2 as pb
 
 # What a subscription may ask for, by the run event that makes it.
@@ -34,14 +45,89 @@ EVENT_TYPES = {
 # An event's message is cut to this in a body (bodies stay small and bounded).
 MAX_MESSAGE = 1000
 PENDING, DELIVERED, FAILED = "PENDING", "DELIVERED", "FAILED"
-# Every run status change looks its tenant's subscriptions up in the transaction writing it
-# (three times a run): prebuilt, on the SQLite driver path.
+# A tenant's subscriptions as read are kept this long at most (the bound on a missed notice),
+# for this many tenants at most (then all are read again).
+SUBSCRIPTIONS_TTL = 30.0
+TENANTS_KEPT = 10_000
 SELECT_SUBSCRIPTIONS = direct(
     sa.select(webhooks.c.webhook_id, webhooks.c.event_types, webhooks.c.labels).where(
         webhooks.c.tenant_id == sa.bindparam("w_tenant_id")
     )
 )
-INSERT_DELIVERIES = direct(sa.insert(webhook_deliveries))
+_DELIVERY_COLUMNS = (
+    "delivery_id",
+    "webhook_id",
+    "run_id",
+    "event_type",
+    "body",
+    "status",
+    "attempts",
+    "last_status_code",
+    "last_error",
+    "created_at",
+    "next_attempt_at",
+)
+# A delivery row goes in only while its subscription is there (INSERT ... SELECT FROM webhooks).
+INSERT_DELIVERIES = direct(
+    sa.insert(webhook_deliveries).from_select(
+        _DELIVERY_COLUMNS,
+        sa.select(
+            *(sa.bindparam(c, type_=webhook_deliveries.c[c].type) for c in _DELIVERY_COLUMNS)
+        ).where(webhooks.c.webhook_id == sa.bindparam("webhook_id")),
+    )
+)
+
+
+class Subscriptions:
+    """Each tenant's subscriptions as last read, for the status changes that look them up.
+    A tenant's entry is dropped when this process starts changing its subscriptions and again
+    when the change has committed (`changing`: lookups in between read the store and keep
+    nothing), and when another replica says it changed them (`dropped`). A lookup that
+    overlapped a drop keeps nothing either. Lookups run in the writer's thread on SQLite."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[float, tuple[Mapping[str, Any], ...]]] = {}
+        self._changing: Counter[str] = Counter()
+        self._drops = 0
+        self._lock = threading.Lock()
+
+    async def of(self, tx: Tx, tenant_id: str) -> tuple[Mapping[str, Any], ...]:
+        kept = self._kept.get(tenant_id)
+        if kept is not None and tx.now - kept[0] < SUBSCRIPTIONS_TTL:
+            return kept[1]
+        drops = self._drops
+        rows = await tx.conn.execute(SELECT_SUBSCRIPTIONS, {"w_tenant_id": tenant_id})
+        found = tuple(rows.mappings().all())
+        with self._lock:
+            if drops == self._drops and not self._changing[tenant_id]:
+                if len(self._kept) >= TENANTS_KEPT:
+                    self._kept.clear()
+                self._kept[tenant_id] = (tx.now, found)
+        return found
+
+    def dropped(self, tenant_id: str | None = None) -> None:
+        """The tenant's subscriptions (None: anyone's) may have changed."""
+        with self._lock:
+            self._drops += 1
+            if tenant_id is None:
+                self._kept.clear()
+            else:
+                self._kept.pop(tenant_id, None)
+
+    @contextmanager
+    def changing(self, tenant_id: str) -> Iterator[None]:
+        """Around a unit that changes the tenant's subscriptions, until it has committed."""
+        with self._lock:
+            self._changing[tenant_id] += 1
+        self.dropped(tenant_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._changing[tenant_id] -= 1
+                if not self._changing[tenant_id]:
+                    del self._changing[tenant_id]
+            self.dropped(tenant_id)
 
 
 @dataclass(frozen=True)
@@ -120,7 +206,11 @@ def _rfc3339(at: float) -> str:
 
 
 async def stage_deliveries(
-    tx: Tx, run: Row, specs: Sequence[EventSpec], first_sequence: int
+    tx: Tx,
+    subscriptions: Subscriptions,
+    run: Row,
+    specs: Sequence[EventSpec],
+    first_sequence: int,
 ) -> None:
     """Queue a delivery for every subscription of the run's tenant that wants one of these
     events, in `tx` (the transaction writing them). Events no one can subscribe to (a step
@@ -128,9 +218,8 @@ async def stage_deliveries(
     wanted = [(i, spec) for i, spec in enumerate(specs) if spec.type in EVENT_TYPES]
     if not wanted:
         return
-    rows = await tx.conn.execute(SELECT_SUBSCRIPTIONS, {"w_tenant_id": run["tenant_id"]})
-    subscriptions = rows.mappings().all()
-    if not subscriptions:
+    wanting = await subscriptions.of(tx, run["tenant_id"])
+    if not wanting:
         return
     labels = run.get("labels") or {}
     values = []
@@ -152,7 +241,7 @@ async def stage_deliveries(
             },
             separators=(",", ":"),
         )
-        for sub in subscriptions:
+        for sub in wanting:
             if sub["event_types"] and event_type not in sub["event_types"]:
                 continue
             if any(labels.get(k) != v for k, v in (sub["labels"] or {}).items()):
@@ -179,9 +268,21 @@ async def stage_deliveries(
 class WebhookStore:
     """Every query and unit of work on webhook subscriptions and deliveries."""
 
-    def __init__(self, db: Database, writer: Writer) -> None:
+    def __init__(self, db: Database, writer: Writer, subscriptions: Subscriptions) -> None:
         self.db = db
         self.writer = writer
+        self.subscriptions = subscriptions
+
+    async def _change(self, tenant_id: str, unit: Callable[[Tx], Awaitable[T]]) -> T:
+        """A unit changing the tenant's subscriptions, announced to the other replicas."""
+
+        async def announced(tx: Tx) -> T:
+            result = await unit(tx)
+            tx.notify(Notice(NoticeKind.WEBHOOKS, tenant_id=tenant_id))
+            return result
+
+        with self.subscriptions.changing(tenant_id):
+            return await self.writer.run(announced)
 
     async def create(self, record: WebhookRecord, limit: int) -> WebhookRecord | None:
         """Store a subscription; None when the tenant already has `limit` of them."""
@@ -207,7 +308,7 @@ class WebhookStore:
             )
             return WebhookRecord(**{**record.__dict__, "created_at": tx.now})
 
-        return await self.writer.run(unit)
+        return await self._change(record.tenant_id, unit)
 
     async def list_webhooks(self, tenant_id: str) -> list[WebhookRecord]:
         async def read(conn: Any) -> list[WebhookRecord]:
@@ -233,7 +334,7 @@ class WebhookStore:
             )
             await tx.conn.execute(sa.delete(webhooks).where(where))
 
-        await self.writer.run(unit)
+        await self._change(tenant_id, unit)
 
     async def deliveries(self, tenant_id: str, webhook_id: str, limit: int) -> list[DeliveryRecord]:
         """The subscription's newest deliveries; NotFound for another tenant's or none."""
