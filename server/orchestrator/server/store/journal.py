@@ -212,6 +212,9 @@ class Journal:
         # The runs executed here (from `open` to `forget`): each one's row as last committed,
         # or None when unknown (the next unit reads it).
         self._rows: dict[str, dict[str, Any] | None] = {}
+        # Runs executed here that opened from the rows they were created with and have asked
+        # no one anything since: none has a clarification to withdraw when it ends.
+        self._unasked: set[str] = set()
         self.writer.add_row_listener(self._committed)
 
     async def _durably(self, unit: Unit[T], run_id: str) -> T:
@@ -230,6 +233,7 @@ class Journal:
 
     def forget(self, run_id: str) -> None:
         """The run's task here ended: its row is no longer kept."""
+        self._unasked.discard(run_id)
         self._rows.pop(run_id, None)
 
     async def _on_run(self, tx: Tx, run_id: str, body: OnRow[T]) -> T:
@@ -712,10 +716,13 @@ class Journal:
             if row is None or target is None:
                 self._unsure(cached)
                 return False
-            open_steps = [
-                dict(r)
-                for r in (await tx.conn.execute(SELECT_OPEN_STEPS, {"w_run_id": run_id})).mappings()
-            ]
+            if cached and row["steps_finished"] == row["steps_total"]:
+                # Every step's end was committed here, on this row (the compare-and-set
+                # below checks it is still the store's): none is open.
+                open_steps: list[dict[str, Any]] = []
+            else:
+                query = await tx.conn.execute(SELECT_OPEN_STEPS, {"w_run_id": run_id})
+                open_steps = [dict(r) for r in query.mappings()]
             step_specs: list[EventSpec] = []
             closing: list[tuple[dict[str, Any], dict[str, Any]]] = []
             for step in open_steps:
@@ -762,9 +769,10 @@ class Journal:
             )
             for step, changes in closing:
                 await self._write_step(tx, run_id, step["step_id"], changes)
-            await tx.conn.execute(
-                WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
-            )
+            if run_id not in self._unasked:
+                await tx.conn.execute(
+                    WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
+                )
             return True
 
         return await self._durably(lambda tx: self._on_run(tx, run_id, body), run_id)
@@ -781,6 +789,7 @@ class Journal:
     ) -> str | None:
         """Ask a person on behalf of a step ("" for the run's own approval); the step WAITs.
         Reuses a clarification still pending for that step (after a restart)."""
+        self._unasked.discard(run_id)  # from now on its end withdraws what may be pending
 
         async def unit(tx: Tx) -> str | None:
             row = await self._run_row(tx, run_id)
@@ -1128,6 +1137,7 @@ class Journal:
         async def unit(
             tx: Tx, admit: bool
         ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool] | None:
+            self._unasked.discard(run_id)
             if inserted is not None:
                 try:
                     new = await self._write_run(tx, inserted.run, True, *_started(tx, inserted.run))
@@ -1135,6 +1145,7 @@ class Journal:
                     pass  # changed since it was created: read as below
                 else:
                     tx.rows[run_id] = new
+                    self._unasked.add(run_id)
                     steps = [dict(s) for s in inserted.steps]
                     return {**new, **inserted.inputs}, steps, set(), False
             row = await self._run_row(tx, run_id)
