@@ -256,13 +256,15 @@ class Journal:
         cached: bool,
         changes: Mapping[str, Any],
         specs: Sequence[EventSpec],
+        step: tuple[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """A body's first write (`_on_run`): the run's compare-and-set, on version and owner
-        when the row came from the cache. Locking the run's row first keeps the order of the
-        control paths (run, then its steps), so no two transactions wait on each other."""
+        when the row came from the cache (with one step's changes, where the store writes
+        both in one statement). Locking the run's row first keeps the order of the control
+        paths (run, then its steps), so no two transactions wait on each other."""
         try:
             return await self.store.update_run(
-                tx, row, changes, specs, owner=self.owner if cached else None
+                tx, row, changes, specs, owner=self.owner if cached else None, step=step
             )
         except Conflict:
             if cached:
@@ -600,8 +602,7 @@ class Journal:
                 if variables:
                     run_changes["variables"] = {**(row["variables"] or {}), **variables}
             step.update(changes)  # as its events show it
-            await self._write_run(tx, row, cached, run_changes, specs)
-            await self._write_step(tx, run_id, step_id, changes)
+            await self._write_run(tx, row, cached, run_changes, specs, (step_id, changes))
             return Started(attempt, first, before, riding is not None)
 
         async def unit(tx: Tx) -> Started | None:
@@ -698,8 +699,11 @@ class Journal:
             run_changes: dict[str, Any] = {"steps_finished": row["steps_finished"] + len(specs)}
             if variables:
                 run_changes["variables"] = {**(row["variables"] or {}), **variables}
-            await self._write_run(tx, row, cached, run_changes, specs)
-            for step, changes in finishing:
+            first_step, *more = finishing
+            await self._write_run(
+                tx, row, cached, run_changes, specs, (first_step[0]["step_id"], first_step[1])
+            )
+            for step, changes in more:
                 await self._write_step(tx, run_id, step["step_id"], changes)
             return True
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -75,7 +75,9 @@ from orchestrator.server.store.statements import (
     SELECT_STEPS,
     SELECT_TENANT_RUN,
     bind,
+    update_run_and_step_statement,
     update_run_statement,
+    update_step_statement,
 )
 from orchestrator.server.store.webhooks import Subscriptions, stage_deliveries
 from orchestrator.server.store.writer import (
@@ -575,9 +577,11 @@ class RunStore:
         specs: Sequence[EventSpec],
         *,
         owner: str | None = None,
+        step: tuple[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Compare-and-set `changes` onto the run at the version `row` was read at (and, with
-        `owner`, only while that incarnation owns it), and append `specs` as its next events.
+        `owner`, only while that incarnation owns it), and append `specs` as its next events;
+        with `step` (its id and changes), write that step's changes too, after the run's.
         Raises Conflict, having written nothing, when another writer got there first."""
         status_changed = "status" in changes and changes["status"] != row["status"]
         new = dict(row)
@@ -589,9 +593,22 @@ class RunStore:
         params = bind({k: new[k] for k in keys}, run_id=row["run_id"], version=row["version"])
         if owner is not None:
             params["w_owner"] = owner
-        result = await tx.conn.execute(update_run_statement(keys, owner is not None), params)
+        together = step is not None and self.db.dialect.updates_run_with_step
+        if step is not None and together:
+            step_id, step_changes = step
+            params.update({f"s_{k}": v for k, v in step_changes.items()}, w_step_id=step_id)
+            statement = update_run_and_step_statement(keys, owner is not None, tuple(step_changes))
+        else:
+            statement = update_run_statement(keys, owner is not None)
+        result = await tx.conn.execute(statement, params)
         if result.rowcount != 1:
             raise Conflict(row["run_id"])
+        if step is not None and not together:
+            step_id, step_changes = step
+            await tx.conn.execute(
+                update_step_statement(tuple(step_changes)),
+                bind(step_changes, run_id=row["run_id"], step_id=step_id),
+            )
         tx.rows[row["run_id"]] = new
         if specs:
             await self._insert_events(

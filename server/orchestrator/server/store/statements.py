@@ -151,6 +151,25 @@ def update_run_statement(keys: tuple[str, ...], owned: bool = False) -> sa.Updat
     return _update(runs, ("run_id", "version", "owner") if owned else ("run_id", "version"), keys)
 
 
+@functools.cache
+def update_run_and_step_statement(
+    keys: tuple[str, ...], owned: bool, step_keys: tuple[str, ...]
+) -> sa.Update:
+    """`update_run_statement` and, only when its compare-and-set matched, one step's
+    `step_keys` (parameters w_step_id and s_<key>), in one statement (PostgreSQL: a
+    data-modifying CTE). The run's row is locked first, as everywhere."""
+    run = update_run_statement(keys, owned).returning(runs.c.run_id).cte("run_set")
+    return direct(
+        sa.update(steps)
+        .where(
+            steps.c.run_id == sa.bindparam("w_run_id"),
+            steps.c.step_id == sa.bindparam("w_step_id"),
+            sa.exists(sa.select(run.c.run_id)),
+        )
+        .values({k: sa.bindparam(f"s_{k}", type_=steps.c[k].type) for k in step_keys})
+    )
+
+
 def bind(changes: Mapping[str, Any], **where: Any) -> dict[str, Any]:
     """Parameters for the statements above."""
     params = {f"v_{k}": v for k, v in changes.items()}
