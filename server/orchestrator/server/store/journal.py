@@ -37,7 +37,7 @@ from orchestrator.server.store.records import (
     Transitioned,
     clean_text,
 )
-from orchestrator.server.store.runs import RunStore, not_found
+from orchestrator.server.store.runs import RunStore, not_found, started
 from orchestrator.server.store.schema import clarifications, replicas, runs, signals
 from orchestrator.server.store.statements import (
     INSERT_CLARIFICATION,
@@ -1130,13 +1130,21 @@ class Journal:
         key and wait for another's. In a group commit, units for runs of different keys in
         opposite orders could.
 
-        A run created here without a concurrency key opens from its `inserted` rows: its start
-        is a compare-and-set on the row as created, and nothing is read; when the run changed
-        since (cancelled, claimed), the unit reads it as any other."""
-        # SQLite's one writer never overlaps itself: there the group commit admits too.
-        admit_in_batch = self.store.db.dialect.single_replica
+        A run created here to run here opens from the rows its creating unit wrote
+        (`inserted`), nothing read: started by that unit already (PostgreSQL,
+        `starts_runs_in_create`), it needs no unit of its own; else its start is a
+        compare-and-set on the row as created. Either way a run changed since (cancelled,
+        claimed) misses a compare-and-set, is read then, and followed."""
+        self._unasked.discard(run_id)
         if inserted is not None and inserted.run["concurrency_key"]:
             inserted = None  # its admission reads the key's runs: the unit reads it all
+        if inserted is not None and inserted.run["status"] == RunStatus.RUNNING.value:
+            self._rows[run_id] = inserted.run
+            self._unasked.add(run_id)
+            steps = [dict(s) for s in inserted.steps]
+            return {**inserted.run, **inserted.inputs}, steps, set(), False
+        # SQLite's one writer never overlaps itself: there the group commit admits too.
+        admit_in_batch = self.store.db.dialect.single_replica
 
         async def unit(
             tx: Tx, admit: bool
@@ -1144,7 +1152,9 @@ class Journal:
             self._unasked.discard(run_id)
             if inserted is not None:
                 try:
-                    new = await self._write_run(tx, inserted.run, True, *_started(tx, inserted.run))
+                    new = await self._write_run(
+                        tx, inserted.run, True, *started(inserted.run, tx.now)
+                    )
                 except _Stale:
                     pass  # changed since it was created: read as below
                 else:
@@ -1181,7 +1191,7 @@ class Journal:
                         tx, row, {"waiting_reason": WAITING_FOR_KEY}, []
                     )
             elif row["status"] == RunStatus.PENDING.value:
-                row = await self.store.update_run(tx, row, *_started(tx, row))
+                row = await self.store.update_run(tx, row, *started(row, tx.now))
             tx.rows[run_id] = row  # as committed: kept for the run's next units
             return {**row, **run_inputs}, step_rows, approved, refused
 
@@ -1193,15 +1203,3 @@ class Journal:
             )
         assert opened is not None
         return opened
-
-
-def _started(tx: Tx, row: Mapping[str, Any]) -> tuple[dict[str, Any], list[EventSpec]]:
-    """A PENDING run's start: its changes and its event."""
-    target = next_status(RunStatus.PENDING, Action.START)
-    assert target is not None
-    changes = {
-        "status": target.value,
-        "started_at": row["started_at"] or tx.now,
-        "waiting_reason": "",
-    }
-    return changes, [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")]

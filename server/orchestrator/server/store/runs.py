@@ -426,8 +426,20 @@ class RunStore:
                 EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "dry run completed", steps=step_rows)
             ]
         row["last_sequence"] = len(specs)
+        created = row
+        if (
+            new.owner
+            and not new.dry_run
+            and not new.concurrency_key
+            and self.db.dialect.starts_runs_in_create
+        ):
+            # Run here at once: it starts in the unit creating it (its next event), and its
+            # task has nothing to write before its first step.
+            changes, started_specs = started(created, now)
+            row = {**created, **changes, "last_sequence": len(specs) + len(started_specs)}
         result = await tx.conn.execute(INSERT_RUN, row)
         row["pk"] = result.inserted_primary_key[0] if result.inserted_primary_key else None
+        created["pk"] = row["pk"]
         if step_rows:
             await tx.conn.execute(INSERT_STEPS, step_rows)
         if new.labels:
@@ -449,8 +461,13 @@ class RunStore:
                     created_at=now,
                 )
             )
-        await self._insert_events(tx, row, specs, first_sequence=1, status_changed=True)
-        execution = build_execution(row, step_rows, [])
+        await self._insert_events(tx, created, specs, first_sequence=1, status_changed=True)
+        if row is not created:
+            await self._insert_events(
+                tx, row, started_specs, first_sequence=len(specs) + 1, status_changed=True
+            )
+        # The run as created (its first event), as Execute has always answered.
+        execution = build_execution(created, step_rows, [])
         inserted = Inserted(
             run={k: v for k, v in row.items() if k not in RUN_INPUTS},
             inputs={k: row[k] for k in RUN_INPUTS},
@@ -944,6 +961,14 @@ class RunStore:
             except Conflict:
                 continue
         return await self.writer.run(unit, run_id)
+
+
+def started(row: Row, now: float) -> tuple[dict[str, Any], list[EventSpec]]:
+    """A PENDING run's start: its changes and its event."""
+    target = next_status(RunStatus.PENDING, Action.START)
+    assert target is not None
+    changes = {"status": target.value, "started_at": row["started_at"] or now, "waiting_reason": ""}
+    return changes, [EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, "run started")]
 
 
 def not_found(run_id: str) -> NotFound:
