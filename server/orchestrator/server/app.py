@@ -235,20 +235,19 @@ def on_cluster_message(hub: Hub, engine: Engine, subscriptions: Subscriptions) -
     def handle(notices: list[Notice]) -> None:
         hub.on_remote(notices)
         for notice in notices:
-            if notice.kind is NoticeKind.WEBHOOKS:
-                subscriptions.dropped(notice.tenant_id)
-            elif notice.kind is NoticeKind.RESYNC:
-                subscriptions.dropped()
             if notice.kind is NoticeKind.CONTROL:
                 engine.control(notice.run_id, RunStatus(notice.status))
             elif notice.kind is NoticeKind.ANSWER and notice.answer is not None:
                 engine.answered(notice.run_id, notice.clarification_id, notice.answer)
             elif notice.kind is NoticeKind.SIGNAL:
                 engine.signalled(notice.run_id, notice.signal_name)
+            elif notice.kind is NoticeKind.WEBHOOKS:
+                subscriptions.dropped(notice.tenant_id)
             elif notice.kind in (NoticeKind.CLAIM, NoticeKind.RESYNC):
                 engine.wake_claimer()
                 if notice.kind is NoticeKind.RESYNC:
                     engine.signalled("", None)
+                    subscriptions.dropped()
             if notice.kind is NoticeKind.CHANGE and notice.status_changed:
                 engine.tenant_changed(notice.tenant_id)
             elif notice.kind is NoticeKind.RESYNC:

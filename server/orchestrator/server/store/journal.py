@@ -1115,6 +1115,14 @@ class Journal:
 
         return await self._durably(unit, run_id)
 
+    def _opened(
+        self, run_id: str, row: dict[str, Any], inserted: Inserted
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool]:
+        """`open`'s answer for a run opened from its inserted rows: no approval answered, and
+        nobody asked anything yet."""
+        self._unasked.add(run_id)
+        return {**row, **inserted.inputs}, [dict(s) for s in inserted.steps], set(), False
+
     async def open(
         self, run_id: str, inserted: Inserted | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool]:
@@ -1140,9 +1148,7 @@ class Journal:
             inserted = None  # its admission reads the key's runs: the unit reads it all
         if inserted is not None and inserted.run["status"] == RunStatus.RUNNING.value:
             self._rows[run_id] = inserted.run
-            self._unasked.add(run_id)
-            steps = [dict(s) for s in inserted.steps]
-            return {**inserted.run, **inserted.inputs}, steps, set(), False
+            return self._opened(run_id, inserted.run, inserted)
         # SQLite's one writer never overlaps itself: there the group commit admits too.
         admit_in_batch = self.store.db.dialect.single_replica
 
@@ -1159,9 +1165,7 @@ class Journal:
                     pass  # changed since it was created: read as below
                 else:
                     tx.rows[run_id] = new
-                    self._unasked.add(run_id)
-                    steps = [dict(s) for s in inserted.steps]
-                    return {**new, **inserted.inputs}, steps, set(), False
+                    return self._opened(run_id, new, inserted)
             row = await self._run_row(tx, run_id)
             if row is None:
                 raise not_found(run_id)
