@@ -37,7 +37,7 @@ from orchestrator.server.store.records import (
     Transitioned,
     clean_text,
 )
-from orchestrator.server.store.runs import RunStore, not_found, started
+from orchestrator.server.store.runs import RunStore, not_found, started, write_step
 from orchestrator.server.store.schema import clarifications, replicas, runs, signals
 from orchestrator.server.store.statements import (
     INSERT_CLARIFICATION,
@@ -54,7 +54,6 @@ from orchestrator.server.store.statements import (
     WITHDRAW_CLARIFICATIONS,
     bind,
     one_of,
-    update_step_statement,
 )
 from orchestrator.server.store.writer import T, Tx, Unit
 from orchestrator.v1 import orchestrator_pb2 as pb
@@ -521,16 +520,9 @@ class Journal:
     async def _set_step(
         self, tx: Tx, run_id: str, step: dict[str, Any], changes: Mapping[str, Any]
     ) -> dict[str, Any]:
-        await self._write_step(tx, run_id, step["step_id"], changes)
+        await write_step(tx, run_id, step["step_id"], changes)
         step.update(changes)
         return step
-
-    @staticmethod
-    async def _write_step(tx: Tx, run_id: str, step_id: str, changes: Mapping[str, Any]) -> None:
-        """A step's `changes` written (its dict, already updated, showed them in the events)."""
-        await tx.conn.execute(
-            update_step_statement(tuple(changes)), bind(changes, run_id=run_id, step_id=step_id)
-        )
 
     def start_step(
         self,
@@ -704,7 +696,7 @@ class Journal:
                 tx, row, cached, run_changes, specs, (first_step[0]["step_id"], first_step[1])
             )
             for step, changes in more:
-                await self._write_step(tx, run_id, step["step_id"], changes)
+                await write_step(tx, run_id, step["step_id"], changes)
             return True
 
         return await self._durably(lambda tx: self._on_run(tx, run_id, body), run_id)
@@ -772,7 +764,7 @@ class Journal:
                 ],
             )
             for step, changes in closing:
-                await self._write_step(tx, run_id, step["step_id"], changes)
+                await write_step(tx, run_id, step["step_id"], changes)
             if run_id not in self._unasked:
                 await tx.conn.execute(
                     WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
@@ -1143,7 +1135,6 @@ class Journal:
         `starts_runs_in_create`), it needs no unit of its own; else its start is a
         compare-and-set on the row as created. Either way a run changed since (cancelled,
         claimed) misses a compare-and-set, is read then, and followed."""
-        self._unasked.discard(run_id)
         if inserted is not None and inserted.run["concurrency_key"]:
             inserted = None  # its admission reads the key's runs: the unit reads it all
         if inserted is not None and inserted.run["status"] == RunStatus.RUNNING.value:

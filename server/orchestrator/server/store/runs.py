@@ -610,22 +610,17 @@ class RunStore:
         params = bind({k: new[k] for k in keys}, run_id=row["run_id"], version=row["version"])
         if owner is not None:
             params["w_owner"] = owner
-        together = step is not None and self.db.dialect.updates_run_with_step
-        if step is not None and together:
+        statement = update_run_statement(keys, owner is not None)
+        if step is not None and self.db.dialect.updates_run_with_step:
             step_id, step_changes = step
             params.update({f"s_{k}": v for k, v in step_changes.items()}, w_step_id=step_id)
             statement = update_run_and_step_statement(keys, owner is not None, tuple(step_changes))
-        else:
-            statement = update_run_statement(keys, owner is not None)
+            step = None  # written with the run
         result = await tx.conn.execute(statement, params)
         if result.rowcount != 1:
             raise Conflict(row["run_id"])
-        if step is not None and not together:
-            step_id, step_changes = step
-            await tx.conn.execute(
-                update_step_statement(tuple(step_changes)),
-                bind(step_changes, run_id=row["run_id"], step_id=step_id),
-            )
+        if step is not None:
+            await write_step(tx, row["run_id"], *step)
         tx.rows[row["run_id"]] = new
         if specs:
             await self._insert_events(
@@ -961,6 +956,13 @@ class RunStore:
             except Conflict:
                 continue
         return await self.writer.run(unit, run_id)
+
+
+async def write_step(tx: Tx, run_id: str, step_id: str, changes: Mapping[str, Any]) -> None:
+    """A step's `changes` written (its dict, already updated, showed them in the events)."""
+    await tx.conn.execute(
+        update_step_statement(tuple(changes)), bind(changes, run_id=run_id, step_id=step_id)
+    )
 
 
 def started(row: Row, now: float) -> tuple[dict[str, Any], list[EventSpec]]:
