@@ -139,7 +139,8 @@ async def test_metrics_move_after_a_run(traced: Server) -> None:
     assert "python_gc_collections_total" in text and "python_info" in text
     # The store's writer: every commit timed and sized; nothing waiting now; the store is up.
     commits = value("orchestrator_store_commit_seconds_count")
-    assert commits >= 3  # Execute, the step, the end of the run (at least)
+    # Execute, then the instant step and the end of the run in one write (at least).
+    assert commits >= 2
     assert value("orchestrator_store_commit_units_count") == commits
     assert value("orchestrator_store_commit_units_sum") >= commits
     assert value("orchestrator_store_writer_queue_depth") == 0

@@ -38,8 +38,10 @@ from orchestrator.server.plan import (
 from orchestrator.server.sandbox import Sandbox
 from orchestrator.server.security import TenantPolicy
 from orchestrator.server.store.journal import (
+    Ending,
     Journal,
     LeaseLost,
+    Link,
     Outcome,
     Parking,
     Started,
@@ -112,6 +114,12 @@ class Attempt:
     recorded: bool = False
     retry_error: str = ""
     again: bool = False
+
+
+class _Dropped(Exception):
+    """The store refused the held links (`RunTask._write_held`): the run no longer takes
+    them. The task's copy is back to what the store has; the step task ends and the
+    scheduling loop goes on from there."""
 
 
 class StepFailed(Exception):
@@ -484,6 +492,12 @@ class RunTask:
         # one does (or the run is paused with nothing in flight), the run is parked.
         self.idle: dict[str, Idle] = {}
         self.gone = False  # parked: the task ends without writing anything more
+        # Instant steps made but not yet written, in order (`_attempt`): written in one unit,
+        # with the run's end when they end it, before anything else is written or started.
+        # Held only while one step task runs, so nothing else sees their outcomes.
+        self.held: list[Link] = []
+        self.held_vars: dict[str, JSON] | None = None  # the run's variables before them
+        self.ended = False  # the held links' unit ended the run
 
     # ------------------------------------------------------------ notifications
 
@@ -663,7 +677,7 @@ class RunTask:
         timed_out = False
         while True:
             self.wake.clear()
-            if self.cancelled:
+            if self.cancelled or self.ended:
                 return
             if self.lost:
                 raise LeaseLost(self.run_id)
@@ -677,6 +691,7 @@ class RunTask:
             if (
                 self.fatal is None
                 and not self.paused
+                and not self.held
                 and "" not in self.inflight
                 and (not self.plan.plan.security_context.requires_approval or "" in self.approved)
             ):
@@ -795,6 +810,7 @@ class RunTask:
 
     async def _sleep(self, step_id: str, until: float) -> None:
         """A timer (a back-off, core.wait): the step waits until `until`, holding nothing."""
+        await self._write_held()
         remaining = until - time.time()
         if remaining > 0:
             with self._waiting(step_id, Idle(until=until)):
@@ -892,6 +908,7 @@ class RunTask:
         self, outcomes: list[Outcome], variables: Mapping[str, JSON] | None = None
     ) -> None:
         outcomes, variables = self._redacted(outcomes, variables)
+        await self._write_held()
         await self.journal.steps_finished(self.run_id, outcomes, variables=variables)
         self._apply(outcomes)
 
@@ -908,20 +925,35 @@ class RunTask:
     async def _steps(self, current: list[str]) -> None:
         """Run the step `current[0]`, then, while what it unblocked can start at once, the
         first of those in this same task (the others in tasks of their own): a sequential
-        flow costs no task and no pass of the run's scheduling loop per step."""
-        while True:
-            step_id = current[0]
-            await self._step(step_id)
-            following = self._following(step_id)
-            if following is None:
-                return
-            task = self.inflight.pop(step_id)
-            self.inflight[following] = task
-            current[0] = following
+        flow costs no task and no pass of the run's scheduling loop per step. Instant steps
+        it makes one after another are held and written together (`_attempt`): before
+        another task could see them, and with the run's end when the last of them ends it."""
+        try:
+            while True:
+                step_id = current[0]
+                await self._step(step_id)
+                ready = self._next_ready(step_id)
+                if self.held and (len(ready) != 1 or len(self.inflight) != 1):
+                    await self._write_held(None if ready else self._ending_here())
+                    ready = self._next_ready(step_id)  # as things are after the write
+                if not ready:
+                    return
+                for other in ready[1:]:
+                    self._launch(other)
+                task = self.inflight.pop(step_id)
+                self.inflight[ready[0]] = task
+                current[0] = ready[0]
+        except _Dropped:
+            return
+        except LeaseLost:
+            self.lost = True
+        finally:
+            if self.held:  # cancelled: the run's task is ending, its held links with it
+                self._unmake(self.held)
 
-    def _following(self, step_id: str) -> str | None:
-        """After `step_id` completed: the step this task goes on with, if the scheduling loop
-        would start steps now (the others ready are launched); None leaves it to the loop."""
+    def _next_ready(self, step_id: str) -> list[str]:
+        """After `step_id` completed: the steps ready now, if the scheduling loop would start
+        steps now; else none (the loop decides)."""
         if (
             self.status[step_id] is not StepStatus.COMPLETED
             or self.cancelled
@@ -933,17 +965,74 @@ class RunTask:
             or "" in self.inflight
             or (self.plan.plan.security_context.requires_approval and "" not in self.approved)
         ):
-            return None
+            return []
         task = self.inflight.pop(step_id)
         try:
-            ready = self._ready()  # counted without this step, which is done
+            return self._ready()  # counted without this step, which is done
         finally:
             self.inflight[step_id] = task
-        if not ready:
+
+    def _may_hold(self, step_id: str, tool: Tool) -> bool:
+        """Whether an instant step's attempt may be held (not written yet): the only task in
+        flight runs it, its row is the one read (not written since), and nothing stops the
+        run taking steps."""
+        return (
+            tool.instant
+            and step_id not in self.touched
+            and len(self.inflight) == 1
+            and step_id in self.inflight
+            and not (self.paused or self.cancelled or self.lost or self.engine.closing)
+        )
+
+    def _ending_here(self) -> Ending | None:
+        """The run's end, when the step task's last step ends the run: nothing else in flight
+        or pending, nothing failed (no compensation to run), time left."""
+        if (
+            len(self.inflight) != 1
+            or self.fatal is not None
+            or self.failed_flows
+            or self.paused
+            or self.cancelled
+            or self.lost
+            or self.engine.closing
+            or self._pending_normal()
+            or time.time() >= self.deadline
+        ):
             return None
-        for other in ready[1:]:
-            self._launch(other)
-        return ready[0]
+        return Ending(Action.COMPLETE)
+
+    async def _write_held(self, ending: Ending | None = None) -> None:
+        """Write the held links in one unit (with `ending`, the run's end too); raise
+        _Dropped, the task's copy undone, when the store does not take them."""
+        if not self.held:
+            return
+        links = self.held
+        try:
+            chained = await self.journal.chain(self.run_id, links, ending)
+        except BaseException:
+            self._unmake(links)
+            raise
+        if chained is None:
+            self._unmake(links)
+            raise _Dropped
+        self.held, self.held_vars = [], None
+        for link in links:
+            self.touched.add(link.step_id)
+            row = self.rows[link.step_id]
+            row["attempts"] = link.attempt
+            row["first_started_at"] = chained.first_started_at[link.step_id]
+        self.ended = chained.ended
+
+    def _unmake(self, links: list[Link]) -> None:
+        """Held links the store will not have: the task's copy as the store has it, and
+        their next attempt reads their rows."""
+        for link in links:
+            self.status[link.step_id] = StepStatus(link.known["status"])
+            self.outputs.pop(link.step_id, None)
+            self.touched.add(link.step_id)
+        if self.held_vars is not None:
+            self.vars = self.held_vars
+        self.held, self.held_vars = [], None
 
     async def _step(self, step_id: str) -> None:
         info = self.plan.steps[step_id]
@@ -953,7 +1042,7 @@ class RunTask:
             self._failed(step_id, info, str(failed), failed.reason)
         except LeaseLost:
             self.lost = True
-        except (asyncio.CancelledError, *STORE_OUTAGES):
+        except (asyncio.CancelledError, _Dropped, *STORE_OUTAGES):
             raise  # an outage is never the step's failure: the run task deals with it
         except Exception as exc:  # a bug in a tool or in us: fail the step, not the process
             self.log.exception("engine.step_crashed", step_id=step_id)
@@ -1057,6 +1146,7 @@ class RunTask:
     async def _ask(
         self, step_id: str, category: str, prompt: str, options: list[str], argument_name: str
     ) -> Answer:
+        await self._write_held()
         self.touched.add(step_id)
         clarification_id = await self.journal.request_clarification(
             self.run_id,
@@ -1081,6 +1171,7 @@ class RunTask:
     async def _wait_resumed(self, step_id: str) -> None:
         if not self.paused or self.cancelled:
             return
+        await self._write_held()
         with self._waiting(step_id, Idle()):
             while self.paused and not self.cancelled:
                 self.wake.clear()
@@ -1186,6 +1277,9 @@ class RunTask:
         (paused or cancelled before the start committed). An instant tool is called first, and
         its start is queued with its outcome: one write for the whole attempt."""
         row = self.rows[step_id]
+        if self._may_hold(step_id, tool):
+            return await self._held_attempt(step_id, tool, params, limit, carried, retry)
+        await self._write_held()
         known = None if step_id in self.touched else row
         # An instant tool's start is queued once its outcome can go with it: one write, even
         # when the writer is idle and would have taken the start alone at once.
@@ -1226,6 +1320,51 @@ class RunTask:
             return attempt
         finally:
             self.starting.discard(step_id)
+
+    async def _held_attempt(
+        self,
+        step_id: str,
+        tool: Tool,
+        params: JSON,
+        limit: float | None,
+        carried: float | None,
+        retry: Retry,
+    ) -> Attempt:
+        """An instant step's attempt, made before anything of it is written: a completed one
+        is held (`_may_hold`), to be written with the instant steps made after it; anything
+        else (a failure, a retry to come, a run that stopped taking steps meanwhile) is
+        written at once with the links held before it. Raises _Dropped when the store no
+        longer takes them."""
+        row = self.rows[step_id]
+        at = time.time()
+        expected = Started(
+            row["attempts"] + 1, row["first_started_at"] or at, int(row["attempts_before"] or 0)
+        )
+        attempt = await self._invoke(step_id, tool, params, limit, carried, retry, expected)
+        outcomes, variables = self._redacted(
+            [attempt.outcome] if attempt.outcome is not None else [], attempt.variables
+        )
+        outcome = outcomes[0] if outcomes else None
+        if not self.held:
+            self.held_vars = self.vars
+        link = Link(step_id, dict(row), expected.attempt, at, outcome, time.time(), variables)
+        self.held.append(link)
+        completed = outcome is not None and outcome.status is StepStatus.COMPLETED
+        if completed and self._may_hold(step_id, tool):
+            attempt.recorded = True
+            return attempt
+        await self._write_held()
+        attempt.started = Started(
+            expected.attempt,
+            row["first_started_at"],
+            expected.attempts_before,
+            finished=outcome is not None,
+        )
+        if outcome is None:
+            self.status[step_id] = StepStatus.RUNNING  # a retry follows
+        else:
+            attempt.outcome, attempt.recorded = outcome, True
+        return attempt
 
     async def _committed(self, step_id: str, start: StepStart) -> Started | None:
         """The step's start once committed; the task's copy of the step follows it."""

@@ -4,6 +4,9 @@ updates the run (compare-and-set) and the step and appends the event, in one tra
 A unit that finds the run no longer accepts the change (cancelled, paused before a start)
 writes nothing and says so; the engine then follows the store, never the other way round.
 
+Instant steps made one after another by a run's task are one unit (`chain`): their starts
+and outcomes and, when they end the run, its end.
+
 The hot units (a step's start, its outcome, the run's end) do not read the run's row: the
 journal keeps the row as this process last committed it, for each run it executes, and the
 unit's compare-and-set on (version, owner) is what checks it is still the store's. When it is
@@ -108,6 +111,37 @@ class Taken:
 
 
 Riding = tuple[Outcome, Mapping[str, JSON] | None]
+
+
+@dataclass(frozen=True)
+class Link:
+    """An instant step's attempt, made and finished before anything of it was written: one
+    link of a chain (`Journal.chain`)."""
+
+    step_id: str
+    known: Mapping[str, Any]  # the step's row as the store has it (read, not written since)
+    attempt: int
+    at: float  # the attempt's start (its started_at)
+    outcome: Outcome | None  # None: the attempt failed and another follows (only started)
+    finished_at: float  # when the tool returned (its completed_at; the next link starts after)
+    variables: Mapping[str, JSON] | None = None
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run ends: COMPLETE or FAIL, with its message."""
+
+    action: Action
+    error_message: str = ""
+    error_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Chained:
+    """A chain committed: each link's first start (by step id), and whether the run ended."""
+
+    first_started_at: dict[str, float]
+    ended: bool
 
 
 class StepStart:
@@ -706,70 +740,186 @@ class Journal:
     ) -> bool:
         """COMPLETE or FAIL the run; steps never reached are SKIPPED (or CANCELLED when the run
         failed while they ran). False when the run was already finished (e.g. cancelled)."""
+        ending = Ending(action, error_message, error_reason)
 
         async def body(tx: Tx, row: dict[str, Any] | None, cached: bool) -> bool:
             target = None if row is None else next_status(RunStatus(row["status"]), action)
             if row is None or target is None:
                 self._unsure(cached)
                 return False
-            if cached and row["steps_finished"] == row["steps_total"]:
-                # Every step's end was committed here, on this row (the compare-and-set
-                # below checks it is still the store's): none is open.
-                open_steps: list[dict[str, Any]] = []
-            else:
-                query = await tx.conn.execute(SELECT_OPEN_STEPS, {"w_run_id": run_id})
-                open_steps = [dict(r) for r in query.mappings()]
-            step_specs: list[EventSpec] = []
-            closing: list[tuple[dict[str, Any], dict[str, Any]]] = []
-            for step in open_steps:
-                running = step["status"] != StepStatus.PENDING.value
+            changes, specs, closing = await self._ending(tx, row, cached, ending)
+            await self._write_run(tx, row, cached, changes, specs)
+            await self._ended(tx, run_id, closing)
+            return True
+
+        return await self._durably(lambda tx: self._on_run(tx, run_id, body), run_id)
+
+    async def _ending(
+        self,
+        tx: Tx,
+        row: Mapping[str, Any],
+        cached: bool,
+        ending: Ending,
+        ending_now: Sequence[str] = (),
+    ) -> tuple[dict[str, Any], list[EventSpec], list[tuple[dict[str, Any], dict[str, Any]]]]:
+        """The run's end from `row` (its status allows it): the run's changes, the events
+        (the open steps' first, then the run's) and the open steps' changes. `ending_now`:
+        steps this unit finishes (still open in the store until it writes them)."""
+        target = next_status(RunStatus(row["status"]), ending.action)
+        assert target is not None
+        if cached and row["steps_finished"] == row["steps_total"]:
+            # Every step's end was committed here, on this row (the compare-and-set that
+            # writes the end checks it is still the store's): none is open.
+            open_steps: list[dict[str, Any]] = []
+        else:
+            query = await tx.conn.execute(SELECT_OPEN_STEPS, {"w_run_id": row["run_id"]})
+            open_steps = [dict(r) for r in query.mappings() if r["step_id"] not in ending_now]
+        step_specs: list[EventSpec] = []
+        closing: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for step in open_steps:
+            running = step["status"] != StepStatus.PENDING.value
+            changes: dict[str, Any] = {
+                "status": (StepStatus.CANCELLED if running else StepStatus.SKIPPED).value,
+                "completed_at": tx.now,
+                "error": step["error"]
+                or ("cancelled: the run failed" if running else "not reached"),
+                "error_reason": "CANCELLED" if running else "NOT_REACHED",
+                "wake_at": None,
+            }
+            step.update(changes)  # as its event shows it
+            closing.append((step, changes))
+            # Every step change has its event (DESIGN §5), before the run's own.
+            status = StepStatus(step["status"])
+            step_specs.append(
+                EventSpec(
+                    STEP_EVENT[status],
+                    f"step {step['step_id']} {status.value.lower()}: {step['error']}",
+                    step["step_id"],
+                    [step],
+                )
+            )
+        message = f"run {target.value.lower()}" + (
+            f": {ending.error_message}" if ending.error_message else ""
+        )
+        changes = {
+            "status": target.value,
+            "completed_at": tx.now,
+            "steps_finished": row["steps_total"],
+            "error_message": clean_text(ending.error_message),
+            "error_reason": ending.error_reason,
+            "started_at": row["started_at"] or tx.now,
+        }
+        specs = [
+            *step_specs,
+            EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=open_steps),
+        ]
+        return changes, specs, closing
+
+    async def _ended(
+        self, tx: Tx, run_id: str, closing: list[tuple[dict[str, Any], dict[str, Any]]]
+    ) -> None:
+        """After the run's end is written: its open steps', and its open questions withdrawn."""
+        for step, changes in closing:
+            await write_step(tx, run_id, step["step_id"], changes)
+        if run_id not in self._unasked:
+            await tx.conn.execute(
+                WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
+            )
+
+    async def chain(
+        self, run_id: str, links: Sequence[Link], ending: Ending | None = None
+    ) -> Chained | None:
+        """Instant steps made one after another in memory, each on the outputs of those
+        before it, written in one unit: each link's start and outcome (its two events, in
+        order, each showing the run as that link left it), then, with `ending`, the run's
+        end. All or nothing: None, having written nothing, when the run no longer takes
+        them (paused, cancelled) or a step is not as its link expects; the engine then makes
+        them again from the store's state. Nothing outside the process saw a link before
+        this commits, and an instant tool has no effect outside it, so a crash before the
+        commit loses nothing a caller could tell (Temporal's local activities, recorded
+        with the workflow task that ran them, make the same trade)."""
+        calls = 0
+
+        async def body(tx: Tx, row: dict[str, Any] | None, cached: bool) -> Chained | None:
+            nonlocal calls
+            calls += 1
+            if row is None or row["status"] != RunStatus.RUNNING.value:
+                self._unsure(cached)
+                return None
+            steps: list[dict[str, Any]] = []
+            for link in links:
+                # Tried again, the unit may have committed already: only the store can say.
+                if calls == 1:
+                    step = dict(link.known)
+                else:
+                    step = await self._step_row(tx, run_id, link.step_id)
+                if (step["attempts"], step["started_at"]) == (link.attempt, link.at):
+                    # Ours, committed once already (the store cut off between committing and
+                    # saying so): the whole chain is, and the run's end with it, if it had one.
+                    return Chained(
+                        {k.step_id: k.known["first_started_at"] or k.at for k in links},
+                        ending is not None,
+                    )
+                open_step = step["status"] in (StepStatus.PENDING.value, StepStatus.RUNNING.value)
+                if not open_step or step["attempts"] + 1 != link.attempt:
+                    self._unsure(cached)
+                    return None
+                steps.append(step)
+            shown = dict(row)
+            shown["updated_at"] = tx.now
+            run_changes: dict[str, Any] = {}
+            specs: list[EventSpec] = []
+            writes: list[tuple[str, dict[str, Any]]] = []
+            firsts: dict[str, float] = {}
+            for link, step in zip(links, steps, strict=True):
+                first = step["first_started_at"] or link.at
+                firsts[link.step_id] = first
                 changes: dict[str, Any] = {
-                    "status": (StepStatus.CANCELLED if running else StepStatus.SKIPPED).value,
-                    "completed_at": tx.now,
-                    "error": step["error"]
-                    or ("cancelled: the run failed" if running else "not reached"),
-                    "error_reason": "CANCELLED" if running else "NOT_REACHED",
+                    "status": StepStatus.RUNNING.value,
+                    "attempts": link.attempt,
+                    "started_at": link.at,
+                    "first_started_at": first,
                     "wake_at": None,
                 }
-                step.update(changes)  # as its event shows it
-                closing.append((step, changes))
-                # Every step change has its event (DESIGN §5), before the run's own.
-                status = StepStatus(step["status"])
-                step_specs.append(
+                started_step = {**step, **changes}
+                link_changes: dict[str, Any] = {
+                    "current_step": link.step_id,
+                    "started_at": shown["started_at"] or tx.now,
+                }
+                if link.outcome is not None:
+                    changes.update(self._finish_changes(tx, link.outcome))
+                    changes["completed_at"] = link.finished_at
+                    link_changes["steps_finished"] = shown["steps_finished"] + 1
+                step.update(changes)
+                if link.variables:
+                    link_changes["variables"] = {**(shown["variables"] or {}), **link.variables}
+                shown = {**shown, **link_changes}
+                run_changes.update(link_changes)
+                message = f"step {link.step_id} attempt {link.attempt} started"
+                specs.append(
                     EventSpec(
-                        STEP_EVENT[status],
-                        f"step {step['step_id']} {status.value.lower()}: {step['error']}",
-                        step["step_id"],
-                        [step],
+                        pb.EVENT_TYPE_STEP_STARTED, message, link.step_id, [started_step], shown
                     )
                 )
-            message = f"run {target.value.lower()}" + (
-                f": {error_message}" if error_message else ""
-            )
-            await self._write_run(
-                tx,
-                row,
-                cached,
-                {
-                    "status": target.value,
-                    "completed_at": tx.now,
-                    "steps_finished": row["steps_total"],
-                    "error_message": clean_text(error_message),
-                    "error_reason": error_reason,
-                    "started_at": row["started_at"] or tx.now,
-                },
-                [
-                    *step_specs,
-                    EventSpec(pb.EVENT_TYPE_RUN_STATUS_CHANGED, message, steps=open_steps),
-                ],
-            )
-            for step, changes in closing:
-                await write_step(tx, run_id, step["step_id"], changes)
-            if run_id not in self._unasked:
-                await tx.conn.execute(
-                    WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
+                if link.outcome is not None:
+                    finish = self._finish_spec(link.outcome, step)
+                    specs.append(
+                        EventSpec(finish.type, finish.message, link.step_id, finish.steps, shown)
+                    )
+                writes.append((link.step_id, changes))
+            closing: list[tuple[dict[str, Any], dict[str, Any]]] = []
+            if ending is not None:
+                end_changes, end_specs, closing = await self._ending(
+                    tx, shown, cached, ending, [link.step_id for link in links]
                 )
-            return True
+                run_changes.update(end_changes)
+                specs.extend(end_specs)  # these show the row as written
+            await self._write_run(tx, row, cached, run_changes, specs, writes[0])
+            for step_id, changes in writes[1:]:
+                await write_step(tx, run_id, step_id, changes)
+            if ending is not None:
+                await self._ended(tx, run_id, closing)
+            return Chained(firsts, ending is not None)
 
         return await self._durably(lambda tx: self._on_run(tx, run_id, body), run_id)
 

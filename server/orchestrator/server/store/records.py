@@ -129,12 +129,15 @@ class RunFilter:
 
 @dataclass
 class EventSpec:
-    """An event to append: its type, step, message and the steps its delta carries."""
+    """An event to append: its type, step, message and the steps its delta carries; `run`,
+    the run as the event shows it when that is not the row the unit writes (an earlier
+    change of the same unit: `Journal.chain`)."""
 
     type: pb.EventType.ValueType
     message: str
     step_id: str = ""
     steps: Sequence[Row] = field(default_factory=list)
+    run: Row | None = None
 
 
 @dataclass(frozen=True)

@@ -522,13 +522,18 @@ class RunStore:
         status_changed: bool,
     ) -> None:
         values = []
-        # The run-level part is the same in every event of the unit: built once.
-        run_part = partial_execution(row) if len(specs) > 1 else None
+        # The run-level part is the same in every event of the unit that shows the same run:
+        # built once for each.
+        run_parts: dict[int, pb.Execution] = {}
         for offset, spec in enumerate(specs):
             sequence = first_sequence + offset
-            if run_part is None:
-                execution = partial_execution(row, spec.steps)
+            shown = row if spec.run is None else spec.run
+            if len(specs) == 1:
+                execution = partial_execution(shown, spec.steps)
             else:
+                run_part = run_parts.get(id(shown))
+                if run_part is None:
+                    run_part = run_parts[id(shown)] = partial_execution(shown)
                 execution = pb.Execution()
                 execution.CopyFrom(run_part)
                 execution.steps.extend(step_message(step) for step in spec.steps)
@@ -550,7 +555,7 @@ class RunStore:
                     "type": pb.EventType.Name(spec.type),
                     "status_changed": status_changed
                     and spec.type == pb.EVENT_TYPE_RUN_STATUS_CHANGED,
-                    "status": row["status"],
+                    "status": shown["status"],
                     "created_at": tx.now,
                     "payload": event.SerializeToString(),
                 }

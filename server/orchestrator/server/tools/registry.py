@@ -59,10 +59,11 @@ class Tool:
     # core.wait_for_signal: `call` checks the parameters; the engine waits for the signal.
     waits_for_signal: bool = False
     # The call returns without waiting on anything and touches nothing outside this process
-    # (core.echo, core.set, core.fail): the engine calls it while its start is on its way to
-    # the store, and its outcome is committed with the start, in one write. A tool that
-    # reaches out is called only once its start is committed: a pause committed meanwhile
-    # keeps it from being called at all.
+    # (core.echo, core.set, core.fail): the engine calls it before its start is written, and
+    # its outcome is committed with the start, in one write, together with the instant steps
+    # made right after it on its output (`Journal.chain`): a crash before that commit loses
+    # nothing anyone saw, and the call is made again. A tool that reaches out is called only
+    # once its start is committed: a pause committed meanwhile keeps it from being called.
     instant: bool = False
     # core.wait: when the call's deadline is (it raises ToolError for bad parameters). The
     # engine waits until then as a wait it may park the run on.
