@@ -327,14 +327,13 @@ class Watcher:
                 )
         else:
             position = 0
+        read_after = self.store.status_events(tenant_id, flt, STATUS_PAGE)
         with self.hub.tenant(tenant_id) as wake:
             if not after_cursor:
                 position = await self.store.last_event_id(tenant_id)
             while True:
                 wake.clear()
-                rows = await self._patiently(
-                    partial(self.store.read_status_events, tenant_id, position, flt, STATUS_PAGE)
-                )
+                rows = await self._patiently(partial(read_after, position))
                 for event_id, data in rows:
                     position = event_id
                     yield tenant_frame(self._cursor(tenant_id, event_id), data)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import secrets
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -247,24 +248,32 @@ class RunStore:
 
         return await self.db.read(read)
 
-    async def read_status_events(
-        self, tenant_id: str, after_id: int, flt: RunFilter, limit: int = 500
-    ) -> list[tuple[int, bytes]]:
-        """The tenant's run status changes after global event id `after_id`, in commit order."""
+    def status_events(
+        self, tenant_id: str, flt: RunFilter, limit: int = 500
+    ) -> Callable[[int], Awaitable[list[tuple[int, bytes]]]]:
+        """A reader of the tenant's run status changes after a global event id, in commit
+        order: its statement built once, for the many reads of one WatchExecutions stream
+        (built for each read, it cost about as much as the rest of the read)."""
         query = sa.select(events.c.id, events.c.payload).where(
             events.c.tenant_id == tenant_id,
             events.c.status_changed == sa.true(),
-            events.c.id > after_id,
+            events.c.id > sa.bindparam("w_after_id"),
         )
-        if flt.needs_run:
+        # The statuses are the event's own (the status each change led to): only the rest
+        # of a filter reads the run.
+        if replace(flt, statuses=[]).needs_run:
             query = query.join(runs, runs.c.run_id == events.c.run_id)
-            query = _apply_filter(query, flt, tenant_id=tenant_id, status_from_event=True)
+        query = _apply_filter(query, flt, tenant_id=tenant_id, status_from_event=True)
         query = query.order_by(events.c.id).limit(limit)
 
-        async def read(conn: Any) -> list[tuple[int, bytes]]:
-            return [(r.id, r.payload) for r in (await conn.execute(query)).all()]
+        async def read_after(after_id: int) -> list[tuple[int, bytes]]:
+            async def read(conn: Any) -> list[tuple[int, bytes]]:
+                rows = await conn.execute(query, {"w_after_id": after_id})
+                return [(r.id, r.payload) for r in rows.all()]
 
-        return await self.db.read(read)
+            return await self.db.read(read)
+
+        return read_after
 
     async def last_event_id(self, tenant_id: str) -> int:
         """The id of the tenant's newest status event (a WatchExecutions start point; the
