@@ -63,8 +63,8 @@ async def test_instant_steps_and_the_runs_end_are_one_write_and_each_event_shows
             # Each step's output was made from the one before it, held, not yet written.
             results = json_format.MessageToDict(execution.results)
             assert results["c"]["k"] == results["a"]["n"] == 1
-            # Its creation, (on SQLite) its start, then every step and its end at once.
-            assert units == (2 if srv.db.dialect.starts_runs_in_create else 3)
+            # Its creation (which starts it), then every step and its end at once.
+            assert units == 2
             events = await events_of(stub, tenant, reply.run_id)
         assert [e.sequence for e in events] == list(range(2, 2 + len(events)))
         steps = [e for e in events if e.step_id]

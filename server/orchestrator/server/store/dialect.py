@@ -83,10 +83,6 @@ class Dialect:
     # A run's compare-and-set and its step's update go in one statement (a data-modifying
     # CTE): one round trip instead of two.
     updates_run_with_step: ClassVar[bool] = False
-    # A run created to run here starts in the unit creating it, not in a unit of its own when
-    # its task opens it: on PostgreSQL a unit fewer on a lane (+3 to +11% end to end,
-    # measured); on SQLite it measured 6-10% slower (the open unit's batches are the cheaper).
-    starts_runs_in_create: ClassVar[bool] = False
 
     def engines(self, url: sa.URL, stall_seconds: float = 0.0, client_name: str = "") -> Engines:
         """The engines; a write transaction left idle `stall_seconds` is ended (0: never);
@@ -172,7 +168,6 @@ class PostgresDialect(Dialect):
     select_run_for_write = SELECT_RUN_LOCKED
     select_tenant_run_for_write = SELECT_TENANT_RUN_LOCKED
     updates_run_with_step = True
-    starts_runs_in_create = True
 
     def engines(self, url: sa.URL, stall_seconds: float = 0.0, client_name: str = "") -> Engines:
         # pg_stat_activity (and anything reading application_name) tells the replicas'

@@ -1257,14 +1257,6 @@ class Journal:
 
         return await self._durably(unit, run_id)
 
-    def _opened(
-        self, run_id: str, row: dict[str, Any], inserted: Inserted
-    ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool]:
-        """`open`'s answer for a run opened from its inserted rows: no approval answered, and
-        nobody asked anything yet."""
-        self._unasked.add(run_id)
-        return {**row, **inserted.inputs}, [dict(s) for s in inserted.steps], set(), False
-
     async def open(
         self, run_id: str, inserted: Inserted | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool]:
@@ -1281,15 +1273,18 @@ class Journal:
         opposite orders could.
 
         A run created here to run here opens from the rows its creating unit wrote
-        (`inserted`), nothing read: started by that unit already (PostgreSQL,
-        `starts_runs_in_create`), it needs no unit of its own; else its start is a
-        compare-and-set on the row as created. Either way a run changed since (cancelled,
-        claimed) misses a compare-and-set, is read then, and followed."""
-        if inserted is not None and inserted.run["concurrency_key"]:
-            inserted = None  # its admission reads the key's runs: the unit reads it all
+        (`inserted`), nothing read and no unit of its own: that unit started it. A run
+        changed since (cancelled, claimed) misses its first compare-and-set, is read then,
+        and followed. (A keyed run is created PENDING: its admission reads the key's runs.)"""
         if inserted is not None and inserted.run["status"] == RunStatus.RUNNING.value:
             self._rows[run_id] = inserted.run
-            return self._opened(run_id, inserted.run, inserted)
+            self._unasked.add(run_id)
+            return (
+                {**inserted.run, **inserted.inputs},
+                [dict(s) for s in inserted.steps],
+                set(),
+                False,
+            )
         # SQLite's one writer never overlaps itself: there the group commit admits too.
         admit_in_batch = self.store.db.dialect.single_replica
 
@@ -1297,16 +1292,6 @@ class Journal:
             tx: Tx, admit: bool
         ) -> tuple[dict[str, Any], list[dict[str, Any]], set[str], bool] | None:
             self._unasked.discard(run_id)
-            if inserted is not None:
-                try:
-                    new = await self._write_run(
-                        tx, inserted.run, True, *started(inserted.run, tx.now)
-                    )
-                except _Stale:
-                    pass  # changed since it was created: read as below
-                else:
-                    tx.rows[run_id] = new
-                    return self._opened(run_id, new, inserted)
             row = await self._run_row(tx, run_id)
             if row is None:
                 raise not_found(run_id)
