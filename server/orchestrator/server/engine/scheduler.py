@@ -12,6 +12,7 @@ import contextlib
 import json
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,7 +227,9 @@ class Engine:
         self.takeovers = 0
         self._key_freed: dict[tuple[str, str], asyncio.Event] = {}
         # Runs accepted here to run here (see `adopt`) whose first step has no slot yet.
-        self._adopted: dict[str, tuple[str, float]] = {}
+        # Runs adopted and not settled: (tenant, when), oldest first; and their count by tenant.
+        self._adopted: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._adopted_by: dict[str, int] = {}
         # Tasks are numbered as they start: a heartbeat abandons only tasks older than itself
         # (a run taken by an answer while it was in flight is not in what it read).
         self._born = 0
@@ -277,16 +280,27 @@ class Engine:
         if self.closing or not self.enabled:
             return False
         now = time.monotonic()
-        for old in [r for r, (_, at) in self._adopted.items() if now - at > ADOPTED_FOR]:
-            del self._adopted[old]
-        mine = sum(1 for tenant, _ in self._adopted.values() if tenant == tenant_id)
+        # Kept in the order adopted: the lapsed ones are at the front.
+        while self._adopted:
+            oldest = next(iter(self._adopted))
+            if now - self._adopted[oldest][1] <= ADOPTED_FOR:
+                break
+            self.settle(oldest)
+        mine = self._adopted_by.get(tenant_id, 0)
         if not self.slots.free_to(tenant_id, mine, len(self._adopted)):
             return False
         self._adopted[run_id] = (tenant_id, now)
+        self._adopted_by[tenant_id] = mine + 1
         return True
 
     def settle(self, run_id: str) -> None:
-        self._adopted.pop(run_id, None)
+        adopted = self._adopted.pop(run_id, None)
+        if adopted is not None:
+            left = self._adopted_by[adopted[0]] - 1
+            if left:
+                self._adopted_by[adopted[0]] = left
+            else:
+                del self._adopted_by[adopted[0]]
 
     def submit(self, run_id: str, inserted: Inserted | None = None) -> None:
         """Start the run's task (the lease is held) unless it already has one; `inserted`,
