@@ -60,8 +60,8 @@ from orchestrator.server.store.schema import (
 from orchestrator.server.store.snapshots import (
     build_execution,
     partial_execution,
+    set_time,
     step_message,
-    timestamp,
 )
 from orchestrator.server.store.statements import (
     COUNT_UNFINISHED,
@@ -551,7 +551,7 @@ class RunStore:
                 execution=execution,
                 run_id=row["run_id"],
             )
-            event.timestamp.CopyFrom(timestamp(tx.now))
+            set_time(event.timestamp, tx.now)
             values.append(
                 {
                     "run_id": row["run_id"],
