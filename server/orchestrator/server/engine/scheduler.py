@@ -1289,7 +1289,8 @@ class RunTask:
     ) -> Attempt | None:
         """One attempt: its start, the call, how it ended; None when the run took no new step
         (paused or cancelled before the start committed). An instant tool is called first, and
-        its start is queued with its outcome: one write for the whole attempt."""
+        its start goes with its outcome: one write for the whole attempt, or none yet when the
+        attempt is held (`_held_attempt`)."""
         row = self.rows[step_id]
         if self._may_hold(step_id, tool):
             return await self._held_attempt(step_id, tool, params, limit, carried, retry)
