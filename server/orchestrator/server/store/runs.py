@@ -58,10 +58,9 @@ from orchestrator.server.store.schema import (
     webhook_deliveries,
 )
 from orchestrator.server.store.snapshots import (
+    EventWriter,
     build_execution,
     partial_execution,
-    set_time,
-    step_message,
 )
 from orchestrator.server.store.statements import (
     COUNT_UNFINISHED,
@@ -124,6 +123,8 @@ class RunStore:
         self._plans_written: dict[tuple[str, str], float] = {}
         # Each tenant's webhook subscriptions, looked up by every status change.
         self.subscriptions = Subscriptions()
+        # Events' bytes, each run's fixed fields serialized once (its writes are the writer's).
+        self.events = EventWriter()
 
     @property
     def health(self) -> StoreHealth:
@@ -529,29 +530,23 @@ class RunStore:
         values = []
         # The run-level part is the same in every event of the unit that shows the same run:
         # built once for each.
-        run_parts: dict[int, pb.Execution] = {}
+        run_parts: dict[int, bytes] = {}
         for offset, spec in enumerate(specs):
             sequence = first_sequence + offset
             shown = row if spec.run is None else spec.run
-            if len(specs) == 1:
-                execution = partial_execution(shown, spec.steps)
-            else:
-                run_part = run_parts.get(id(shown))
-                if run_part is None:
-                    run_part = run_parts[id(shown)] = partial_execution(shown)
-                execution = pb.Execution()
-                execution.CopyFrom(run_part)
-                execution.steps.extend(step_message(step) for step in spec.steps)
-            execution.last_sequence = sequence
-            event = pb.ExecutionEvent(
+            run_part = run_parts.get(id(shown))
+            if run_part is None:
+                run_part = run_parts[id(shown)] = self.events.run_part(shown)
+            payload = self.events.event(
+                run_part,
+                spec.steps,
                 sequence=sequence,
                 type=spec.type,
                 step_id=spec.step_id,
                 message=spec.message,
-                execution=execution,
                 run_id=row["run_id"],
+                at=tx.now,
             )
-            set_time(event.timestamp, tx.now)
             values.append(
                 {
                     "run_id": row["run_id"],
@@ -562,7 +557,7 @@ class RunStore:
                     and spec.type == pb.EVENT_TYPE_RUN_STATUS_CHANGED,
                     "status": shown["status"],
                     "created_at": tx.now,
-                    "payload": event.SerializeToString(),
+                    "payload": payload,
                 }
             )
         self.db.dialect.order_events(tx.stage)
@@ -570,6 +565,8 @@ class RunStore:
         tx.stage(INSERT_EVENTS, values)
         await stage_deliveries(tx, self.subscriptions, row, specs, first_sequence)
         terminal = RunStatus(row["status"]) in TERMINAL
+        if terminal:
+            self.events.forget(row["run_id"], row.get("retry_count") or 0)
         tx.changed(
             Change(
                 tenant_id=row["tenant_id"],
