@@ -921,7 +921,10 @@ class Journal:
                 await self._ended(tx, run_id, closing)
             return Chained(firsts, ending is not None)
 
-        return await self._durably(lambda tx: self._on_run(tx, run_id, body), run_id)
+        async def unit(tx: Tx) -> Chained | None:  # named: `bench.profile` counts units by it
+            return await self._on_run(tx, run_id, body)
+
+        return await self._durably(unit, run_id)
 
     async def request_clarification(
         self,
