@@ -40,7 +40,13 @@ from orchestrator.server.store.records import (
     Transitioned,
     clean_text,
 )
-from orchestrator.server.store.runs import RunStore, not_found, started, write_step
+from orchestrator.server.store.runs import (
+    RunStore,
+    not_found,
+    started,
+    write_step,
+    write_steps,
+)
 from orchestrator.server.store.schema import clarifications, replicas, runs, signals
 from orchestrator.server.store.statements import (
     INSERT_CLARIFICATION,
@@ -729,8 +735,7 @@ class Journal:
             await self._write_run(
                 tx, row, cached, run_changes, specs, (first_step[0]["step_id"], first_step[1])
             )
-            for step, changes in more:
-                await write_step(tx, run_id, step["step_id"], changes)
+            await write_steps(tx, run_id, [(step["step_id"], changes) for step, changes in more])
             return True
 
         return await self._durably(lambda tx: self._on_run(tx, run_id, body), run_id)
@@ -819,8 +824,7 @@ class Journal:
         self, tx: Tx, run_id: str, closing: list[tuple[dict[str, Any], dict[str, Any]]]
     ) -> None:
         """After the run's end is written: its open steps', and its open questions withdrawn."""
-        for step, changes in closing:
-            await write_step(tx, run_id, step["step_id"], changes)
+        await write_steps(tx, run_id, [(step["step_id"], changes) for step, changes in closing])
         if run_id not in self._unasked:
             await tx.conn.execute(
                 WITHDRAW_CLARIFICATIONS, {"w_run_id": run_id, "v_resolved_at": tx.now}
@@ -915,8 +919,7 @@ class Journal:
                 run_changes.update(end_changes)
                 specs.extend(end_specs)  # these show the row as written
             await self._write_run(tx, row, cached, run_changes, specs, writes[0])
-            for step_id, changes in writes[1:]:
-                await write_step(tx, run_id, step_id, changes)
+            await write_steps(tx, run_id, writes[1:])
             if ending is not None:
                 await self._ended(tx, run_id, closing)
             return Chained(firsts, ending is not None)

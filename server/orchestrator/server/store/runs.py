@@ -972,6 +972,17 @@ async def write_step(tx: Tx, run_id: str, step_id: str, changes: Mapping[str, An
     )
 
 
+async def write_steps(tx: Tx, run_id: str, writes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Steps' changes written, one statement (an executemany) for the steps that change the
+    same columns: a round trip for all of them on PostgreSQL."""
+    by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for step_id, changes in writes:
+        rows = by_keys.setdefault(tuple(changes), [])
+        rows.append(bind(changes, run_id=run_id, step_id=step_id))
+    for keys, rows in by_keys.items():
+        await tx.conn.execute(update_step_statement(keys), rows if len(rows) > 1 else rows[0])
+
+
 def started(row: Row, now: float) -> tuple[dict[str, Any], list[EventSpec]]:
     """A PENDING run's start: its changes and its event."""
     target = next_status(RunStatus.PENDING, Action.START)
