@@ -117,6 +117,13 @@ class Attempt:
     again: bool = False
 
 
+def _next_attempt(row: Mapping[str, Any], at: float) -> Started:
+    """The attempt a step's next start at `at` makes, as its row (the store's) counts."""
+    return Started(
+        row["attempts"] + 1, row["first_started_at"] or at, int(row["attempts_before"] or 0)
+    )
+
+
 class _Dropped(Exception):
     """The store refused the held links (`RunTask._write_held`): the run no longer takes
     them. The task's copy is back to what the store has; the step task ends and the
@@ -1311,11 +1318,7 @@ class RunTask:
                     return None
                 self.starting.discard(step_id)  # started: a step under way like any other
                 return await self._invoke(step_id, tool, params, limit, carried, retry, started)
-            expected = Started(
-                start.attempt,
-                row["first_started_at"] or start.at,
-                int(row["attempts_before"] or 0),
-            )
+            expected = _next_attempt(row, start.at)
             attempt = await self._invoke(step_id, tool, params, limit, carried, retry, expected)
             rides = False
             if attempt.outcome is not None:
@@ -1352,9 +1355,7 @@ class RunTask:
         longer takes them."""
         row = self.rows[step_id]
         at = time.time()
-        expected = Started(
-            row["attempts"] + 1, row["first_started_at"] or at, int(row["attempts_before"] or 0)
-        )
+        expected = _next_attempt(row, at)
         attempt = await self._invoke(step_id, tool, params, limit, carried, retry, expected)
         outcomes, variables = self._redacted(
             [attempt.outcome] if attempt.outcome is not None else [], attempt.variables

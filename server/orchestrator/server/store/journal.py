@@ -604,38 +604,14 @@ class Journal:
             if step["status"] not in (StepStatus.PENDING.value, StepStatus.RUNNING.value):
                 return None
             attempt = step["attempts"] + 1
-            first = step["first_started_at"] or start.at
-            changes: dict[str, Any] = {
-                "status": StepStatus.RUNNING.value,
-                "attempts": attempt,
-                "started_at": start.at,
-                "first_started_at": first,
-                "wake_at": None,
-            }
-            specs = [
-                EventSpec(
-                    pb.EVENT_TYPE_STEP_STARTED,
-                    f"step {step_id} attempt {attempt} started",
-                    step_id,
-                    [{**step, **changes}],
-                )
-            ]
-            run_changes: dict[str, Any] = {
-                "current_step": step_id,
-                "started_at": row["started_at"] or tx.now,
-            }
             # An outcome computed for another attempt than the store's is not this one's.
             riding = start.take() if attempt == start.attempt else None
-            if riding is not None:
-                outcome, variables = riding
-                changes.update(self._finish_changes(tx, outcome))
-                specs.append(self._finish_spec(outcome, step))
-                run_changes["steps_finished"] = row["steps_finished"] + 1
-                if variables:
-                    run_changes["variables"] = {**(row["variables"] or {}), **variables}
-            step.update(changes)  # as its events show it
+            outcome, variables = riding if riding is not None else (None, None)
+            changes, run_changes, specs = self._attempt_writes(
+                tx, row, step, attempt, start.at, outcome, variables
+            )
             await self._write_run(tx, row, cached, run_changes, specs, (step_id, changes))
-            return Started(attempt, first, before, riding is not None)
+            return Started(attempt, changes["first_started_at"], before, riding is not None)
 
         async def unit(tx: Tx) -> Started | None:
             return await self._on_run(tx, run_id, body)
@@ -644,6 +620,51 @@ class Journal:
         if not deferred:
             start.submit()
         return start
+
+    def _attempt_writes(
+        self,
+        tx: Tx,
+        run: Mapping[str, Any],
+        step: dict[str, Any],
+        attempt: int,
+        at: float,
+        outcome: Outcome | None,
+        variables: Mapping[str, JSON] | None,
+        finished_at: float | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any], list[EventSpec]]:
+        """What a step's `attempt` started at `at` writes, and with `outcome` its end (at
+        `finished_at`, else the commit's time): the step's changes, the run's (from `run`,
+        the run as the attempt found it) and the events. `step` is updated as they show it."""
+        changes: dict[str, Any] = {
+            "status": StepStatus.RUNNING.value,
+            "attempts": attempt,
+            "started_at": at,
+            "first_started_at": step["first_started_at"] or at,
+            "wake_at": None,
+        }
+        step_id = step["step_id"]
+        specs = [
+            EventSpec(
+                pb.EVENT_TYPE_STEP_STARTED,
+                f"step {step_id} attempt {attempt} started",
+                step_id,
+                [{**step, **changes}],
+            )
+        ]
+        run_changes: dict[str, Any] = {
+            "current_step": step_id,
+            "started_at": run["started_at"] or tx.now,
+        }
+        if outcome is not None:
+            changes.update(self._finish_changes(tx, outcome))
+            if finished_at is not None:
+                changes["completed_at"] = finished_at
+            specs.append(self._finish_spec(outcome, step))
+            run_changes["steps_finished"] = run["steps_finished"] + 1
+            if variables:
+                run_changes["variables"] = {**(run["variables"] or {}), **variables}
+        step.update(changes)  # as its events show it
+        return changes, run_changes, specs
 
     @staticmethod
     def _finish_changes(tx: Tx, outcome: Outcome) -> dict[str, Any]:
@@ -876,40 +897,22 @@ class Journal:
             writes: list[tuple[str, dict[str, Any]]] = []
             firsts: dict[str, float] = {}
             for link, step in zip(links, steps, strict=True):
-                first = step["first_started_at"] or link.at
-                firsts[link.step_id] = first
-                changes: dict[str, Any] = {
-                    "status": StepStatus.RUNNING.value,
-                    "attempts": link.attempt,
-                    "started_at": link.at,
-                    "first_started_at": first,
-                    "wake_at": None,
-                }
-                started_step = {**step, **changes}
-                link_changes: dict[str, Any] = {
-                    "current_step": link.step_id,
-                    "started_at": shown["started_at"] or tx.now,
-                }
-                if link.outcome is not None:
-                    changes.update(self._finish_changes(tx, link.outcome))
-                    changes["completed_at"] = link.finished_at
-                    link_changes["steps_finished"] = shown["steps_finished"] + 1
-                step.update(changes)
-                if link.variables:
-                    link_changes["variables"] = {**(shown["variables"] or {}), **link.variables}
+                changes, link_changes, link_specs = self._attempt_writes(
+                    tx,
+                    shown,
+                    step,
+                    link.attempt,
+                    link.at,
+                    link.outcome,
+                    link.variables,
+                    link.finished_at,
+                )
+                firsts[link.step_id] = changes["first_started_at"]
                 shown = {**shown, **link_changes}
                 run_changes.update(link_changes)
-                message = f"step {link.step_id} attempt {link.attempt} started"
-                specs.append(
-                    EventSpec(
-                        pb.EVENT_TYPE_STEP_STARTED, message, link.step_id, [started_step], shown
-                    )
-                )
-                if link.outcome is not None:
-                    finish = self._finish_spec(link.outcome, step)
-                    specs.append(
-                        EventSpec(finish.type, finish.message, link.step_id, finish.steps, shown)
-                    )
+                for spec in link_specs:
+                    spec.run = shown  # its events show the run as this link left it
+                specs.extend(link_specs)
                 writes.append((link.step_id, changes))
             closing: list[tuple[dict[str, Any], dict[str, Any]]] = []
             if ending is not None:
