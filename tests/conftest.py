@@ -44,6 +44,16 @@ def make_settings(tmp_path: Path, database_url: str | None = None, **overrides: 
     return Settings(**{**defaults, **overrides})
 
 
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL store for one test (mark the test `postgres`)."""
+    url = postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh store for one test."""

@@ -79,6 +79,9 @@ async def test_a_unit_on_a_row_changed_behind_its_back_follows_the_store(
             await journal.start_step(run_id, "w", before["attempts"] + 1).committed()
         claimed = await store_row(database_url, run_id)
         assert claimed == {**before, "owner": "other#1"}, "a unit wrote to a run it lost"
+        # On PostgreSQL each write was kept for the commit and its compare-and-set missed
+        # there: the unit ran again, writing as it went, and found what it found above.
+        assert srv.writer.missed == (2 if srv.db.dialect.defers_writes else 0)
 
 
 async def created_here(srv: Server, tenant: str, plan: pb.ExecutablePlan) -> Created:
@@ -114,6 +117,10 @@ async def test_a_run_created_here_opens_from_the_rows_it_was_created_with(
             return dict(run), dict(inputs), [dict(s) for s in steps]
 
         run, inputs, steps = await srv.db.read(read)
+        if "pk" not in inserted.run:
+            # PostgreSQL keeps the insert for the group commit: the key is given then.
+            assert srv.db.dialect.defers_writes
+            del run["pk"]
         assert inserted.run == run
         assert inserted.inputs == inputs
         assert inserted.steps == steps

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,17 +17,8 @@ from orchestrator.server.store.writer import Tx, Unit, Writer
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import make_settings, running, sqlite_url
-from tests.stores import drop_postgres_database, fetch, postgres_database
+from tests.stores import fetch
 from tests.test_concurrency_keys import all_done, submit
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    url = postgres_database()
-    try:
-        yield url
-    finally:
-        drop_postgres_database(url)
 
 
 def lane_keys(writer: Writer) -> list[str]:

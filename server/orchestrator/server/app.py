@@ -332,6 +332,7 @@ async def build_server(
         direct=db.direct,
         health=db.health,
         lanes=settings.writer_lanes,
+        defer_writes=db.dialect.defers_writes,
     )
     writer.start()
     hub = Hub(settings.max_watchers_per_tenant)

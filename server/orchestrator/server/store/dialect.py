@@ -83,6 +83,9 @@ class Dialect:
     # A run's compare-and-set and its step's update go in one statement (a data-modifying
     # CTE): one round trip instead of two.
     updates_run_with_step: ClassVar[bool] = False
+    # Group commits keep their units' writes and run them together (SyncConnection.write):
+    # where a statement is a round trip, and a compare-and-set can fail inside a statement.
+    defers_writes: ClassVar[bool] = False
 
     def engines(self, url: sa.URL, stall_seconds: float = 0.0, client_name: str = "") -> Engines:
         """The engines; a write transaction left idle `stall_seconds` is ended (0: never);
@@ -168,6 +171,7 @@ class PostgresDialect(Dialect):
     select_run_for_write = SELECT_RUN_LOCKED
     select_tenant_run_for_write = SELECT_TENANT_RUN_LOCKED
     updates_run_with_step = True
+    defers_writes = True
 
     def engines(self, url: sa.URL, stall_seconds: float = 0.0, client_name: str = "") -> Engines:
         # pg_stat_activity (and anything reading application_name) tells the replicas'

@@ -12,7 +12,7 @@ statements run on asyncpg (store/asyncpg_path.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -169,17 +169,91 @@ class Direct:
             cursor.close()
 
 
+class Missed(Exception):
+    """A deferred compare-and-set matched no row (`MISSED` in its error): the transaction is
+    void, and its units run again writing as they go, where each sees its own miss."""
+
+
+# What a checked statement (statements.checked) fails with when its compare-and-set misses.
+MISSED = "compare-and-set missed"
+
+
 class SyncConnection:
     """AsyncConnection's `execute` over a sync Connection, for units driven without an event
     loop (SQLite: in a store thread; PostgreSQL: inside run_sync's greenlet): the awaitable
     completes without suspending. With `direct`, marked statements go straight to the
-    driver."""
+    driver.
 
-    def __init__(self, conn: sa.Connection, direct: Direct | None = None) -> None:
+    With `defers` (PostgreSQL's group commits), `write` keeps a write whose result its unit
+    does not need for later: before the next statement of the transaction, or its commit,
+    the writes kept are run together, one executemany per statement (a round trip for all
+    the units' step updates instead of one each). Writes to distinct rows commute, and
+    `write` runs what it kept before a second write to the same row, so the database ends as
+    if each had run when made; a read always sees them all."""
+
+    def __init__(
+        self, conn: sa.Connection, direct: Direct | None = None, *, defers: bool = False
+    ) -> None:
         self.sync = conn
         self._direct = direct
+        self.defers = defers
+        self._kept: list[tuple[Any, dict[str, Any]]] = []
+        self._kept_rows: set[Hashable] = set()
+        # Called whenever kept writes have run (a transaction's count of what they change).
+        self.on_flush: Callable[[], None] | None = None
 
-    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+    async def execute(self, statement: Any, parameters: Any = None, *, flush: bool = True) -> Any:
+        """Run `statement` now (after the writes kept, unless `flush` is False: a read whose
+        caller accounts for them itself)."""
+        if flush and self._kept:
+            self._flush()
+        return self._run(statement, parameters)
+
+    async def write(
+        self,
+        statement: Any,
+        parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+        rows: Iterable[Hashable],
+    ) -> None:
+        """Write `rows` (keys naming the rows the statement changes) now, or with `defers`
+        before the transaction's next statement, with the parameters as they are now. A
+        checked statement's miss then raises Missed from that statement, not from here."""
+        if not self.defers:
+            self._run(statement, parameters)
+            return
+        rows = tuple(rows)
+        if not self._kept_rows.isdisjoint(rows):
+            self._flush()
+        self._kept_rows.update(rows)
+        if isinstance(parameters, Mapping):
+            self._kept.append((statement, dict(parameters)))
+        else:
+            self._kept.extend((statement, dict(p)) for p in parameters)
+
+    async def flush(self) -> None:
+        """Run the writes kept (a transaction does before its commit)."""
+        if self._kept:
+            self._flush()
+
+    def _flush(self) -> None:
+        groups: dict[tuple[int, tuple[str, ...]], tuple[Any, list[dict[str, Any]]]] = {}
+        for statement, parameters in self._kept:
+            groups.setdefault((id(statement), tuple(parameters)), (statement, []))[1].append(
+                parameters
+            )
+        self._kept.clear()
+        self._kept_rows.clear()
+        try:
+            for statement, rows in groups.values():
+                self._run(statement, rows if len(rows) > 1 else rows[0])
+        except sa.exc.DBAPIError as error:
+            if MISSED in str(error.orig):
+                raise Missed(str(error.orig)) from error
+            raise
+        if self.on_flush is not None:
+            self.on_flush()
+
+    def _run(self, statement: Any, parameters: Any) -> Any:
         if self._direct is not None and self._direct.handles(statement):
             return self._direct.run(self.sync, statement, parameters)
         return self.sync.execute(statement, parameters)

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from orchestrator.server.lifecycle import RunStatus, StepStatus
-from orchestrator.server.store.direct import direct
+from orchestrator.server.store.direct import MISSED, direct
 from orchestrator.server.store.schema import clarifications, events, runs, steps
 
 EVENT_ORDER_LOCK = 0x6F726368  # an arbitrary advisory-lock key ("orch")
@@ -167,6 +167,25 @@ def update_run_and_step_statement(
             sa.exists(sa.select(run.c.run_id)),
         )
         .values({k: sa.bindparam(f"s_{k}", type_=steps.c[k].type) for k in step_keys})
+    )
+
+
+@functools.cache
+def checked(statement: sa.Update) -> sa.Select[Any]:
+    """A compare-and-set that fails, at run time, when it changes no row: its error says
+    MISSED (a cast of that text to an integer). Deferred writes (SyncConnection.write) have
+    no row count to look at; an executemany of these fails as a whole when one misses."""
+    changed = statement.returning(sa.literal_column("1")).cte("changed")
+    count = sa.func.count()
+    return direct(
+        sa.select(
+            sa.case(
+                (count == sa.literal_column("1"), sa.literal_column("1")),
+                else_=sa.cast(
+                    sa.literal_column(f"'{MISSED}: '") + sa.cast(count, sa.String), sa.Integer
+                ),
+            )
+        ).select_from(changed)
     )
 
 

@@ -38,7 +38,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.server.errors import Unavailable
-from orchestrator.server.store.direct import Direct, SyncConnection, drive
+from orchestrator.server.store.direct import Direct, Missed, SyncConnection, drive
 from orchestrator.server.store.notices import Notice, NoticeKind
 from orchestrator.server.store.outage import StoreHealth, Weather, classify, outage_of
 
@@ -80,6 +80,21 @@ class Tx:
     staged: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
     # The run rows this transaction wrote (RunStore.update_run), as written, by run id.
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Tenants' unfinished runs as this transaction leaves them, once a unit counted them (a
+    # new run's quota check counts once a tenant and transaction), and what the writes the
+    # connection still keeps (SyncConnection.write) change in them.
+    unfinished: dict[str, int] = field(default_factory=dict)
+    unflushed: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.conn.on_flush = self.unflushed.clear
+
+    def moved(self, tenant_id: str, delta: int) -> None:
+        """A write of this transaction changed the tenant's unfinished runs by `delta`."""
+        if tenant_id in self.unfinished:
+            self.unfinished[tenant_id] += delta
+        if self.conn.defers:
+            self.unflushed[tenant_id] = self.unflushed.get(tenant_id, 0) + delta
 
     def changed(self, change: Change) -> None:
         self.changes.append(change)
@@ -124,6 +139,7 @@ class Writer:
         direct: Direct | None = None,
         health: StoreHealth | None = None,
         lanes: int = 1,
+        defer_writes: bool = False,
     ) -> None:
         self._engine = engine
         self.health = health or StoreHealth()
@@ -138,6 +154,9 @@ class Writer:
         self.notify_channel = notify_channel
         self.origin = origin
         self._max_batch = max_batch
+        # PostgreSQL: units' writes are kept and run together (SyncConnection.write).
+        self.defer_writes = defer_writes and sync_engine is None
+        self.missed = 0  # transactions run again because a deferred compare-and-set missed
         # SQLite has one writing connection (and one thread): one lane.
         count = 1 if sync_engine is not None else max(1, lanes)
         self._queues: list[asyncio.Queue[_Job[Any] | None]] = [
@@ -280,19 +299,30 @@ class Writer:
                 self._thread, context.run, self._transact_in_thread, units
             )
         # PostgreSQL: the whole batch in one greenlet (run_sync), not one per statement.
-        async with self._engine.begin() as conn:
-            return await conn.run_sync(self._run_units, units)
+        try:
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(self._run_units, units, self.defer_writes)
+        except Missed:
+            # A unit's compare-and-set on a row it had not read (its run as last written
+            # here) missed: someone else wrote the run. Run them again, each write at once,
+            # so that unit sees its miss where it writes and decides on the store's row.
+            self.missed += 1
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(self._run_units, units, False)
 
     def _transact_in_thread(self, units: list[Unit[Any]]) -> tuple[Tx, list[Any]]:
         assert self._sync_engine is not None
         with self._sync_engine.begin() as conn:
             return self._run_units(conn, units)
 
-    def _run_units(self, conn: sa.Connection, units: list[Unit[Any]]) -> tuple[Tx, list[Any]]:
-        """The batch on an open transaction: its units, the statements they staged, and the
-        NOTIFYs that announce it (PostgreSQL)."""
-        tx = Tx(conn=SyncConnection(conn, self._direct), now=time.time())
+    def _run_units(
+        self, conn: sa.Connection, units: list[Unit[Any]], defer: bool = False
+    ) -> tuple[Tx, list[Any]]:
+        """The batch on an open transaction: its units, the writes they kept (`defer`), the
+        statements they staged, and the NOTIFYs that announce it (PostgreSQL)."""
+        tx = Tx(conn=SyncConnection(conn, self._direct, defers=defer), now=time.time())
         results = [drive(unit(tx)) for unit in units]
+        drive(tx.conn.flush())
         for statement, rows in tx.staged.items():
             drive(tx.conn.execute(statement, rows or None))
         if self.notify_channel and (tx.changes or tx.notices):
