@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         "pause, a timer due later than this) holds no owner: any replica takes it when due.",
     )
     writer_lanes: int = Field(
-        2,
+        1,
         ge=1,
         le=4,
         description="On PostgreSQL, group commits in flight at once, each on its own "
