@@ -344,6 +344,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value:,.1f} µs"
     if unit == "MB":
         return f"{value:.1f} MB"
+    if unit == "x":
+        return f"{value:.2f}x"
     return f"{value:,.0f} {unit}"
 
 
