@@ -1,9 +1,11 @@
-"""The one classification of store errors (store/outage.py), fed real driver errors."""
+"""The one classification of store errors (store/outage.py), fed real driver errors, and the
+health it feeds."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
@@ -13,7 +15,7 @@ import sqlalchemy as sa
 from orchestrator.server.errors import StoreUnavailable
 from orchestrator.server.store.cluster import asyncpg_dsn
 from orchestrator.server.store.database import Database
-from orchestrator.server.store.outage import Weather, classify
+from orchestrator.server.store.outage import StoreHealth, Weather, classify
 from tests.process import free_port
 from tests.stores import POSTGRES_URL
 
@@ -77,3 +79,16 @@ async def test_postgres_terminated_connection_is_unreachable_and_errors_stay_bug
     finally:
         await killer.close()
         victim.terminate()
+
+
+async def test_an_answer_sent_before_an_outage_does_not_end_it() -> None:
+    """A commit whose answer was on the wire when the connection went is not the store's
+    return: only a call begun after the outage was noticed is."""
+    health = StoreHealth()
+    before = time.monotonic()
+    health.failed(Weather.UNREACHABLE, ConnectionResetError("cut"))
+    assert not health.reachable
+    health.succeeded(wrote=True, began=before)
+    assert not health.reachable
+    health.succeeded(wrote=True, began=time.monotonic())
+    assert health.reachable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +51,7 @@ class Database:
         to a reader thread on the stdlib driver, however many statements it makes (through
         aiosqlite each would be a hop of its own); on PostgreSQL, in one greenlet on the pool.
         A store that cannot answer raises StoreUnavailable (see store/outage.py)."""
+        began = time.monotonic()
         try:
             result = await self._read(unit)
         except Exception as exc:
@@ -60,7 +62,7 @@ class Database:
             outage = outage_of(exc)
             assert outage is not None
             raise outage from exc
-        self.health.succeeded()
+        self.health.succeeded(began=began)
         return result
 
     async def _read(self, unit: Callable[[Any], Coroutine[Any, Any, T]]) -> T:

@@ -208,9 +208,11 @@ class StoreHealth:
             self._changed()
         self._kick.set()
 
-    def succeeded(self, *, wrote: bool = False) -> None:
-        """A store call went through (`wrote`: a commit, which proves there is room again)."""
-        if not self.reachable:
+    def succeeded(self, *, wrote: bool = False, began: float | None = None) -> None:
+        """A store call went through (`wrote`: a commit, which proves there is room again).
+        `began` (time.monotonic()): a call that began before the outage was noticed proves
+        nothing of now: its answer was on its way when the connection went."""
+        if not self.reachable and (began is None or began >= self._since):
             self.reachable = True
             self._returned("store.available")
             self._changed()
@@ -278,6 +280,7 @@ class StoreHealth:
             except TimeoutError:
                 pass
             self._kick.clear()
+            began = time.monotonic()
             try:
                 async with asyncio.timeout(self.PROBE_TIMEOUT):
                     await self._probe()
@@ -289,4 +292,4 @@ class StoreHealth:
                     self.failed(weather, exc)
                     self._kick.clear()  # the failure above need not probe again at once
                 continue
-            self.succeeded()
+            self.succeeded(began=began)

@@ -247,6 +247,7 @@ class Writer:
             return await self.run(unit)
         if self._closed:
             raise Unavailable("the server is shutting down")
+        began = time.monotonic()
         try:
             tx, results = await self._transact([unit])
         except Exception as exc:
@@ -255,7 +256,7 @@ class Writer:
                 raise
             self.health.failed(weather, exc)
             raise _outage(exc) from exc
-        self.health.succeeded(wrote=True)
+        self.health.succeeded(wrote=True, began=began)
         self._tell_listeners(tx)
         result: T = results[0]
         return result
@@ -341,6 +342,7 @@ class Writer:
         started = time.perf_counter()
         attempt = 1
         while True:
+            began = time.monotonic()
             try:
                 tx, results = await self._transact([job.unit for job in batch])
                 break
@@ -371,7 +373,7 @@ class Writer:
                 if not isinstance(exc, Exception):
                     raise
                 return
-        self.health.succeeded(wrote=True)
+        self.health.succeeded(wrote=True, began=began)
         self.commits += 1
         self.units += len(batch)
         if self.on_batch is not None:
