@@ -187,9 +187,10 @@ class SyncConnection:
     With `defers` (PostgreSQL's group commits), `write` keeps a write whose result its unit
     does not need for later: before the next statement of the transaction, or its commit,
     the writes kept are run together, one executemany per statement (a round trip for all
-    the units' step updates instead of one each). Writes to distinct rows commute, and
-    `write` runs what it kept before a second write to the same row, so the database ends as
-    if each had run when made; a read always sees them all."""
+    the units' step updates instead of one each). Writes to distinct rows commute, `write`
+    runs what it kept before a second write to the same row, and the statements run in the
+    order each was first kept (a new run's row before its steps'), so the database ends as if
+    each write had run when made; a read always sees them all."""
 
     def __init__(
         self, conn: sa.Connection, direct: Direct | None = None, *, defers: bool = False
