@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import sqlalchemy as sa
 
@@ -557,6 +557,24 @@ class Journal:
         where = {"w_run_id": run_id, "w_step_id": step_id}
         return dict((await tx.conn.execute(SELECT_STEP, where)).mappings().one())
 
+    async def _step_known(
+        self, tx: Tx, run_id: str, step_id: str, known: Mapping[str, Any] | None, first: bool
+    ) -> dict[str, Any]:
+        """The step's row: `known` (as the run's task last saw it) on a unit's first try, else
+        read. Tried again, the unit may have committed already: only the store can say (and
+        a run row that was stale may have had its steps changed with it)."""
+        if known is not None and first:
+            return dict(known)
+        return await self._step_row(tx, run_id, step_id)
+
+    def _takes_steps(self, row: dict[str, Any] | None, cached: bool) -> TypeGuard[dict[str, Any]]:
+        """Whether the run takes new steps now: it is there and RUNNING (a body on the
+        cached row about to say no reads the store first: `_unsure`)."""
+        if row is None or row["status"] != RunStatus.RUNNING.value:
+            self._unsure(cached)
+            return False
+        return True
+
     async def _set_step(
         self, tx: Tx, run_id: str, step: dict[str, Any], changes: Mapping[str, Any]
     ) -> dict[str, Any]:
@@ -585,15 +603,9 @@ class Journal:
         async def body(tx: Tx, row: dict[str, Any] | None, cached: bool) -> Started | None:
             nonlocal calls
             calls += 1
-            if row is None or row["status"] != RunStatus.RUNNING.value:
-                self._unsure(cached)
+            if not self._takes_steps(row, cached):
                 return None
-            # Tried again, the unit may have committed already: only the store can say (and
-            # a run row that was stale may have had its steps changed with it).
-            if known is not None and calls == 1:
-                step = dict(known)
-            else:
-                step = await self._step_row(tx, run_id, step_id)
+            step = await self._step_known(tx, run_id, step_id, known, calls == 1)
             before = int(step["attempts_before"] or 0)
             if (step["attempts"], step["started_at"]) == (start.attempt, start.at):
                 # Ours, committed once already: the store cut off between committing and
@@ -868,16 +880,11 @@ class Journal:
         async def body(tx: Tx, row: dict[str, Any] | None, cached: bool) -> Chained | None:
             nonlocal calls
             calls += 1
-            if row is None or row["status"] != RunStatus.RUNNING.value:
-                self._unsure(cached)
+            if not self._takes_steps(row, cached):
                 return None
             steps: list[dict[str, Any]] = []
             for link in links:
-                # Tried again, the unit may have committed already: only the store can say.
-                if calls == 1:
-                    step = dict(link.known)
-                else:
-                    step = await self._step_row(tx, run_id, link.step_id)
+                step = await self._step_known(tx, run_id, link.step_id, link.known, calls == 1)
                 if (step["attempts"], step["started_at"]) == (link.attempt, link.at):
                     # Ours, committed once already (the store cut off between committing and
                     # saying so): the whole chain is, and the run's end with it, if it had one.

@@ -461,7 +461,7 @@ class RunStore:
             created["pk"] = row["pk"]
         if step_rows:
             await tx.conn.write(
-                INSERT_STEPS, step_rows, [("steps", new.run_id, s.step_id) for s in new.steps]
+                INSERT_STEPS, step_rows, (("steps", new.run_id, s.step_id) for s in new.steps)
             )
         tx.moved(new.tenant_id, _unfinished(row["status"]))
         if new.labels:
@@ -1012,7 +1012,7 @@ async def write_steps(tx: Tx, run_id: str, writes: Sequence[tuple[str, Mapping[s
         await tx.conn.write(
             update_step_statement(keys),
             rows if len(rows) > 1 else rows[0],
-            [("steps", run_id, r["w_step_id"]) for r in rows],
+            (("steps", run_id, r["w_step_id"]) for r in rows),  # read only when kept
         )
 
 
