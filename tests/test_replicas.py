@@ -16,11 +16,14 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
+import sqlalchemy as sa
 from google.protobuf import struct_pb2
 
 from bench import parked
+from orchestrator.server.store.cluster import asyncpg_dsn
 from orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.conftest import plan_of
@@ -310,6 +313,12 @@ def test_a_stopped_replica_that_comes_back_writes_nothing_for_runs_it_lost(
         drop_postgres_database(url)
 
 
+def gave_up(process: ServeProcess, run_id: str) -> bool:
+    """Whether the process logged that it lost the run to another incarnation."""
+    lines = process.log_path.read_text().splitlines()
+    return any(f'"run_id": "{run_id}"' in line and "lease_lost" in line for line in lines)
+
+
 @pytest.mark.postgres
 def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path) -> None:
     """The issue's case: two processes given one replica id. The second is a new
@@ -355,11 +364,87 @@ def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path)
             seen = events(cluster, "second", run_id, tenant)
             completed = Counter(e.step_id for e in seen if e.type == pb.EVENT_TYPE_STEP_COMPLETED)
             assert completed == {f"w{i}": 1 for i in range(12)}, (run_id, completed)
-        log = first.log_path.read_text().splitlines()
         for run_id in taken:
-            assert any(f'"run_id": "{run_id}"' in line and "lease_lost" in line for line in log), (
-                f"the first process did not give up {run_id}"
+            assert gave_up(first, run_id), f"the first process did not give up {run_id}"
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        drop_postgres_database(url)
+
+
+@contextmanager
+def row_locked(url: str, run_id: str) -> Iterator[threading.Event]:
+    """Hold the run's row lock (as a transaction writing it would) until the yielded event is
+    set; the lock is held once this is entered."""
+    held, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(sa.make_url(url)))
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", run_id)
+                held.set()
+                await asyncio.to_thread(release.wait)
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),))
+    thread.start()
+    try:
+        assert held.wait(10), "the row lock was not taken"
+        yield release
+    finally:
+        release.set()
+        thread.join(10)
+
+
+@pytest.mark.postgres
+def test_a_new_incarnation_takes_back_a_run_whose_row_is_locked_at_its_start(
+    tmp_path: Path,
+) -> None:
+    """A run the earlier incarnation is writing at the moment the new one starts (its row
+    locked) is taken back too: the start waits for the lock instead of skipping the row, which
+    would leave the run to the earlier incarnation for good (its heartbeat is fresh)."""
+    url = postgres_database()
+    tenant = str(uuid.uuid4())
+    env = {"ORCHESTRATOR_REPLICA_ID": "vm:50092", "ORCHESTRATOR_LEASE_SECONDS": "2"}
+    first = ServeProcess(url, tmp_path / "first.log", env=env)
+    second: ServeProcess | None = None
+    try:
+        first.wait_serving()
+        with grpc.insecure_channel(first.address) as channel:
+            run_id = (
+                pb_grpc.OrchestratorServiceStub(channel)
+                .Execute(
+                    pb.ExecuteRequest(executable_plan=waits(1, 30)),
+                    metadata=(("x-tenant-id", tenant),),
+                    timeout=30,
+                )
+                .run_id
             )
+        before = incarnation_of(url, "vm:50092")
+        with row_locked(url, run_id) as release:
+            second = ServeProcess(url, tmp_path / "second.log", env=env)
+            started = second  # for the closure
+            # Its start waits for the lock (or, if it passed the row by, it serves).
+            wait_for(
+                lambda: (
+                    fetch(
+                        url,
+                        "SELECT 1 FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    )
+                    or "server.started" in started.log_path.read_text()
+                ),
+                30,
+                "the second's start to reach the run",
+            )
+            release.set()
+            second.wait_serving()
+        owner = fetch(url, "SELECT owner FROM runs WHERE run_id = $1", run_id)[0]["owner"]
+        assert owner not in (None, before), owner
+        wait_for(lambda: gave_up(first, run_id), 10, "the first process giving the run up")
     finally:
         first.kill()
         if second is not None:

@@ -403,14 +403,34 @@ class Journal:
         """Take up to `limit` unfinished runs nobody owns or whose owner's heartbeat is older
         than `lapse` seconds, fairly by tenant (each tenant's first, by priority then age,
         before anyone's second: one tenant's backlog never stands in front of another's run);
-        `own` also takes back runs of this replica id's earlier incarnations (a restart: the
-        port is exclusive, so they are dead); `everything` takes every unfinished run (a
-        single-replica store after a restart)."""
+        `own` also takes back every run of this replica id's earlier incarnations, whatever
+        `limit` (a restart: the port is exclusive, so they are dead); `everything` takes
+        every unfinished run (a single-replica store after a restart)."""
 
         async def unit(tx: Tx) -> list[str]:
             unfinished = one_of(runs.c.status, UNFINISHED)
+            taken: list[str] = []
+            if own and not everything:
+                # An earlier incarnation of this replica id is dead, or a process started
+                # under the same id by mistake: all of its runs come here, those it is writing
+                # right now too (an UPDATE waits for their row locks where SKIP LOCKED would
+                # pass them by and leave them to it for good, its heartbeat being fresh).
+                earlier = sa.select(replicas.c.incarnation).where(
+                    replicas.c.replica_id == self.replica_id,
+                    replicas.c.incarnation != self.owner,
+                )
+                result = await tx.conn.execute(
+                    sa.update(runs)
+                    .where(runs.c.owner.in_(earlier), unfinished)
+                    .values(owner=self.owner, lease_expires_at=None, wake_at=None)
+                    .returning(runs.c.run_id)
+                )
+                taken = [r.run_id for r in result.all()]
+            room = limit - len(taken)
+            if room <= 0:
+                return taken
             if everything:
-                query = sa.select(runs.c.run_id).where(unfinished).order_by(runs.c.pk).limit(limit)
+                query = sa.select(runs.c.run_id).where(unfinished).order_by(runs.c.pk).limit(room)
             else:
                 # Unowned and due (a parked run's wake-up time passed, or it has none), or
                 # owned by an incarnation whose heartbeat lapsed: lookups in the index
@@ -431,7 +451,7 @@ class Journal:
                     partition_by=found.c.tenant_id, order_by=(found.c.priority, found.c.pk)
                 )
                 ranked = sa.select(found.c.run_id, found.c.pk, turn.label("turn")).subquery()
-                fair = sa.select(ranked.c.run_id).order_by(ranked.c.turn, ranked.c.pk).limit(limit)
+                fair = sa.select(ranked.c.run_id).order_by(ranked.c.turn, ranked.c.pk).limit(room)
                 # The rows are locked (SKIP LOCKED) outside the window: a replica claiming at
                 # the same time skips them, and the free check is made again on each row.
                 query = sa.select(runs.c.run_id).where(
@@ -445,7 +465,7 @@ class Journal:
                     .where(runs.c.run_id.in_(run_ids))
                     .values(owner=self.owner, lease_expires_at=None, wake_at=None)
                 )
-            return run_ids
+            return taken + run_ids
 
         return await self.store.health.wait_out(lambda: self.writer.run_beside(unit))
 
