@@ -1175,7 +1175,12 @@ class Journal:
         )
         taken = (await tx.conn.execute(started)).scalar_one()
         taken += (await tx.conn.execute(ahead)).scalar_one()
-        return int(taken) < max(1, int(row["max_concurrent"]))
+        if int(taken) >= max(1, int(row["max_concurrent"])):
+            return False
+        # Admitted because a run of the key ended: in a transaction that may have begun
+        # after this one, so with a later clock. The run starts no earlier than that end.
+        tx.now = max(tx.now, time.time())
+        return True
 
     async def signal(
         self, tenant_id: str, run_id: str, signal_name: str, payload: JSON, request_id: str
