@@ -67,6 +67,17 @@ def run(scale: Scale) -> None:
                 met=share >= 0.5 if label == "API-only" and share == share else None,
             )
         )
+        if label == "API-only":
+            # The same against an Execute that does nothing but what the contract requires
+            # of every answer (bench/echo_server.py): what the durable accept itself costs.
+            record(
+                Figure(
+                    "accept runs/s (API-only), of the floor", load.rate, "runs/s", "execute_floor"
+                )
+            )
+            record(
+                Figure("accept p99 (API-only), of the floor", load.p99, "ms", "execute_floor_p99")
+            )
         record(Figure(f"accept p50 ({label})", load.p50, "ms", ceiling="echo_unary_p50"))
         record(
             Figure(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from bench.accept import accept_load
 from bench.common import (
     CEILINGS,
     Figure,
@@ -234,6 +235,12 @@ def run(scale: Scale, postgres: bool = True) -> None:
         ceiling("echo_unary", "echo unary calls/s", load.rate, "calls/s")
         ceiling("echo_unary_p50", "echo unary p50 @64", load.p50, "ms")
         ceiling("echo_unary_p99", "echo unary p99 @64", load.p99, "ms")
+        load = asyncio.run(accept_load(address, pid, 64, scale.seconds))
+        print(
+            f"  Execute that does nothing (the contract's headers), 64 callers: {load.describe()}"
+        )
+        ceiling("execute_floor", "Execute floor calls/s", load.rate, "calls/s")
+        ceiling("execute_floor_p99", "Execute floor p99 @64", load.p99, "ms")
         load = asyncio.run(echo_unary(address, pid, 1, scale.seconds / 2))
         print(f"  unary, 1 caller: {load.describe()}")
         ceiling("echo_serial_p50", "echo unary p50 @1", load.p50, "ms")

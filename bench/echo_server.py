@@ -4,6 +4,10 @@
 classes): Unary echoes; Stream sends `count` copies of a payload; Subscribe streams what
 Publish broadcasts (8-byte publish time + payload), one queue per subscriber, until a
 publication with `end` set.
+
+It also serves `orchestrator.v1.OrchestratorService/Execute` as a floor: the request parsed,
+the `x-correlation-id` initial metadata the contract requires (DESIGN §6) sent, a run id
+answered, and nothing else done (no tenant, no validation, no store).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import argparse
 import asyncio
 import struct
 import time
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from orchestrator.server.app import SERVER_OPTIONS
 from orchestrator.server.settings import Settings
+from orchestrator.v1 import orchestrator_pb2 as pb
 
 SERVICE = "bench.Echo"
 # Publish body: 1 byte end flag + payload. Stream body: 4-byte count + 4-byte size.
@@ -64,6 +70,14 @@ class Echo:
         return struct.pack("<I", len(self.subscribers))
 
 
+async def execute_floor(
+    request: pb.ExecuteRequest, context: grpc.aio.ServicerContext
+) -> pb.ExecuteResponse:
+    """What any Execute costs before it does anything: see the module's docstring."""
+    await context.send_initial_metadata((("x-correlation-id", str(uuid.uuid4())),))
+    return pb.ExecuteResponse(run_id=str(uuid.uuid4()))
+
+
 async def main(port: int) -> None:
     server = grpc.aio.server(
         options=[
@@ -78,7 +92,19 @@ async def main(port: int) -> None:
         "Subscribe": grpc.unary_stream_rpc_method_handler(echo.Subscribe),
         "Publish": grpc.unary_unary_rpc_method_handler(echo.Publish),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    floor = grpc.unary_unary_rpc_method_handler(
+        execute_floor,
+        request_deserializer=pb.ExecuteRequest.FromString,
+        response_serializer=pb.ExecuteResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(SERVICE, handlers),
+            grpc.method_handlers_generic_handler(
+                "orchestrator.v1.OrchestratorService", {"Execute": floor}
+            ),
+        )
+    )
     status = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(status, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
