@@ -319,17 +319,42 @@ def gave_up(process: ServeProcess, run_id: str) -> bool:
     return any(f'"run_id": "{run_id}"' in line and "lease_lost" in line for line in lines)
 
 
+class OneReplicaId:
+    """Two `orchestrator serve` processes given one replica id, on a fresh PostgreSQL
+    database: the first serving, the second started on demand (`start_second`)."""
+
+    def __init__(self, tmp_path: Path, replica_id: str) -> None:
+        self.url = postgres_database()
+        self.tmp_path = tmp_path
+        self.env = {"ORCHESTRATOR_REPLICA_ID": replica_id, "ORCHESTRATOR_LEASE_SECONDS": "2"}
+        self.first = ServeProcess(self.url, tmp_path / "first.log", env=self.env)
+        self.second: ServeProcess | None = None
+
+    def start_second(self) -> ServeProcess:
+        self.second = ServeProcess(self.url, self.tmp_path / "second.log", env=self.env)
+        return self.second
+
+
+@contextmanager
+def one_replica_id(tmp_path: Path, replica_id: str) -> Iterator[OneReplicaId]:
+    pair = OneReplicaId(tmp_path, replica_id)
+    try:
+        pair.first.wait_serving()
+        yield pair
+    finally:
+        for process in (pair.first, pair.second):
+            if process is not None:
+                process.kill()
+        drop_postgres_database(pair.url)
+
+
 @pytest.mark.postgres
 def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path) -> None:
     """The issue's case: two processes given one replica id. The second is a new
     incarnation: it takes the name's runs back, and the first can no longer write to them."""
-    url = postgres_database()
     tenant = str(uuid.uuid4())
-    env = {"ORCHESTRATOR_REPLICA_ID": "vm:50091", "ORCHESTRATOR_LEASE_SECONDS": "2"}
-    first = ServeProcess(url, tmp_path / "first.log", env=env)
-    second: ServeProcess | None = None
-    try:
-        first.wait_serving()
+    with one_replica_id(tmp_path, "vm:50091") as pair:
+        url, first = pair.url, pair.first
         channel = grpc.insecure_channel(first.address)
         with channel:
             stub = pb_grpc.OrchestratorServiceStub(channel)
@@ -342,7 +367,7 @@ def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path)
                 for _ in range(4)
             ]
         wait_for(lambda: (o := owners(url, run_ids)) and all(o.values()), 10, "claims")
-        second = ServeProcess(url, tmp_path / "second.log", env=env)
+        second = pair.start_second()
         second.wait_serving()
         # What was unfinished once the second served, it had taken back at its start.
         taken = [
@@ -366,11 +391,6 @@ def test_two_processes_under_one_replica_id_never_both_own_a_run(tmp_path: Path)
             assert completed == {f"w{i}": 1 for i in range(12)}, (run_id, completed)
         for run_id in taken:
             assert gave_up(first, run_id), f"the first process did not give up {run_id}"
-    finally:
-        first.kill()
-        if second is not None:
-            second.kill()
-        drop_postgres_database(url)
 
 
 @contextmanager
@@ -406,13 +426,9 @@ def test_a_new_incarnation_takes_back_a_run_whose_row_is_locked_at_its_start(
     """A run the earlier incarnation is writing at the moment the new one starts (its row
     locked) is taken back too: the start waits for the lock instead of skipping the row, which
     would leave the run to the earlier incarnation for good (its heartbeat is fresh)."""
-    url = postgres_database()
     tenant = str(uuid.uuid4())
-    env = {"ORCHESTRATOR_REPLICA_ID": "vm:50092", "ORCHESTRATOR_LEASE_SECONDS": "2"}
-    first = ServeProcess(url, tmp_path / "first.log", env=env)
-    second: ServeProcess | None = None
-    try:
-        first.wait_serving()
+    with one_replica_id(tmp_path, "vm:50092") as pair:
+        url, first = pair.url, pair.first
         with grpc.insecure_channel(first.address) as channel:
             run_id = (
                 pb_grpc.OrchestratorServiceStub(channel)
@@ -425,8 +441,7 @@ def test_a_new_incarnation_takes_back_a_run_whose_row_is_locked_at_its_start(
             )
         before = incarnation_of(url, "vm:50092")
         with row_locked(url, run_id) as release:
-            second = ServeProcess(url, tmp_path / "second.log", env=env)
-            started = second  # for the closure
+            second = pair.start_second()
             # Its start waits for the lock (or, if it passed the row by, it serves).
             wait_for(
                 lambda: (
@@ -435,7 +450,7 @@ def test_a_new_incarnation_takes_back_a_run_whose_row_is_locked_at_its_start(
                         "SELECT 1 FROM pg_stat_activity"
                         " WHERE datname = current_database() AND wait_event_type = 'Lock'",
                     )
-                    or "server.started" in started.log_path.read_text()
+                    or "server.started" in second.log_path.read_text()
                 ),
                 30,
                 "the second's start to reach the run",
@@ -445,11 +460,6 @@ def test_a_new_incarnation_takes_back_a_run_whose_row_is_locked_at_its_start(
         owner = fetch(url, "SELECT owner FROM runs WHERE run_id = $1", run_id)[0]["owner"]
         assert owner not in (None, before), owner
         wait_for(lambda: gave_up(first, run_id), 10, "the first process giving the run up")
-    finally:
-        first.kill()
-        if second is not None:
-            second.kill()
-        drop_postgres_database(url)
 
 
 @contextmanager

@@ -327,12 +327,9 @@ class Journal:
 
     # ------------------------------------------------------------------ ownership
 
-    def _dead(self, now: float, lapse: float, own: bool) -> sa.Select[Any]:
-        """The other incarnations whose heartbeat lapsed (with `own`, also this replica id's
-        earlier ones: a restart, and the port is exclusive, so they are dead)."""
+    def _dead(self, now: float, lapse: float) -> sa.Select[Any]:
+        """The other incarnations whose heartbeat lapsed."""
         lapsed = replicas.c.heartbeat_at < now - lapse
-        if own:
-            lapsed = sa.or_(lapsed, replicas.c.replica_id == self.replica_id)
         return sa.select(replicas.c.incarnation).where(lapsed, replicas.c.incarnation != self.owner)
 
     async def register(self, lapse: float) -> None:
@@ -416,8 +413,7 @@ class Journal:
                 # right now too (an UPDATE waits for their row locks where SKIP LOCKED would
                 # pass them by and leave them to it for good, its heartbeat being fresh).
                 earlier = sa.select(replicas.c.incarnation).where(
-                    replicas.c.replica_id == self.replica_id,
-                    replicas.c.incarnation != self.owner,
+                    replicas.c.replica_id == self.replica_id, replicas.c.incarnation != self.owner
                 )
                 result = await tx.conn.execute(
                     sa.update(runs)
@@ -438,7 +434,7 @@ class Journal:
                 # parked for days are many, and every replica asks at least every second).
                 unowned = runs.c.owner.is_(None)
                 due = sa.and_(unowned, sa.or_(runs.c.wake_at.is_(None), runs.c.wake_at <= tx.now))
-                orphaned = runs.c.owner.in_(self._dead(tx.now, lapse, own))
+                orphaned = runs.c.owner.in_(self._dead(tx.now, lapse))
                 columns = (runs.c.run_id, runs.c.tenant_id, runs.c.priority, runs.c.pk)
                 # One arm per index range ("wake_at IS NULL OR ..." would be a filter over
                 # every parked run).
